@@ -1,0 +1,257 @@
+"""The resolved policy IR: what the routing layer executes.
+
+A policy is a set of *rules* of five kinds (budget, layers, tokens, reroute,
+piggyback). Each rule carries a :class:`Condition` on the forward's context
+(phase, batch size, token count). For every kind the first rule, in source
+order, whose condition holds applies — like the arms of a ``match``. The
+resolver has already checked that every rule can apply somewhere and that every
+reachable combination stays within its budget, and fixed each MoE layer's
+static output width (``widths``), so routing never needs to validate anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Generic, Literal, TypeVar
+
+import torch
+
+from ..errors import SourceSpan
+from ..spec import ModelSpec
+
+Phase = Literal["prefill", "decode"]
+PHASES: tuple[Phase, ...] = ("prefill", "decode")
+
+
+@dataclass(frozen=True)
+class RouteContext:
+    """What a forward tells the router: phase, number of sequences, number of tokens.
+
+    All plain Python values known on the host before the kernels run, so
+    branching on them never synchronises with the device. ``num_tokens`` is the
+    T of the ``[T, E]`` router logits; in decode it equals ``batch_size``.
+    """
+
+    phase: Phase = "decode"
+    batch_size: int = 1
+    num_tokens: int | None = None
+
+    @property
+    def tokens(self) -> int:
+        return self.batch_size if self.num_tokens is None else self.num_tokens
+
+
+@dataclass(frozen=True)
+class Interval:
+    """Inclusive integer interval; ``hi=None`` means unbounded."""
+
+    lo: int = 1
+    hi: int | None = None
+
+    def contains(self, x: int) -> bool:
+        return x >= self.lo and (self.hi is None or x <= self.hi)
+
+    @property
+    def empty(self) -> bool:
+        return self.hi is not None and self.hi < self.lo
+
+    def intersect(self, other: "Interval") -> "Interval":
+        his = [h for h in (self.hi, other.hi) if h is not None]
+        return Interval(max(self.lo, other.lo), min(his) if his else None)
+
+    def __str__(self) -> str:
+        if self.hi is None:
+            return f">= {self.lo}"
+        return f"== {self.lo}" if self.lo == self.hi else f"{self.lo}..{self.hi}"
+
+
+@dataclass(frozen=True)
+class Condition:
+    """A conjunction: phase (None = any), batch-size interval, token-count interval."""
+
+    phase: Phase | None = None
+    batch: Interval = Interval()
+    tokens: Interval = Interval()
+
+    @property
+    def always(self) -> bool:
+        return self.phase is None and self.batch == Interval() and self.tokens == Interval()
+
+    def holds(self, ctx: RouteContext) -> bool:
+        return (
+            (self.phase is None or self.phase == ctx.phase)
+            and self.batch.contains(ctx.batch_size)
+            and self.tokens.contains(ctx.tokens)
+        )
+
+    def __str__(self) -> str:
+        parts = []
+        if self.phase:
+            parts.append(self.phase)
+        if self.batch != Interval():
+            parts.append(f"batch {self.batch}")
+        if self.tokens != Interval():
+            parts.append(f"tokens {self.tokens}")
+        return " and ".join(parts) if parts else "always"
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Rule(Generic[T]):
+    """One rule of a kind: its condition, its resolved content, where it was written."""
+
+    condition: Condition
+    value: T
+    span: SourceSpan | None = None
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Average expert activations per token over the MoE layers (already absolute)."""
+
+    experts_per_token: float
+    relative: float | None = None  # the fraction of top-k the user wrote, if any
+
+    def total(self, num_moe_layers: int) -> int:
+        """Activations per token summed over MoE layers that the budget allows (floored)."""
+        return int(self.experts_per_token * num_moe_layers + 1e-9)
+
+
+@dataclass(frozen=True)
+class LayerK:
+    """A resolved per-layer plan: k for every MoE layer, and how it was chosen."""
+
+    k: dict[int, int]
+    method: str = "explicit"  # "stock" | "explicit" | "uniform" | "dp"
+    profile: str | None = None  # profile path when method == "dp"
+    predicted_loss: float | None = None  # summed profile loss of the plan (dp only)
+
+
+@dataclass(frozen=True)
+class Reallocation:
+    """Alloc-T: a layer's T*k slots go to the highest-scoring (token, expert) pairs."""
+
+    min_k: int
+    max_k: int
+
+
+PrimaryKind = Literal["top", "coverage", "count"]
+
+
+@dataclass(frozen=True)
+class PrimaryRule:
+    """How a batch's primary experts are chosen.
+
+    * ``top S``      — SERE: union over the batch of every token's top-S experts.
+    * ``coverage p`` — most-loaded experts (slot count, ties by expert index)
+                       until they cover fraction ``p`` of the batch's slots.
+    * ``count N``    — the N most-loaded experts (a cap on distinct experts).
+    """
+
+    kind: PrimaryKind
+    value: float
+
+
+@dataclass(frozen=True)
+class Reroute:
+    """SERE re-routing for one layer: similarity matrix, primaries, threshold, critical set."""
+
+    primary: PrimaryRule
+    min_similarity: float
+    similarity: torch.Tensor = field(repr=False, compare=False)  # [E, E] float32
+    critical: tuple[int, ...] = ()  # experts that are always primary in this layer
+    similarity_path: str = ""
+
+
+@dataclass(frozen=True)
+class RerouteRule:
+    """A reroute block before it is split per layer."""
+
+    primary: PrimaryRule
+    min_similarity: float
+    similarity_path: str
+    preserve_critical: int
+    per_layer: dict[int, Reroute] = field(compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Piggyback:
+    """OEA: fill free slots, up to ``max_k``, with experts the batch already loads."""
+
+    max_k: int
+    min_score: float = 0.0  # a piggybacked expert's gate score must be at least this
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """Everything one MoE layer runs for one context: the unit routing executes."""
+
+    layer: int
+    k: int
+    width: int  # the layer's static K_max (same for every context)
+    reallocation: Reallocation | None = None
+    reroute: Reroute | None = None
+    piggyback: Piggyback | None = None
+
+    @property
+    def is_stock_shape(self) -> bool:
+        return self.reallocation is None and self.reroute is None and self.piggyback is None
+
+
+@dataclass
+class PolicyIR:
+    """A policy resolved against one model spec."""
+
+    name: str
+    spec: ModelSpec
+    source: str  # file name the policy came from
+    budget_rules: tuple[Rule[Budget], ...] = ()
+    layer_rules: tuple[Rule[LayerK], ...] = ()
+    token_rules: tuple[Rule[Reallocation], ...] = ()
+    reroute_rules: tuple[Rule[RerouteRule], ...] = ()
+    piggyback_rules: tuple[Rule[Piggyback], ...] = ()
+    widths: dict[int, int] = field(default_factory=dict)
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @staticmethod
+    def _first(rules: tuple[Rule[T], ...], ctx: RouteContext) -> int:
+        for i, r in enumerate(rules):
+            if r.condition.holds(ctx):
+                return i
+        return -1
+
+    def match(self, ctx: RouteContext) -> tuple[int, int, int, int]:
+        """Indices of the first matching layers/tokens/reroute/piggyback rules (-1: none)."""
+        return (
+            self._first(self.layer_rules, ctx),
+            self._first(self.token_rules, ctx),
+            self._first(self.reroute_rules, ctx),
+            self._first(self.piggyback_rules, ctx),
+        )
+
+    def plans(self, ctx: RouteContext) -> dict[int, LayerPlan]:
+        """Per-layer plans for ``ctx`` (cached by which rules matched)."""
+        key = self.match(ctx)
+        got = self._cache.get(key)
+        if got is None:
+            got = self._cache[key] = self._build(key)
+        return got
+
+    def plan(self, layer: int, ctx: RouteContext) -> LayerPlan:
+        return self.plans(ctx)[layer]
+
+    def _build(self, key: tuple[int, int, int, int]) -> dict[int, LayerPlan]:
+        li, ti, ri, pi = key
+        ks = self.layer_rules[li].value.k if li >= 0 else {l: self.spec.top_k for l in self.spec.moe_layers}
+        realloc = self.token_rules[ti].value if ti >= 0 else None
+        rr = self.reroute_rules[ri].value if ri >= 0 else None
+        pig = self.piggyback_rules[pi].value if pi >= 0 else None
+        return {
+            l: LayerPlan(
+                layer=l, k=ks[l], width=self.widths.get(l, self.spec.top_k), reallocation=realloc,
+                reroute=rr.per_layer[l] if rr is not None else None, piggyback=pig,
+            )
+            for l in self.spec.moe_layers
+        }
