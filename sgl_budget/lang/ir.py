@@ -255,3 +255,35 @@ class PolicyIR:
             )
             for l in self.spec.moe_layers
         }
+
+
+def representative_contexts(conditions: "list[Condition]") -> list[RouteContext]:
+    """One context per region where every condition's truth value is constant.
+
+    Conditions are unions of phase x batch-interval x token-interval boxes, so
+    the points 1, c-1, c, c+1 around every bound c (and one past the largest)
+    hit every region. Used to find rules that never apply, to check budgets for
+    every reachable combination, and by ``sgl-budget explain``.
+    """
+    def points(intervals: list[Interval]) -> list[int]:
+        cuts = {1}
+        for iv in intervals:
+            for c in (iv.lo, iv.hi):
+                if c is not None:
+                    cuts.update({c - 1, c, c + 1})
+        top = max(cuts)
+        cuts.add(top + 1)
+        return sorted(c for c in cuts if c >= 1)
+
+    batches = points([c.batch for c in conditions])
+    tokens = points([c.tokens for c in conditions])
+    out = []
+    # decode: every sequence contributes exactly one token, so T == batch size
+    for b in sorted(set(batches) | set(tokens)):
+        out.append(RouteContext(phase="decode", batch_size=b, num_tokens=b))
+    # prefill: every sequence contributes at least one token, so T >= batch size
+    for b in batches:
+        for t in sorted(set(tokens) | {b}):
+            if t >= b:
+                out.append(RouteContext(phase="prefill", batch_size=b, num_tokens=t))
+    return out

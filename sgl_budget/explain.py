@@ -1,0 +1,146 @@
+"""``sgl-budget explain``: print exactly what a resolved policy will run, per context and per layer."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from .lang.ir import LayerPlan, PolicyIR, RouteContext, representative_contexts
+
+KINDS = ("layers", "tokens", "reroute", "piggyback")
+
+
+def _conditions(ir: PolicyIR) -> list:
+    rules = (*ir.budget_rules, *ir.layer_rules, *ir.token_rules, *ir.reroute_rules, *ir.piggyback_rules)
+    return [r.condition for r in rules]
+
+
+def situations(ir: PolicyIR) -> list[tuple[tuple[int, int, int, int], list[RouteContext]]]:
+    """Distinct rule combinations the policy can select, each with the contexts that select it."""
+    groups: dict[tuple[int, int, int, int], list[RouteContext]] = {}
+    for ctx in representative_contexts(_conditions(ir)):
+        groups.setdefault(ir.match(ctx), []).append(ctx)
+    return list(groups.items())
+
+
+def _where(ctxs: list[RouteContext]) -> str:
+    """Compact human description of a set of representative contexts."""
+    parts = []
+    for phase in ("prefill", "decode"):
+        bs = sorted({c.batch_size for c in ctxs if c.phase == phase})
+        if bs:
+            parts.append(f"{phase} (batch {bs[0]}{'..' + str(bs[-1]) if len(bs) > 1 else ''} seen)")
+    return ", ".join(parts)
+
+
+def _describe_rule(ir: PolicyIR, kind: str, idx: int) -> str:
+    if idx < 0:
+        return {"layers": "model's own top-k", "tokens": "off", "reroute": "off", "piggyback": "off"}[kind]
+    rule = {"layers": ir.layer_rules, "tokens": ir.token_rules, "reroute": ir.reroute_rules,
+            "piggyback": ir.piggyback_rules}[kind][idx]
+    v = rule.value
+    when = "" if rule.condition.always else f" when {rule.condition}"
+    if kind == "layers":
+        extra = f" from {v.profile}" if v.profile else ""
+        loss = f", predicted loss {v.predicted_loss:.4g}" if v.predicted_loss is not None else ""
+        return f"{v.method}{extra}{loss}{when}"
+    if kind == "tokens":
+        return f"reallocate by score, min_k {v.min_k}, max_k {v.max_k}{when}"
+    if kind == "reroute":
+        unit = "%" if v.primary.kind == "coverage" else ""
+        val = v.primary.value * 100 if v.primary.kind == "coverage" else int(v.primary.value)
+        return (f"primary {v.primary.kind} {val:g}{unit}, min_similarity {v.min_similarity:g}, "
+                f"preserve critical {v.preserve_critical}, similarity {v.similarity_path}{when}")
+    return f"max_k {v.max_k}, min_score {v.min_score:g}{when}"
+
+
+def _layer_row(p: LayerPlan) -> tuple:
+    rr = p.reroute
+    return (
+        p.k, p.width,
+        f"{p.reallocation.min_k}..{p.reallocation.max_k}" if p.reallocation else "-",
+        (", ".join(map(str, rr.critical)) or "none") if rr else "-",
+        str(p.piggyback.max_k) if p.piggyback else "-",
+    )
+
+
+def _ranges(layers: list[int]) -> str:
+    out, start, prev = [], layers[0], layers[0]
+    for l in layers[1:] + [None]:
+        if l is not None and l == prev + 1:
+            prev = l
+            continue
+        out.append(str(start) if start == prev else f"{start}..{prev}")
+        if l is not None:
+            start = prev = l
+    return ", ".join(out)
+
+
+def explain_dict(ir: PolicyIR) -> dict[str, Any]:
+    """Machine-readable plan: rules, and per situation the per-layer plan."""
+    spec = ir.spec
+    sits = []
+    for key, ctxs in situations(ir):
+        plans = ir.plans(ctxs[0])
+        sits.append({
+            "applies_to": [{"phase": c.phase, "batch_size": c.batch_size, "num_tokens": c.tokens} for c in ctxs],
+            "rules": {k: _describe_rule(ir, k, i) for k, i in zip(KINDS, key)},
+            "mean_k": sum(p.k for p in plans.values()) / len(plans),
+            "layers": {
+                str(l): {"k": p.k, "width": p.width,
+                         "reallocate": [p.reallocation.min_k, p.reallocation.max_k] if p.reallocation else None,
+                         "critical": list(p.reroute.critical) if p.reroute else None,
+                         "piggyback_max_k": p.piggyback.max_k if p.piggyback else None}
+                for l, p in plans.items()
+            },
+        })
+    return {
+        "policy": ir.name, "source": ir.source, "model": spec.to_dict(),
+        "budgets": [{"when": str(r.condition), "experts_per_token": r.value.experts_per_token}
+                    for r in ir.budget_rules],
+        "widths": {str(l): w for l, w in ir.widths.items()},
+        "situations": sits,
+    }
+
+
+def explain_policy(ir: PolicyIR, as_json: bool = False, console: Console | None = None) -> None:
+    """Print the resolved plan (rich tables, or JSON)."""
+    if as_json:
+        print(json.dumps(explain_dict(ir), indent=2))
+        return
+    console = console or Console()
+    spec = ir.spec
+    rule = ("softmax" if spec.scoring_func == "softmax" else "sigmoid") + (
+        " + correction bias" if spec.has_correction_bias else "") + (
+        f", grouped top-k {spec.topk_group}/{spec.n_group}" if spec.grouped else "") + (
+        ", renormalised" if spec.norm_topk_prob else ", not renormalised") + (
+        f", scaling {spec.routed_scaling_factor:g}" if spec.routed_scaling_factor != 1.0 else "")
+    console.print(f"[bold]policy {ir.name!r}[/bold] ({ir.source}) for [bold]{spec.name}[/bold]: "
+                  f"{spec.num_moe_layers} MoE layers of {spec.num_layers}, {spec.num_experts} experts, "
+                  f"top-{spec.top_k}, {rule}")
+    for r in ir.budget_rules:
+        b = r.value
+        rel = f" ({b.relative * 100:g}% of top-{spec.top_k})" if b.relative is not None else ""
+        when = "" if r.condition.always else f" when {r.condition}"
+        console.print(f"budget: {b.experts_per_token:g} experts/token averaged over MoE layers{rel}{when}")
+    for n, (key, ctxs) in enumerate(situations(ir), 1):
+        plans = ir.plans(ctxs[0])
+        mean_k = sum(p.k for p in plans.values()) / len(plans)
+        table = Table(title=f"situation {n}: {_where(ctxs)} — mean k {mean_k:.3g}", title_justify="left")
+        for col in ("layers", "k", "width", "tokens min..max", "critical experts", "piggyback max_k"):
+            table.add_column(col, justify="right")
+        rows: list[tuple[list[int], tuple]] = []
+        for l, p in plans.items():
+            row = _layer_row(p)
+            if rows and rows[-1][1] == row and rows[-1][0][-1] == spec.moe_layers[spec.moe_layers.index(l) - 1]:
+                rows[-1][0].append(l)
+            else:
+                rows.append(([l], row))
+        for ls, row in rows:
+            table.add_row(_ranges(ls), *map(str, row))
+        table.caption = "\n".join(f"{k}: {_describe_rule(ir, k, i)}" for k, i in zip(KINDS, key))
+        table.caption_justify = "left"
+        console.print(table)
