@@ -1,0 +1,141 @@
+"""The model's own expert scoring: gate scores, selection scores and the final weight rule.
+
+Every stage of a policy ranks experts by the *selection score* and weights them by
+the *gate score*, exactly as the model does:
+
+* softmax models (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2): gate score =
+  ``softmax(logits.float())``; selection score = gate score.
+* sigmoid models (DeepSeek-V3 ``noaux_tc``): gate score = ``sigmoid(logits.float())``;
+  selection score = gate score + ``e_score_correction_bias`` when the model has one.
+* grouped top-k (``spec.n_group > 1``): experts outside the ``topk_group`` best
+  groups get selection score ``-inf``. Group score = sum of the group's top-2
+  selection scores for models with a correction bias (DeepSeek-V3 / SGLang
+  ``biased_grouped_topk``), the group's maximum otherwise (DeepSeek-V2
+  ``group_limited_greedy`` / SGLang ``grouped_topk``). Masking with ``-inf``
+  (SGLang, DeepSeek's own inference code) rather than HF's ``0.0`` keeps a
+  negative biased score from losing to a masked expert.
+
+Weights are always the *unbiased* gate scores of the chosen experts, renormalised
+when ``spec.norm_topk_prob`` and scaled by ``routed_scaling_factor``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..spec import ModelSpec
+
+NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class GateScores:
+    """A batch's scores, ``[N, T, E]`` float32: what weights come from and what ranks experts."""
+
+    scores: Tensor  # unbiased gate scores (softmax probs / sigmoid scores): the weight source
+    select: Tensor  # selection scores: biased where the model has a bias, -inf outside kept groups
+
+    @property
+    def num_experts(self) -> int:
+        return self.scores.shape[-1]
+
+
+def gate_scores(spec: ModelSpec, router_logits: Tensor) -> Tensor:
+    """The model's unbiased gate scores in float32: softmax or sigmoid of the router logits."""
+    x = router_logits.float()
+    return torch.sigmoid(x) if spec.scoring_func == "sigmoid" else torch.softmax(x, dim=-1)
+
+
+def check_correction_bias(spec: ModelSpec, correction_bias: Tensor | None) -> None:
+    """Raise ValueError when the bias is missing for a biased model or given to an unbiased one."""
+    if spec.has_correction_bias and correction_bias is None:
+        raise ValueError(
+            f"model {spec.name!r} selects experts with sigmoid + e_score_correction_bias: "
+            "pass the layer's correction_bias [E]"
+        )
+    if not spec.has_correction_bias and correction_bias is not None:
+        raise ValueError(f"model {spec.name!r} has no correction bias, but one was passed")
+    if correction_bias is not None and tuple(correction_bias.shape) != (spec.num_experts,):
+        raise ValueError(
+            f"correction_bias must have shape [{spec.num_experts}], not {list(correction_bias.shape)}"
+        )
+
+
+def _group_limit(spec: ModelSpec, select: Tensor) -> Tensor:
+    """Mask (to -inf) the experts outside each token's ``topk_group`` best expert groups."""
+    group_size = spec.num_experts // spec.n_group
+    grouped = select.unflatten(-1, (spec.n_group, group_size))
+    if spec.has_correction_bias:
+        group_score = grouped.topk(min(2, group_size), dim=-1).values.sum(dim=-1)
+    else:
+        group_score = grouped.amax(dim=-1)
+    kept = group_score.topk(spec.topk_group, dim=-1, sorted=False).indices
+    keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(-1, kept, True)
+    keep = keep.unsqueeze(-1).expand(grouped.shape).flatten(-2)
+    return select.masked_fill(~keep, NEG_INF)
+
+
+def score_experts(spec: ModelSpec, router_logits: Tensor, correction_bias: Tensor | None = None) -> GateScores:
+    """Gate and selection scores for router logits ``[..., T, E]`` under the model's own rule."""
+    check_correction_bias(spec, correction_bias)
+    scores = gate_scores(spec, router_logits)
+    select = scores
+    if correction_bias is not None:
+        select = scores + correction_bias.to(device=scores.device, dtype=torch.float32)
+    if spec.grouped:
+        select = _group_limit(spec, select)
+    return GateScores(scores=scores, select=select)
+
+
+def eligible_per_token(spec: ModelSpec) -> int:
+    """How many experts a token can be routed to at all (all, or those in its kept groups)."""
+    if spec.grouped:
+        return spec.topk_group * (spec.num_experts // spec.n_group)
+    return spec.num_experts
+
+
+def gate_probs(spec: ModelSpec, router_logits: Tensor, correction_bias: Tensor | None = None) -> Tensor:
+    """The model's routing distribution ``[..., T, E]`` float32, used to measure routing mass.
+
+    Softmax models: the softmax itself. Sigmoid models: sigmoid scores divided by
+    their sum over all experts. The correction bias only steers selection, so it
+    does not enter the distribution (the argument exists for a uniform call shape).
+    """
+    scores = gate_scores(spec, router_logits)
+    if spec.scoring_func == "sigmoid":
+        scores = scores / scores.sum(dim=-1, keepdim=True)
+    return scores
+
+
+def renorm_epsilon(spec: ModelSpec) -> float:
+    """The term the family's reference adds to the renormalisation denominator.
+
+    DeepSeek's modelling code adds 1e-20; Mixtral / Qwen / OLMoE add nothing.
+    """
+    return 1e-20 if spec.model_type.startswith("deepseek") or spec.has_correction_bias else 0.0
+
+
+def finalize_weights(
+    spec: ModelSpec, raw: Tensor, valid: Tensor | None, *, apply_routed_scaling: bool = True
+) -> Tensor:
+    """Final slot weights from raw gate scores: renormalise over valid slots, then scale.
+
+    ``valid=None`` means every slot is valid (the stock path, kept op-for-op
+    identical to the models' code so stock routing is bit-exact). Padded slots
+    get weight exactly 0; a token without any weight keeps zeros, never NaN.
+    """
+    w = raw if valid is None else raw.masked_fill(~valid, 0.0)
+    if spec.norm_topk_prob:
+        denom = w.sum(dim=-1, keepdim=True)
+        eps = renorm_epsilon(spec)
+        if eps:
+            denom = denom + eps
+        if valid is not None:
+            denom = torch.where(denom > 0, denom, torch.ones_like(denom))
+        w = w / denom
+    if apply_routed_scaling and spec.routed_scaling_factor != 1.0:
+        w = w * spec.routed_scaling_factor
+    return w
