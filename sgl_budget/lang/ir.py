@@ -200,18 +200,38 @@ class LayerPlan:
         return self.reallocation is None and self.reroute is None and self.piggyback is None
 
 
+@dataclass(frozen=True)
+class LayersRule:
+    """A ``layers`` block as written: how k is chosen (resolved per budget into :class:`LayerK`)."""
+
+    method: str  # "explicit" | "uniform" | "dp"
+    default_k: int | None = None
+    min_k: int = 1
+    max_k: int | None = None
+    overrides: dict[int, int] = field(default_factory=dict)
+    profile: str | None = None
+
+
+Match = tuple[int, int, int, int, int]  # first matching budget/layers/tokens/reroute/piggyback rule (-1: none)
+
+
 @dataclass
 class PolicyIR:
-    """A policy resolved against one model spec."""
+    """A policy resolved against one model spec.
+
+    ``layer_k[(budget_rule, layers_rule)]`` holds the resolved per-layer k for
+    every combination that some context can select (-1 = no rule of that kind).
+    """
 
     name: str
     spec: ModelSpec
     source: str  # file name the policy came from
     budget_rules: tuple[Rule[Budget], ...] = ()
-    layer_rules: tuple[Rule[LayerK], ...] = ()
+    layer_rules: tuple[Rule[LayersRule], ...] = ()
     token_rules: tuple[Rule[Reallocation], ...] = ()
     reroute_rules: tuple[Rule[RerouteRule], ...] = ()
     piggyback_rules: tuple[Rule[Piggyback], ...] = ()
+    layer_k: dict[tuple[int, int], LayerK] = field(default_factory=dict)
     widths: dict[int, int] = field(default_factory=dict)
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -222,29 +242,43 @@ class PolicyIR:
                 return i
         return -1
 
-    def match(self, ctx: RouteContext) -> tuple[int, int, int, int]:
-        """Indices of the first matching layers/tokens/reroute/piggyback rules (-1: none)."""
+    def match(self, ctx: RouteContext) -> Match:
+        """Indices of the first matching budget/layers/tokens/reroute/piggyback rules (-1: none)."""
         return (
+            self._first(self.budget_rules, ctx),
             self._first(self.layer_rules, ctx),
             self._first(self.token_rules, ctx),
             self._first(self.reroute_rules, ctx),
             self._first(self.piggyback_rules, ctx),
         )
 
+    def budget(self, ctx: RouteContext) -> Budget | None:
+        i = self._first(self.budget_rules, ctx)
+        return self.budget_rules[i].value if i >= 0 else None
+
     def plans(self, ctx: RouteContext) -> dict[int, LayerPlan]:
         """Per-layer plans for ``ctx`` (cached by which rules matched)."""
         key = self.match(ctx)
         got = self._cache.get(key)
         if got is None:
-            got = self._cache[key] = self._build(key)
+            got = self._cache[key] = self.build(key)
         return got
 
     def plan(self, layer: int, ctx: RouteContext) -> LayerPlan:
         return self.plans(ctx)[layer]
 
-    def _build(self, key: tuple[int, int, int, int]) -> dict[int, LayerPlan]:
-        li, ti, ri, pi = key
-        ks = self.layer_rules[li].value.k if li >= 0 else {l: self.spec.top_k for l in self.spec.moe_layers}
+    def stock_k(self) -> LayerK:
+        return LayerK({l: self.spec.top_k for l in self.spec.moe_layers}, method="stock")
+
+    def layer_k_for(self, key: Match) -> LayerK:
+        bi, li = key[0], key[1]
+        got = self.layer_k.get((bi, li))
+        return got if got is not None else self.stock_k()
+
+    def build(self, key: Match) -> dict[int, LayerPlan]:
+        """The per-layer plans of one rule combination."""
+        _, _, ti, ri, pi = key
+        ks = self.layer_k_for(key).k
         realloc = self.token_rules[ti].value if ti >= 0 else None
         rr = self.reroute_rules[ri].value if ri >= 0 else None
         pig = self.piggyback_rules[pi].value if pi >= 0 else None
@@ -255,6 +289,18 @@ class PolicyIR:
             )
             for l in self.spec.moe_layers
         }
+
+    @property
+    def is_stock(self) -> bool:
+        """True when every context runs the model's own top-k and nothing else."""
+        return (not self.token_rules and not self.reroute_rules and not self.piggyback_rules
+                and all(v.k == self.stock_k().k for v in self.layer_k.values())
+                and all(w == self.spec.top_k for w in self.widths.values()))
+
+    def conditions(self) -> list[Condition]:
+        rules = (*self.budget_rules, *self.layer_rules, *self.token_rules, *self.reroute_rules,
+                 *self.piggyback_rules)
+        return [r.condition for r in rules]
 
 
 def representative_contexts(conditions: "list[Condition]") -> list[RouteContext]:

@@ -1,0 +1,8 @@
+"""Reference routing in plain torch: the specification every backend (Triton, SGLang, HF) must match."""
+
+from .outputs import RouteDetails, RouteOutput
+from .router import LayerRouter, compile_routers, stock_route
+from .scoring import gate_probs, score_experts
+
+__all__ = ["LayerRouter", "RouteDetails", "RouteOutput", "compile_routers", "gate_probs", "score_experts",
+           "stock_route"]

@@ -1,0 +1,450 @@
+"""Check a policy AST against a model spec and resolve it into the IR.
+
+Everything that can be wrong with a policy that parsed — a number out of range,
+a layer the model lacks, min_k above a layer's k, a plan above its budget, a
+missing or malformed profile / similarity file, a condition that can never
+hold, a block that an earlier one always shadows — is found here and raised as
+a :class:`PolicyError` pointing at the offending text. Nothing is clamped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..errors import PolicyError, SourceSpan
+from ..spec import ModelSpec
+from .ast import Block, Cond, Num, PolicyAst, Setting, Str
+from .ir import (
+    Budget, Condition, Interval, LayerK, LayersRule, Piggyback, PolicyIR, PrimaryRule, Reallocation,
+    Reroute, RerouteRule, RouteContext, Rule, representative_contexts,
+)
+
+
+def _err(msg: str, span: SourceSpan, hint: str | None = None) -> PolicyError:
+    return PolicyError(msg, span, hint)
+
+
+def _layers_text(spec: ModelSpec) -> str:
+    ls = list(spec.moe_layers)
+    contiguous = ls == list(range(ls[0], ls[-1] + 1))
+    return f"{ls[0]}..{ls[-1]}" if contiguous and len(ls) > 1 else ", ".join(map(str, ls))
+
+
+# -- numbers -----------------------------------------------------------------
+
+def _int(num: Num, what: str, lo: int, hi: int | None, hint: str | None = None) -> int:
+    """A whole number in [lo, hi]; anything else is an error at the literal."""
+    if not num.is_integer:
+        raise _err(f"{what} must be a whole number, not {num.text}", num.span, hint or f"write e.g. {max(lo, 1)}")
+    v = int(num.value)
+    if v < lo or (hi is not None and v > hi):
+        rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+        raise _err(f"{what} {v} is out of range", num.span, hint or f"{what} must lie in {rng}")
+    return v
+
+
+def _real(num: Num, what: str, lo: float, hi: float, hint: str | None = None) -> float:
+    if not lo <= num.value <= hi:
+        raise _err(f"{what} {num.text} is out of range", num.span, hint or f"{what} must lie in [{lo:g}, {hi:g}]")
+    return float(num.value)
+
+
+# -- conditions ----------------------------------------------------------------
+
+def _condition(terms: tuple[Cond, ...]) -> Condition:
+    phase = None
+    batch, tokens = Interval(), Interval()
+    for c in terms:
+        if c.phase is not None:
+            if phase is not None and phase != c.phase:
+                raise _err(f"condition can never hold: a forward is not both {phase} and {c.phase}", c.span,
+                           "write two blocks, one `when prefill` and one `when decode`")
+            phase = c.phase
+            continue
+        assert c.value is not None and c.op is not None and c.quantity is not None
+        n = _int(c.value, f"{c.quantity} size" if c.quantity == "batch" else "token count", 0, None)
+        iv = {">=": Interval(n), ">": Interval(n + 1), "<=": Interval(1, n), "<": Interval(1, n - 1),
+              "==": Interval(n, n)}[c.op]
+        if iv.empty or (iv.hi is not None and iv.hi < 1):
+            raise _err(f"condition can never hold: {c.quantity} {c.op} {c.value.text}", c.span,
+                       f"{c.quantity} counts are at least 1")
+        old = batch if c.quantity == "batch" else tokens
+        new = old.intersect(iv)
+        if new.empty:
+            raise _err(f"condition can never hold: {c.quantity} {c.op} {c.value.text} contradicts {c.quantity} {old}",
+                       c.span, "remove one of the two bounds")
+        if c.quantity == "batch":
+            batch = new
+        else:
+            tokens = new
+    return Condition(phase=phase, batch=batch, tokens=tokens)
+
+
+# -- blocks --------------------------------------------------------------------
+
+def _check_duplicates(block: Block) -> None:
+    seen: dict[str, Setting] = {}
+    for s in block.settings:
+        key = "allocate" if s.key.startswith("allocate") else "primary" if s.key.startswith("primary") else s.key
+        if key == "layer":
+            continue
+        if key in seen:
+            first = seen[key].span
+            raise _err(f"'{_show(s.key)}' is set twice in this {block.kind} block", s.span,
+                       f"it was already set on line {first.line}; keep one")
+        seen[key] = s
+
+
+def _show(key: str) -> str:
+    return {"k=": "k =", "k>=": "k >=", "k<=": "k <="}.get(key, key)
+
+
+def _budget(block: Block, spec: ModelSpec) -> Budget:
+    num = block.settings[0].value
+    assert isinstance(num, Num)
+    top = spec.top_k
+    if block.percent:
+        if num.value <= 0:
+            raise _err(f"budget {num.text} must be above 0%", num.span, "a budget of 0 activates no experts")
+        if num.value > 100:
+            raise _err(f"budget {num.text} is above the model's top-k", num.span,
+                       f"a budget is at most 100% (= top-{top}, {top} experts per token)")
+        return Budget(experts_per_token=num.value / 100.0 * top, relative=num.value / 100.0)
+    if num.value <= 0:
+        raise _err(f"budget {num.text} must be above 0 experts per token", num.span,
+                   "write e.g. `budget 50%` or `budget 3.0`")
+    if num.value > top:
+        raise _err(f"budget {num.text} experts per token is above the model's top-k ({top})", num.span,
+                   f"{spec.name} activates {top} experts per token; a budget can only lower that")
+    return Budget(experts_per_token=float(num.value))
+
+
+def _layers(block: Block, spec: ModelSpec) -> tuple[LayersRule, Setting | None]:
+    top = spec.top_k
+    k_hint = f"per-layer k lies in 1..{top} (top-k of {spec.name}); tokens may take more with `tokens {{ max_k N }}`"
+    default = min_k = max_k = None
+    alloc: Setting | None = None
+    overrides: dict[int, int] = {}
+    override_spans: dict[int, SourceSpan] = {}
+    for s in block.settings:
+        if s.key == "k=":
+            default = _int(s.value, "k", 1, top, k_hint)
+        elif s.key == "k>=":
+            min_k = _int(s.value, "k lower bound", 1, top, k_hint)
+        elif s.key == "k<=":
+            max_k = _int(s.value, "k upper bound", 1, top, k_hint)
+        elif s.key.startswith("allocate"):
+            alloc = s
+        elif s.key == "layer":
+            k = _int(s.value, "k", 1, top, k_hint)
+            for layer in _layer_set(s, spec):
+                if layer in overrides:
+                    raise _err(f"layer {layer} is given a k twice", s.span,
+                               f"it was already set on line {override_spans[layer].line}")
+                overrides[layer] = k
+                override_spans[layer] = s.span
+    lo, hi = min_k or 1, max_k or top
+    if min_k is not None and max_k is not None and min_k > max_k:
+        bound = block.get("k<=")
+        raise _err(f"k <= {max_k} is below k >= {min_k}: no k satisfies both", bound.span, "swap or widen the bounds")
+    if default is not None and alloc is not None:
+        raise _err(f"`k = {default}` conflicts with `{alloc.key}`", block.get("k=").span,
+                   "either fix k for every layer or let `allocate` choose it, not both")
+    if default is not None and not lo <= default <= hi:
+        raise _err(f"k = {default} lies outside the bounds {lo}..{hi}", block.get("k=").span)
+    for layer, k in overrides.items():
+        if not lo <= k <= hi:
+            raise _err(f"layer {layer}: k = {k} lies outside this block's bounds {lo}..{hi}",
+                       override_spans[layer], "explicit layers must respect `k >=` / `k <=` too")
+    if alloc is not None:
+        method = "dp" if alloc.key == "allocate dp" else "uniform"
+    elif default is not None:
+        method = "explicit"
+    else:
+        method = "auto"
+    profile = alloc.value.value if alloc is not None and isinstance(alloc.value, Str) else None
+    rule = LayersRule(method=method, default_k=default, min_k=lo, max_k=hi, overrides=overrides, profile=profile)
+    return rule, alloc
+
+
+def _layer_set(s: Setting, spec: ModelSpec) -> list[int]:
+    assert s.extra is not None
+    out: list[int] = []
+    last = spec.num_layers - 1
+    for item in s.extra.items:
+        hint = f"{spec.name} has layers 0..{last}; its MoE layers are {_layers_text(spec)}"
+        lo = _int(item.lo, "layer", 0, last, hint)
+        if item.hi is None:
+            if not spec.is_moe_layer(lo):
+                raise _err(f"layer {lo} is not an MoE layer of {spec.name}", item.span, hint)
+            out.append(lo)
+            continue
+        hi = _int(item.hi, "layer", 0, last, hint)
+        if hi < lo:
+            raise _err(f"empty layer range {lo}..{hi}", item.span, f"write {hi}..{lo}")
+        got = [l for l in range(lo, hi + 1) if spec.is_moe_layer(l)]
+        if not got:
+            raise _err(f"layers {lo}..{hi} hold no MoE layer of {spec.name}", item.span, hint)
+        out += got
+    return out
+
+
+def _tokens(block: Block, spec: ModelSpec, eligible: int) -> Reallocation:
+    if block.get("reallocate by score") is None:
+        raise _err("a tokens block needs `reallocate by score`", block.span,
+                   "Alloc-T reallocates a layer's slots by routing score: add `reallocate by score`")
+    hint = f"per-token k lies in 0..{eligible} ({eligible} experts a token can be routed to)"
+    min_s, max_s = block.get("min_k"), block.get("max_k")
+    min_k = _int(min_s.value, "min_k", 0, eligible, hint) if min_s else 1
+    max_k = _int(max_s.value, "max_k", 1, eligible, hint) if max_s else spec.top_k
+    if min_k > max_k:
+        raise _err(f"min_k {min_k} is above max_k {max_k}", (min_s or max_s).span, "min_k must be <= max_k")
+    return Reallocation(min_k=min_k, max_k=max_k)
+
+
+def _piggyback(block: Block, spec: ModelSpec, eligible: int) -> Piggyback:
+    ms = block.get("max_k")
+    if ms is None:
+        raise _err("a piggyback block needs `max_k N`", block.span,
+                   "how many slots a token may fill with experts the batch already loads")
+    max_k = _int(ms.value, "max_k", 1, eligible, f"max_k lies in 1..{eligible}")
+    sc = block.get("min_score")
+    min_score = _real(sc.value, "min_score", 0.0, 1.0) if sc else 0.0
+    return Piggyback(max_k=max_k, min_score=min_score)
+
+
+@dataclass
+class _Loaded:
+    """Files named by a policy, loaded once."""
+
+    base_dir: Path
+    cache: dict
+
+    def path(self, s: Str) -> Path:
+        if not s.value.strip():
+            raise _err("empty file name", s.span, "name a file relative to the policy's directory")
+        p = Path(s.value)
+        return p if p.is_absolute() else self.base_dir / p
+
+
+def _reroute(block: Block, spec: ModelSpec, files: _Loaded) -> RerouteRule:
+    from ..similarity import SimilarityFileError, load_similarity
+
+    sim = block.get("similarity")
+    if sim is None:
+        raise _err("a reroute block needs `similarity \"file\"`", block.span,
+                   "SERE re-routes by expert similarity: compute it with `sgl-budget similarity`")
+    prim = next((s for s in block.settings if s.key.startswith("primary")), None)
+    if prim is None:
+        raise _err("a reroute block needs a primary rule", block.span,
+                   "add `primary top 1` (SERE), `primary coverage 60%` or `primary count 16`")
+    if prim.key == "primary top":
+        primary = PrimaryRule("top", _int(prim.value, "primary top", 1, spec.top_k,
+                                          f"S lies in 1..{spec.top_k} (the model's top-k)"))
+    elif prim.key == "primary coverage":
+        primary = PrimaryRule("coverage", _real(prim.value, "primary coverage", 1e-9, 100.0,
+                                                "coverage lies in (0%, 100%]") / 100.0)
+    else:
+        primary = PrimaryRule("count", _int(prim.value, "primary count", 1, spec.num_experts,
+                                            f"count lies in 1..{spec.num_experts} (experts per layer)"))
+    ms = block.get("min_similarity")
+    min_sim = _real(ms.value, "min_similarity", 0.0, 1.0, "similarities lie in [0, 1]") if ms else 0.0
+    pc = block.get("preserve critical")
+    n_crit = _int(pc.value, "preserve critical", 0, spec.num_experts,
+                  f"between 0 and {spec.num_experts} experts") if pc else 0
+
+    s = sim.value
+    assert isinstance(s, Str)
+    path = files.path(s)
+    key = ("sim", str(path))
+    if key not in files.cache:
+        if not path.is_file():
+            raise _err(f"similarity file not found: {s.value}", s.span,
+                       f"looked for {path}; paths are relative to the policy's directory")
+        try:
+            files.cache[key] = load_similarity(path)
+        except SimilarityFileError as e:
+            raise _err(f"bad similarity file: {getattr(e, 'message', str(e))}", s.span,
+                       getattr(e, "hint", None) or "write it with `sgl-budget similarity`") from None
+    table = files.cache[key]
+    problems = table.check_against(spec)
+    if problems:
+        raise _err(f"similarity file does not fit {spec.name}: {problems[0]}", s.span,
+                   "compute the similarity file for this model")
+    per_layer = {
+        l: Reroute(primary=primary, min_similarity=min_sim, similarity=table.matrices[l],
+                   critical=tuple(int(e) for e in table.critical[l][:n_crit].tolist()), similarity_path=s.value)
+        for l in spec.moe_layers
+    }
+    return RerouteRule(primary=primary, min_similarity=min_sim, similarity_path=s.value,
+                       preserve_critical=n_crit, per_layer=per_layer)
+
+
+# -- per-layer k for one (budget, layers) combination ----------------------------
+
+def _spread(total: int, layers: list[int], hi: int) -> dict[int, int]:
+    """``total`` activations spread as evenly as integers allow (capped at ``hi``)."""
+    n = len(layers)
+    return {l: min(hi, (i + 1) * total // n - i * total // n) for i, l in enumerate(layers)}
+
+
+def _layer_k(rule: Rule[LayersRule] | None, alloc: Setting | None, budget: Rule[Budget] | None,
+             spec: ModelSpec, files: _Loaded, where: str) -> LayerK:
+    moe = list(spec.moe_layers)
+    L = len(moe)
+    lr = rule.value if rule is not None else LayersRule(method="auto", max_k=spec.top_k)
+    b = budget.value if budget is not None else None
+    span = rule.span if rule is not None else budget.span  # type: ignore[union-attr]
+    method = lr.method
+    if method == "auto":
+        method = "uniform" if b is not None else "explicit"
+    if method in ("uniform", "dp") and b is None:
+        assert alloc is not None
+        raise _err(f"`{alloc.key}` needs a budget, but no budget applies {where}", alloc.span,
+                   "add e.g. `budget 50%` (or one whose `when` covers this case)")
+    fixed = dict(lr.overrides)
+    free = [l for l in moe if l not in fixed]
+    if method == "explicit":
+        base = lr.default_k if lr.default_k is not None else spec.top_k
+        ks = {l: fixed.get(l, base) for l in moe}
+        out = LayerK(ks, method="explicit" if (lr.default_k is not None or fixed) else "stock")
+    else:
+        assert b is not None
+        total = b.total(L)
+        rest = total - sum(fixed.values())
+        if free and rest < lr.min_k * len(free):
+            what = f"{b.experts_per_token:g} experts per token ({total} activations over {L} MoE layers)"
+            raise _err(f"budget too small: {what} cannot give {len(free)} layers k >= {lr.min_k}"
+                       + (f" after the {len(fixed)} explicit layers" if fixed else ""),
+                       budget.span if budget is not None else span,
+                       "raise the budget or lower `k >=`")
+        if method == "uniform":
+            ks = {**fixed, **_spread(rest, free, lr.max_k)} if free else dict(fixed)
+            out = LayerK(dict(sorted(ks.items())), method="uniform")
+        else:
+            out = _dp(lr, alloc, fixed, free, total, spec, files)
+    used = sum(out.k.values())
+    if b is not None and used > b.total(L):
+        raise _err(f"the layer plan uses {used} activations per token ({used / L:.2f} per layer), above the "
+                   f"budget's {b.total(L)} ({b.experts_per_token:g} x {L} MoE layers) {where}", span,
+                   "lower k, or raise the budget")
+    return out
+
+
+def _dp(lr: LayersRule, alloc: Setting | None, fixed: dict[int, int], free: list[int], total: int,
+        spec: ModelSpec, files: _Loaded) -> LayerK:
+    from ..alloc import ProfileError, allocate_dp, load_profile
+
+    assert alloc is not None and isinstance(alloc.value, Str)
+    s = alloc.value
+    path = files.path(s)
+    key = ("profile", str(path))
+    if key not in files.cache:
+        if not path.is_file():
+            raise _err(f"profile not found: {s.value}", s.span,
+                       f"looked for {path}; paths are relative to the policy's directory")
+        try:
+            files.cache[key] = load_profile(path)
+        except ProfileError as e:
+            where = f" (line {e.line})" if getattr(e, "line", None) else ""
+            raise _err(f"bad profile{where}: {getattr(e, 'message', str(e))}", s.span,
+                       getattr(e, "hint", None) or "write it with `sgl-budget profile`") from None
+    prof = files.cache[key]
+    problems = prof.check_against(spec)
+    if problems:
+        raise _err(f"profile does not fit {spec.name}: {problems[0]}", s.span, "profile this model")
+    try:
+        got = allocate_dp({l: prof.loss[l] for l in spec.moe_layers}, total, min_k=lr.min_k, max_k=lr.max_k,
+                          fixed=fixed or None)
+    except ValueError as e:
+        raise _err(f"no per-layer plan fits the budget: {e}", s.span, "raise the budget or relax `k >=`") from None
+    return LayerK(dict(sorted(got.k.items())), method="dp", profile=s.value, predicted_loss=float(got.loss))
+
+
+# -- the whole policy ----------------------------------------------------------------
+
+def _describe(ctx: RouteContext) -> str:
+    if ctx.phase == "decode":
+        return f"in decode at batch {ctx.batch_size}"
+    return f"in prefill at batch {ctx.batch_size}, {ctx.tokens} tokens"
+
+
+def resolve(ast: PolicyAst, spec: ModelSpec, base_dir: str | Path = ".") -> PolicyIR:
+    """Resolve ``ast`` against ``spec``; raises :class:`PolicyError` on the first problem."""
+    if not ast.name.value.strip():
+        raise _err("the policy has an empty name", ast.name.span, 'name it, e.g. policy "alloc-moe-half"')
+    files = _Loaded(Path(base_dir), {})
+    eligible = spec.topk_group * (spec.num_experts // spec.n_group) if spec.grouped else spec.num_experts
+    for b in ast.blocks:
+        _check_duplicates(b)
+
+    def rules(kind: str, build: Callable[[Block], object]) -> tuple[Rule, ...]:
+        return tuple(Rule(_condition(b.when), build(b), b.span) for b in ast.of(kind))  # type: ignore[arg-type]
+
+    allocs: list[Setting | None] = []
+
+    def layers(b: Block) -> LayersRule:
+        rule, alloc = _layers(b, spec)
+        allocs.append(alloc)
+        return rule
+
+    ir = PolicyIR(
+        name=ast.name.value, spec=spec, source=ast.file,
+        budget_rules=rules("budget", lambda b: _budget(b, spec)),
+        layer_rules=rules("layers", layers),
+        token_rules=rules("tokens", lambda b: _tokens(b, spec, eligible)),
+        reroute_rules=rules("reroute", lambda b: _reroute(b, spec, files)),
+        piggyback_rules=rules("piggyback", lambda b: _piggyback(b, spec, eligible)),
+    )
+    contexts = representative_contexts(ir.conditions())
+    matches = {ctx: ir.match(ctx) for ctx in contexts}
+    _check_reachable(ir, ast, matches)
+
+    widths = {l: 1 for l in spec.moe_layers}
+    for ctx, key in matches.items():
+        bi, li, ti, _, pi = key
+        if (bi, li) not in ir.layer_k:
+            ir.layer_k[(bi, li)] = _layer_k(
+                ir.layer_rules[li] if li >= 0 else None, allocs[li] if li >= 0 else None,
+                ir.budget_rules[bi] if bi >= 0 else None, spec, files, _describe(ctx))
+        ks = ir.layer_k[(bi, li)].k
+        if ti >= 0:
+            re = ir.token_rules[ti].value
+            low = min(ks, key=lambda l: ks[l])
+            if re.min_k > ks[low]:
+                blk = ast.of("tokens")[ti]
+                raise _err(f"min_k {re.min_k} is above layer {low}'s k = {ks[low]} {_describe(ctx)}",
+                           (blk.get("min_k") or blk).span,
+                           "every token gets min_k slots, so the layer would exceed its T*k slots; lower min_k")
+        for l in spec.moe_layers:
+            w = ks[l]
+            if ti >= 0:
+                w = max(w, ir.token_rules[ti].value.max_k)
+            if pi >= 0:
+                w = max(w, ir.piggyback_rules[pi].value.max_k)
+            widths[l] = max(widths[l], w)
+    ir.widths = widths
+    return ir
+
+
+def _check_reachable(ir: PolicyIR, ast: PolicyAst, matches: dict[RouteContext, tuple]) -> None:
+    """Every block must be the first match of its kind for some forward; say why not."""
+    kinds = ("budget", "layers", "tokens", "reroute", "piggyback")
+    all_rules = (ir.budget_rules, ir.layer_rules, ir.token_rules, ir.reroute_rules, ir.piggyback_rules)
+    for pos, (kind, rules) in enumerate(zip(kinds, all_rules)):
+        used = {m[pos] for m in matches.values()}
+        for i, r in enumerate(rules):
+            if i in used:
+                continue
+            span = r.span or SourceSpan(ast.file, 1, 1)
+            if not any(r.condition.holds(ctx) for ctx in matches):
+                raise _err(f"the condition of this {kind} block can never hold", span,
+                           "in decode every sequence has one token (tokens == batch); in prefill tokens >= batch")
+            earlier = next(j for j in range(i) if all(
+                rules[j].condition.holds(c) for c in matches if r.condition.holds(c)))
+            line = rules[earlier].span.line if rules[earlier].span else "?"
+            raise _err(f"this {kind} block never applies: the {kind} block on line {line} matches first "
+                       "wherever this one would", span,
+                       "blocks of a kind are tried in order; put the more specific one first")

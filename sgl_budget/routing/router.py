@@ -1,0 +1,135 @@
+"""Compile a resolved policy into per-layer routers: ``route(router_logits, ctx) -> (topk_weights, topk_ids)``.
+
+A :class:`LayerRouter` runs one MoE layer's plan for the forward's context:
+selection (per-layer top-k, or Alloc-T reallocation), SERE re-routing,
+OEA piggybacking, then compaction to the layer's static width ``K_max`` with
+padding slots (id -1, weight 0) last, and the model's own weight rule.
+
+Shapes are static per layer, nothing synchronises with the host, and the
+plan is chosen from the context on the host, so a decode step can be captured
+in a CUDA graph. Inputs may be ``[T, E]`` (one batch, as engines call it) or
+``[N, T, E]`` (N independent batches at once, as replay does).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..lang.ir import LayerPlan, PolicyIR, RouteContext
+from .outputs import RouteDetails, RouteOutput
+from .piggyback import piggyback
+from .reallocate import reallocate
+from .reroute import RerouteTables, reroute_slots
+from .scoring import finalize_weights, gate_probs, score_experts
+from .slots import Slots, compact, pad
+from .topk import select_topk
+
+
+class LayerRouter:
+    """The compiled routing of one MoE layer (real layer index ``layer``) of a policy."""
+
+    def __init__(self, ir: PolicyIR, layer: int) -> None:
+        if not ir.spec.is_moe_layer(layer):
+            raise ValueError(f"layer {layer} is not an MoE layer of {ir.spec.name}")
+        self.ir, self.spec, self.layer = ir, ir.spec, layer
+        self.width = ir.widths.get(layer, ir.spec.top_k)
+        self._tables: dict[tuple[int, str], RerouteTables] = {}
+
+    def __repr__(self) -> str:
+        return f"LayerRouter(policy={self.ir.name!r}, layer={self.layer}, width={self.width})"
+
+    def plan(self, ctx: RouteContext) -> LayerPlan:
+        return self.ir.plan(self.layer, ctx)
+
+    def prepare(self, device: torch.device | str) -> None:
+        """Move every re-routing table of this layer to ``device`` now (call before CUDA-graph capture)."""
+        dev = torch.device(device)
+        for rule in self.ir.reroute_rules:
+            rr = rule.value.per_layer[self.layer]
+            key = (id(rr), str(dev))
+            if key not in self._tables:
+                self._tables[key] = RerouteTables.build(rr, self.spec.num_experts, dev)
+
+    def _reroute_tables(self, plan: LayerPlan, device: torch.device) -> RerouteTables:
+        rr = plan.reroute
+        assert rr is not None
+        key = (id(rr), str(device))
+        if key not in self._tables:
+            self.prepare(device)
+        return self._tables[key]
+
+    # -- the routing itself ---------------------------------------------------------
+    def __call__(self, router_logits: Tensor, ctx: RouteContext | None = None,
+                 correction_bias: Tensor | None = None) -> RouteOutput:
+        """``(topk_weights [.., T, K_max] float32, topk_ids [.., T, K_max] int32)``; padding id -1, weight 0."""
+        return self._route(router_logits, ctx, correction_bias, details=False)  # type: ignore[return-value]
+
+    def details(self, router_logits: Tensor, ctx: RouteContext | None = None,
+                correction_bias: Tensor | None = None) -> RouteDetails:
+        """Like ``__call__`` plus per-slot provenance and the routing distribution (for replay/tests)."""
+        return self._route(router_logits, ctx, correction_bias, details=True)  # type: ignore[return-value]
+
+    def _route(self, router_logits: Tensor, ctx: RouteContext | None, correction_bias: Tensor | None,
+               details: bool) -> RouteOutput | RouteDetails:
+        if router_logits.dim() not in (2, 3) or router_logits.shape[-1] != self.spec.num_experts:
+            raise ValueError(f"router_logits must be [T, {self.spec.num_experts}] or [N, T, "
+                             f"{self.spec.num_experts}], not {list(router_logits.shape)}")
+        single = router_logits.dim() == 2
+        logits = router_logits.unsqueeze(0) if single else router_logits
+        t = logits.shape[1]
+        ctx = ctx or RouteContext(phase="decode", batch_size=t, num_tokens=t)
+        plan = self.plan(ctx)
+        gs = score_experts(self.spec, logits, correction_bias)
+        if plan.is_stock_shape and not details:
+            slots = select_topk(gs, plan.k, maybe_masked=False)
+            w = finalize_weights(self.spec, slots.raw, None)
+            ids = slots.ids.to(torch.int32)
+            if plan.k < self.width:  # padding after the k real slots
+                extra = self.width - plan.k
+                w = torch.cat([w, w.new_zeros(*w.shape[:-1], extra)], dim=-1)
+                ids = torch.cat([ids, ids.new_full((*ids.shape[:-1], extra), -1)], dim=-1)
+            return RouteOutput(w[0] if single else w, ids[0] if single else ids)
+
+        slots, primary, n_moved = self._stages(plan, gs, logits.device)
+        slots = pad(slots, self.width) if plan.is_stock_shape else compact(slots, self.width)
+        if plan.is_stock_shape:
+            w = finalize_weights(self.spec, slots.raw[..., : plan.k], None)
+            w = torch.cat([w, w.new_zeros(*w.shape[:-1], self.width - plan.k)], dim=-1)
+        else:
+            w = finalize_weights(self.spec, slots.raw, slots.valid)
+        ids = torch.where(slots.valid, slots.ids, torch.full_like(slots.ids, -1)).to(torch.int32)
+        if not details:
+            return RouteOutput(w[0] if single else w, ids[0] if single else ids)
+        if n_moved is None:
+            n_moved = torch.zeros(slots.ids.shape[:-1], dtype=torch.int32, device=ids.device)
+        probs = gate_probs(self.spec, logits)
+        sq = (lambda x: x[0]) if single else (lambda x: x)
+        return RouteDetails(
+            topk_weights=sq(w), topk_ids=sq(ids), rerouted=sq(slots.rerouted), piggybacked=sq(slots.piggybacked),
+            probs=sq(probs), num_rerouted=sq(n_moved), primary=None if primary is None else sq(primary),
+        )
+
+    def _stages(self, plan: LayerPlan, gs, device: torch.device) -> tuple[Slots, Tensor | None, Tensor | None]:
+        if plan.reallocation is not None:
+            slots = reallocate(gs, plan.k, plan.reallocation, sigmoid=self.spec.scoring_func == "sigmoid")
+        else:
+            slots = select_topk(gs, plan.k, maybe_masked=False)
+        primary = n_moved = None
+        if plan.reroute is not None:
+            slots, primary, n_moved = reroute_slots(slots, plan.reroute, self._reroute_tables(plan, device))
+        if plan.piggyback is not None:
+            slots = piggyback(slots, gs, plan.piggyback, maybe_masked=self.spec.grouped)
+        return slots, primary, n_moved
+
+
+def compile_routers(ir: PolicyIR) -> dict[int, LayerRouter]:
+    """One :class:`LayerRouter` per MoE layer, keyed by the real layer index."""
+    return {layer: LayerRouter(ir, layer) for layer in ir.spec.moe_layers}
+
+
+def stock_route(spec, router_logits: Tensor, correction_bias: Tensor | None = None) -> RouteOutput:
+    """The model's own top-k routing (the baseline every policy is compared with)."""
+    gs = score_experts(spec, router_logits, correction_bias)
+    slots = select_topk(gs, spec.top_k, maybe_masked=False)
+    return RouteOutput(finalize_weights(spec, slots.raw, None), slots.ids.to(torch.int32))
