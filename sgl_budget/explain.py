@@ -8,20 +8,15 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from .lang.ir import LayerPlan, PolicyIR, RouteContext, representative_contexts
+from .lang.ir import LayerPlan, Match, PolicyIR, RouteContext, representative_contexts
 
 KINDS = ("layers", "tokens", "reroute", "piggyback")
 
 
-def _conditions(ir: PolicyIR) -> list:
-    rules = (*ir.budget_rules, *ir.layer_rules, *ir.token_rules, *ir.reroute_rules, *ir.piggyback_rules)
-    return [r.condition for r in rules]
-
-
-def situations(ir: PolicyIR) -> list[tuple[tuple[int, int, int, int], list[RouteContext]]]:
+def situations(ir: PolicyIR) -> list[tuple[Match, list[RouteContext]]]:
     """Distinct rule combinations the policy can select, each with the contexts that select it."""
-    groups: dict[tuple[int, int, int, int], list[RouteContext]] = {}
-    for ctx in representative_contexts(_conditions(ir)):
+    groups: dict[Match, list[RouteContext]] = {}
+    for ctx in representative_contexts(ir.conditions()):
         groups.setdefault(ir.match(ctx), []).append(ctx)
     return list(groups.items())
 
@@ -36,17 +31,21 @@ def _where(ctxs: list[RouteContext]) -> str:
     return ", ".join(parts)
 
 
-def _describe_rule(ir: PolicyIR, kind: str, idx: int) -> str:
-    if idx < 0:
-        return {"layers": "model's own top-k", "tokens": "off", "reroute": "off", "piggyback": "off"}[kind]
-    rule = {"layers": ir.layer_rules, "tokens": ir.token_rules, "reroute": ir.reroute_rules,
-            "piggyback": ir.piggyback_rules}[kind][idx]
-    v = rule.value
-    when = "" if rule.condition.always else f" when {rule.condition}"
+def _describe_rule(ir: PolicyIR, kind: str, key: Match) -> str:
+    idx = key[KINDS.index(kind) + 1]
     if kind == "layers":
+        v = ir.layer_k_for(key)
+        when = ""
+        if idx >= 0 and not ir.layer_rules[idx].condition.always:
+            when = f" when {ir.layer_rules[idx].condition}"
         extra = f" from {v.profile}" if v.profile else ""
         loss = f", predicted loss {v.predicted_loss:.4g}" if v.predicted_loss is not None else ""
         return f"{v.method}{extra}{loss}{when}"
+    if idx < 0:
+        return "off"
+    rule = {"tokens": ir.token_rules, "reroute": ir.reroute_rules, "piggyback": ir.piggyback_rules}[kind][idx]
+    v = rule.value
+    when = "" if rule.condition.always else f" when {rule.condition}"
     if kind == "tokens":
         return f"reallocate by score, min_k {v.min_k}, max_k {v.max_k}{when}"
     if kind == "reroute":
@@ -87,7 +86,7 @@ def explain_dict(ir: PolicyIR) -> dict[str, Any]:
         plans = ir.plans(ctxs[0])
         sits.append({
             "applies_to": [{"phase": c.phase, "batch_size": c.batch_size, "num_tokens": c.tokens} for c in ctxs],
-            "rules": {k: _describe_rule(ir, k, i) for k, i in zip(KINDS, key)},
+            "rules": {k: _describe_rule(ir, k, key) for k in KINDS},
             "mean_k": sum(p.k for p in plans.values()) / len(plans),
             "layers": {
                 str(l): {"k": p.k, "width": p.width,
@@ -141,6 +140,6 @@ def explain_policy(ir: PolicyIR, as_json: bool = False, console: Console | None 
                 rows.append(([l], row))
         for ls, row in rows:
             table.add_row(_ranges(ls), *map(str, row))
-        table.caption = "\n".join(f"{k}: {_describe_rule(ir, k, i)}" for k, i in zip(KINDS, key))
+        table.caption = "\n".join(f"{k}: {_describe_rule(ir, k, key)}" for k in KINDS)
         table.caption_justify = "left"
         console.print(table)

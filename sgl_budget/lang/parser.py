@@ -234,7 +234,7 @@ def _syntax_error(e: UnexpectedInput, file: str, text: str) -> PolicyError:
             return PolicyError("a percentage is not allowed here", span,
                                "write a plain number here (only budget and primary coverage take percentages)")
         return PolicyError(f"unexpected character '{ch}'", span,
-                           f"expected {_expected(allowed)}" if allowed else None)
+                           f"expected {_expected(allowed)}" if allowed else "remove it")
     if isinstance(e, UnexpectedToken):
         try:
             allowed = set(e.interactive_parser.accepts())
@@ -242,7 +242,12 @@ def _syntax_error(e: UnexpectedInput, file: str, text: str) -> PolicyError:
             allowed = set(e.expected or ())
         tok = e.token
         if tok.type == "$END":
-            hint = "a block or the policy is missing its closing '}'" if "RBRACE" in allowed else None
+            if "RBRACE" in allowed:
+                hint = "a block or the policy is missing its closing '}'"
+            elif "POLICY" in allowed:
+                hint = 'a policy file holds one `policy "name" { ... }`'
+            else:
+                hint = "the file ends in the middle of a statement"
             lines = text.splitlines() or [""]
             last = len(lines)
             return PolicyError(f"unexpected end of file; expected {_expected(allowed)}",

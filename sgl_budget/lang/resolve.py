@@ -405,11 +405,11 @@ def resolve(ast: PolicyAst, spec: ModelSpec, base_dir: str | Path = ".") -> Poli
     widths = {l: 1 for l in spec.moe_layers}
     for ctx, key in matches.items():
         bi, li, ti, _, pi = key
-        if (bi, li) not in ir.layer_k:
+        if (bi, li) != (-1, -1) and (bi, li) not in ir.layer_k:
             ir.layer_k[(bi, li)] = _layer_k(
                 ir.layer_rules[li] if li >= 0 else None, allocs[li] if li >= 0 else None,
                 ir.budget_rules[bi] if bi >= 0 else None, spec, files, _describe(ctx))
-        ks = ir.layer_k[(bi, li)].k
+        ks = ir.layer_k_for(key).k
         if ti >= 0:
             re = ir.token_rules[ti].value
             low = min(ks, key=lambda l: ks[l])

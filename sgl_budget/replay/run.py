@@ -1,0 +1,115 @@
+"""Replay policies on a recorded trace: cut it into batches, route every layer, measure cost and mass.
+
+Every policy is compared with the model's stock top-k routing measured in the same
+run on the same batches. The decode-time estimate follows the memory-bound model
+of a decode step: an MoE layer reads each distinct routed expert it uses once
+(``spec.expert_bytes``) plus its shared experts, so
+
+    est. time ratio = sum over batches and layers of (unique * expert_bytes + shared_bytes)
+                      / the same sum for stock top-k.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ..lang.ir import PolicyIR, RouteContext
+from ..routing import compile_routers, stock_route
+from ..routing.scoring import gate_probs
+from ..spec import ModelSpec
+from .report import LayerStats, PolicyResult, Report
+
+
+def _unique_per_batch(ids: Tensor, num_experts: int) -> Tensor:
+    """``[N]`` float: distinct experts each batch of ``ids [N, B, K]`` (id -1 = padding) loads."""
+    n = ids.shape[0]
+    idx = ids.long().masked_fill(ids < 0, num_experts).flatten(1)
+    seen = torch.zeros(n, num_experts + 1, dtype=torch.bool).scatter_(1, idx, True)[:, :num_experts]
+    return seen.sum(dim=1).float()
+
+
+def _measure(ids: Tensor, probs: Tensor, num_experts: int, rerouted: Tensor | None = None,
+             piggybacked: Tensor | None = None) -> LayerStats:
+    """Statistics of one layer's routing of ``[N, B, K]`` ids against the distribution ``probs [N, B, E]``."""
+    valid = ids >= 0
+    tokens = ids.shape[0] * ids.shape[1]
+    mass = probs.gather(-1, ids.long().clamp_min(0)).masked_fill(~valid, 0.0).sum(-1)
+    return LayerStats(
+        activations=float(valid.sum()) / tokens,
+        unique=float(_unique_per_batch(ids, num_experts).mean()),
+        mass=float(mass.mean()),
+        rerouted=float(rerouted.sum()) / tokens if rerouted is not None else 0.0,
+        piggybacked=float((piggybacked & valid).sum()) / tokens if piggybacked is not None else 0.0,
+    )
+
+
+def _batches(trace, batch_size: int, phase: str, max_batches: int | None):
+    """Yield ``(ctx, {layer: logits [N, B, E]})`` groups of equally shaped batches."""
+    from ..traces import prefill_batches, stack_decode_batches
+
+    if phase == "decode":
+        stacked = stack_decode_batches(trace, batch_size, max_batches=max_batches)
+        first = next(iter(stacked.values()), None)
+        if first is None or first.shape[0] == 0:
+            return
+        yield RouteContext("decode", batch_size, batch_size), stacked
+        return
+    for b in prefill_batches(trace, batch_size, max_batches=max_batches):
+        logits = {l: x.unsqueeze(0) for l, x in b.layer_logits.items()}
+        t = next(iter(logits.values())).shape[1]
+        yield RouteContext("prefill", batch_size, t), logits
+
+
+def replay(policies: Sequence[PolicyIR], trace, batch_size: int = 16, phase: str = "decode",
+           max_batches: int | None = None, trace_path: str = "") -> Report:
+    """Replay ``policies`` on ``trace``; returns a :class:`Report` with stock top-k as baseline."""
+    spec: ModelSpec = trace.spec
+    for ir in policies:
+        if ir.spec.num_experts != spec.num_experts or set(ir.spec.moe_layers) != set(spec.moe_layers):
+            raise ValueError(f"policy {ir.name!r} was resolved for {ir.spec.name}, the trace is of {spec.name}")
+    routers = [compile_routers(ir) for ir in policies]
+    layers = list(spec.moe_layers)
+    e = spec.num_experts
+    acc: list[dict[int, list[tuple[int, LayerStats]]]] = [{l: [] for l in layers} for _ in range(len(policies) + 1)]
+    ks: list[dict[int, int]] = [dict() for _ in policies]
+    num_batches = tokens = 0
+    t0 = time.perf_counter()
+    for ctx, logits in _batches(trace, batch_size, phase, max_batches):
+        n = next(iter(logits.values())).shape[0]
+        num_batches += n
+        tokens += n * ctx.tokens
+        for l in layers:
+            x = logits[l].float()
+            bias = trace.correction_bias.get(l) if trace.correction_bias else None
+            probs = gate_probs(spec, x)
+            _, sids = stock_route(spec, x, bias)
+            acc[0][l].append((n * ctx.tokens, _measure(sids, probs, e)))
+            for i, rs in enumerate(routers):
+                d = rs[l].details(x, ctx, correction_bias=bias)
+                ks[i][l] = rs[l].plan(ctx).k
+                acc[i + 1][l].append((n * ctx.tokens, _measure(d.topk_ids, probs, e, d.num_rerouted, d.piggybacked)))
+    elapsed = time.perf_counter() - t0
+    if num_batches == 0:
+        raise ValueError(f"the trace holds no full {phase} batch of {batch_size} sequences")
+
+    def combine(parts: list[tuple[int, LayerStats]]) -> LayerStats:
+        total = sum(w for w, _ in parts)
+        return LayerStats(*(sum(w * getattr(s, f) for w, s in parts) / total for f in LayerStats.fields()))
+
+    results = []
+    names = ["stock top-k"] + [ir.name for ir in policies]
+    sources = ["model's own routing"] + [ir.source for ir in policies]
+    for i, name in enumerate(names):
+        per_layer = {l: combine(acc[i][l]) for l in layers}
+        results.append(PolicyResult(name=name, source=sources[i], layers=per_layer,
+                                    k=ks[i - 1] if i else {l: spec.top_k for l in layers}))
+    return Report(
+        model=spec.name, trace_path=trace_path, synthetic=bool(trace.synthetic), trace_source=trace.source,
+        batch_size=batch_size, phase=phase, num_batches=num_batches, num_tokens=tokens,
+        expert_bytes=spec.expert_bytes, shared_bytes=spec.shared_expert_bytes,
+        stock=results[0], policies=results[1:], elapsed_s=elapsed,
+    )

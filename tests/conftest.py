@@ -1,0 +1,37 @@
+"""Shared test fixtures: tiny model specs for each scoring variant, and similarity files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sgl_budget.spec import ModelSpec
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TINY_SOFTMAX = ModelSpec(name="tiny-softmax", num_layers=3, moe_layers=(1, 2), num_experts=16, top_k=4,
+                         hidden_size=64, moe_intermediate_size=32, norm_topk_prob=True, model_type="qwen3_moe")
+TINY_NORENORM = ModelSpec(name="tiny-norenorm", num_layers=3, moe_layers=(1, 2), num_experts=16, top_k=4,
+                          hidden_size=64, moe_intermediate_size=32, norm_topk_prob=False, model_type="deepseek_v2",
+                          num_shared_experts=2)
+TINY_SIGMOID = ModelSpec(name="tiny-sigmoid", num_layers=3, moe_layers=(1, 2), num_experts=16, top_k=4,
+                         hidden_size=64, moe_intermediate_size=32, scoring_func="sigmoid", norm_topk_prob=True,
+                         n_group=4, topk_group=2, routed_scaling_factor=2.5, has_correction_bias=True,
+                         model_type="deepseek_v3", num_shared_experts=1)
+TINY_SPECS = {s.name: s for s in (TINY_SOFTMAX, TINY_NORENORM, TINY_SIGMOID)}
+
+
+@pytest.fixture(params=sorted(TINY_SPECS))
+def tiny_spec(request) -> ModelSpec:
+    return TINY_SPECS[request.param]
+
+
+def write_similarity(spec: ModelSpec, directory: Path, seed: int = 0) -> Path:
+    """A synthetic similarity file for ``spec`` in ``directory`` (returns its path)."""
+    from sgl_budget.similarity import save_similarity, synthetic_similarity
+
+    path = directory / f"{spec.name}.sim.safetensors"
+    if not path.exists():
+        save_similarity(synthetic_similarity(spec, seed=seed), path)
+    return path
