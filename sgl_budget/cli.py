@@ -143,7 +143,8 @@ def _replay(policy_paths: Sequence[str | Path], trace_path: str | Path, batch_si
 
     trace = load_trace(trace_path)
     policies = [(load_policy(Path(p), trace.spec)) for p in policy_paths]
-    report = replay(policies, trace, batch_size=batch_size, phase=phase, max_batches=max_batches)
+    report = replay(policies, trace, batch_size=batch_size, phase=phase, max_batches=max_batches,
+                    trace_path=str(trace_path))
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
     else:

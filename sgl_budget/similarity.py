@@ -1,25 +1,164 @@
-"""Expert-similarity file format (safetensors) read by a policy's ``reroute`` block.
+"""Expert-similarity files (safetensors) read by a policy's ``reroute`` block (SERE).
 
-INTERFACE (to be implemented):
+Tensors: ``layer.{i}.similarity`` float32 ``[E, E]`` per MoE layer i (real layer
+index) — how well expert p can stand in for expert e, in [0, 1], diagonal 1 —
+and optionally ``layer.{i}.critical`` int64 ``[E]``, the experts ranked most
+critical first. Metadata entry ``sgl_budget.similarity`` (JSON):
+``{"format": "sgl-budget-similarity/1", "model": {name, num_experts, moe_layers},
+"method": ..., "source": ..., "synthetic": bool}``.
 
-    Tensors: "layer.{i}.similarity" float32 [E, E] per MoE layer i (real layer index),
-    optional "layer.{i}.critical" int64 [E] = experts ranked most-critical first.
-    Metadata (safetensors __metadata__): "sgl_budget.similarity" = JSON
-    {"format": "sgl-budget-similarity/1", "model": {name, num_experts, moe_layers},
-     "method": "frobenius|cosine|cka|...", "source": "...", "synthetic": bool}
-
-    @dataclass(frozen=True)
-    class SimilarityTable:
-        matrices: dict[int, torch.Tensor]        # layer -> [E, E] float32, diag 1, values in [0, 1]
-        critical: dict[int, torch.Tensor]        # layer -> ranking [E] int64 (derived if absent:
-                                                 # experts sorted by their highest off-diagonal
-                                                 # similarity, ascending; ties by index)
-        method: str; source: str; synthetic: bool; path: str
-        def check_against(self, spec: ModelSpec) -> list[str]
-
-    class SimilarityFileError(ValueError): (message, path, hint=None)
-
-    def load_similarity(path) -> SimilarityTable   # validates shapes, finiteness, range, layers
-    def save_similarity(table_or_matrices, path, *, method, source, synthetic, model) -> None
-    def synthetic_similarity(spec, seed=0) -> SimilarityTable   # labelled synthetic
+Without a stored ranking, critical experts are those least replaceable: sorted by
+their highest similarity to any other expert, ascending (ties by index).
 """
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from .spec import ModelSpec
+
+FORMAT = "sgl-budget-similarity/1"
+META_KEY = "sgl_budget.similarity"
+
+
+class SimilarityFileError(ValueError):
+    """A similarity file that cannot be used."""
+
+    def __init__(self, message: str, path: str | Path, hint: str | None = None) -> None:
+        self.message, self.path, self.hint = message, str(path), hint
+        super().__init__(f"{path}: {message}" + (f" (hint: {hint})" if hint else ""))
+
+
+def derive_critical(sim: Tensor) -> Tensor:
+    """Experts ranked most critical first: ascending best similarity to any other expert (stable)."""
+    off = sim.clone().float()
+    off.fill_diagonal_(float("-inf"))
+    best = off.max(dim=1).values
+    return torch.sort(best, stable=True).indices.to(torch.int64)
+
+
+@dataclass(frozen=True)
+class SimilarityTable:
+    """Per-layer similarity matrices and critical-expert rankings."""
+
+    matrices: dict[int, Tensor]  # layer -> [E, E] float32
+    critical: dict[int, Tensor]  # layer -> [E] int64, most critical first
+    model: dict
+    method: str = ""
+    source: str = ""
+    synthetic: bool = False
+    path: str = ""
+
+    @property
+    def num_experts(self) -> int:
+        return next(iter(self.matrices.values())).shape[0]
+
+    def check_against(self, spec: ModelSpec) -> list[str]:
+        """Why this table cannot serve ``spec`` ([] when it can)."""
+        problems = []
+        if self.num_experts != spec.num_experts:
+            problems.append(f"it has {self.num_experts} experts per layer, the model {spec.num_experts}")
+        missing = [l for l in spec.moe_layers if l not in self.matrices]
+        if missing:
+            problems.append(f"it lacks MoE layers {missing[:8]}{'...' if len(missing) > 8 else ''}")
+        extra = [l for l in self.matrices if not spec.is_moe_layer(l)]
+        if extra:
+            problems.append(f"its layers {extra[:8]} are not MoE layers of {spec.name}")
+        return problems
+
+
+def save_similarity(table: SimilarityTable, path: str | Path) -> Path:
+    tensors = {}
+    for l, m in table.matrices.items():
+        tensors[f"layer.{l}.similarity"] = m.float().contiguous()
+        if l in table.critical:
+            tensors[f"layer.{l}.critical"] = table.critical[l].to(torch.int64).contiguous()
+    meta = {"format": FORMAT, "model": table.model, "method": table.method, "source": table.source,
+            "synthetic": bool(table.synthetic)}
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out), metadata={META_KEY: json.dumps(meta)})
+    return out
+
+
+def load_similarity(path: str | Path) -> SimilarityTable:
+    """Load and validate a similarity file; problems raise :class:`SimilarityFileError`."""
+    p = Path(path)
+    if not p.is_file():
+        raise SimilarityFileError("no such file", p)
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            raw = (f.metadata() or {}).get(META_KEY)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise SimilarityFileError(f"not a safetensors file ({e})", p) from None
+    if raw is None:
+        raise SimilarityFileError(f"no '{META_KEY}' metadata", p, "write it with `sgl-budget similarity`")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise SimilarityFileError(f"metadata is not valid JSON ({e})", p) from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else None
+        raise SimilarityFileError(f"unsupported format {got!r}; expected {FORMAT!r}", p)
+    model = meta.get("model")
+    if not isinstance(model, dict) or "num_experts" not in model or "moe_layers" not in model:
+        raise SimilarityFileError("metadata 'model' must give num_experts and moe_layers", p)
+    e = int(model["num_experts"])
+    layers = [int(l) for l in model["moe_layers"]]
+    matrices, critical = {}, {}
+    for l in layers:
+        m = tensors.pop(f"layer.{l}.similarity", None)
+        if m is None:
+            raise SimilarityFileError(f"metadata lists layer {l} but there is no layer.{l}.similarity", p)
+        if tuple(m.shape) != (e, e):
+            raise SimilarityFileError(f"layer.{l}.similarity has shape {list(m.shape)}, expected [{e}, {e}]", p)
+        m = m.float()
+        if not torch.isfinite(m).all():
+            raise SimilarityFileError(f"layer.{l}.similarity holds NaN or infinite values", p)
+        if float(m.min()) < -1e-5 or float(m.max()) > 1 + 1e-5:
+            raise SimilarityFileError(f"layer.{l}.similarity has values outside [0, 1] "
+                                      f"({float(m.min()):.4g}..{float(m.max()):.4g})", p,
+                                      "map similarities into [0, 1] (e.g. (cos + 1) / 2)")
+        if not torch.allclose(m.diagonal(), torch.ones(e), atol=1e-4):
+            raise SimilarityFileError(f"layer.{l}.similarity must have 1 on its diagonal", p,
+                                      "an expert is fully similar to itself")
+        matrices[l] = m.clamp(0.0, 1.0)
+        c = tensors.pop(f"layer.{l}.critical", None)
+        if c is None:
+            c = derive_critical(m)
+        elif tuple(c.shape) != (e,) or not torch.equal(torch.sort(c.long()).values, torch.arange(e)):
+            raise SimilarityFileError(f"layer.{l}.critical must be a permutation of 0..{e - 1}", p)
+        critical[l] = c.long()
+    if tensors:
+        raise SimilarityFileError(f"unexpected tensors {sorted(tensors)[:5]} (layers missing from metadata?)", p)
+    return SimilarityTable(matrices=matrices, critical=critical, model=model, method=str(meta.get("method", "")),
+                           source=str(meta.get("source", "")), synthetic=bool(meta.get("synthetic")), path=str(p))
+
+
+def synthetic_similarity(spec: ModelSpec, seed: int = 0, cluster: int = 4) -> SimilarityTable:
+    """A SYNTHETIC, seeded table: experts in clusters of ``cluster`` resemble each other."""
+    g = torch.Generator().manual_seed(seed)
+    e = spec.num_experts
+    matrices = {}
+    for l in spec.moe_layers:
+        centres = torch.randn((e + cluster - 1) // cluster, 16, generator=g)
+        members = torch.randperm(e, generator=g) // cluster
+        feats = centres[members] + 0.6 * torch.randn(e, 16, generator=g)
+        feats = feats / feats.norm(dim=1, keepdim=True)
+        m = ((feats @ feats.T + 1) / 2).clamp(0, 1)
+        m.fill_diagonal_(1.0)
+        matrices[l] = m
+    return SimilarityTable(
+        matrices=matrices, critical={l: derive_critical(m) for l, m in matrices.items()},
+        model={"name": spec.name, "num_experts": e, "moe_layers": list(spec.moe_layers)},
+        method="synthetic-cosine", source=f"SYNTHETIC: clustered random expert features, seed={seed}",
+        synthetic=True,
+    )

@@ -1,19 +1,73 @@
 """Exact Alloc-L allocation: a multiple-choice knapsack solved by dynamic programming.
 
-INTERFACE (to be implemented):
-
-    @dataclass(frozen=True)
-    class Allocation:
-        k: dict[int, int]          # layer -> chosen k
-        total: int                 # sum of k
-        loss: float                # summed profile loss
-
-    def allocate_dp(loss: dict[int, dict[int, float]], total_budget: int,
-                    min_k: int = 1, max_k: int | None = None,
-                    fixed: dict[int, int] | None = None) -> Allocation
-        # one k per layer in loss (candidate ks are the profile's keys within
-        # [min_k, max_k]); fixed layers keep their k and count against the budget;
-        # minimise summed loss subject to sum(k) <= total_budget; ties broken
-        # deterministically (smaller total, then lexicographically larger k for
-        # earlier layers). Raises ValueError with a readable message if infeasible.
+Choose one k per layer (from the profile's k values within [min_k, max_k]; fixed
+layers keep theirs) so that sum(k) <= budget and the summed profile loss is
+minimal. O(layers x budget x choices). Ties go to the plan with the smaller
+total, then to larger k in earlier layers, so the result is deterministic.
 """
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+INF = float("inf")
+
+
+@dataclass(frozen=True)
+class Allocation:
+    k: dict[int, int]  # layer -> chosen k
+    total: int  # sum of k
+    loss: float  # summed profile loss
+
+
+def allocate_dp(loss: dict[int, dict[int, float]], total_budget: int, min_k: int = 1, max_k: int | None = None,
+                fixed: dict[int, int] | None = None) -> Allocation:
+    """The loss-minimising per-layer k within ``total_budget`` activations (see module docstring)."""
+    fixed = dict(fixed or {})
+    layers = sorted(loss)
+    unknown = [l for l in fixed if l not in loss]
+    if unknown:
+        raise ValueError(f"fixed layers {unknown} are not in the profile")
+    choices: dict[int, list[int]] = {}
+    for l in layers:
+        if l in fixed:
+            choices[l] = [fixed[l]]
+            continue
+        ks = sorted((k for k in loss[l] if k >= min_k and (max_k is None or k <= max_k)), reverse=True)
+        if not ks:
+            raise ValueError(f"layer {l} has no profiled k within [{min_k}, {max_k if max_k is not None else 'top-k'}]")
+        choices[l] = ks
+    fixed_loss = {l: loss[l].get(k, 0.0) for l, k in fixed.items()}
+    need = sum(min(choices[l]) for l in layers)
+    if need > total_budget:
+        raise ValueError(f"the budget of {total_budget} activations is below the minimum {need} "
+                         f"({len(layers)} layers at their smallest allowed k)")
+    budget = total_budget
+    # best[b] = (loss, total, plan tuple) over processed layers using exactly b activations
+    best: list[tuple[float, int, tuple[int, ...]] | None] = [None] * (budget + 1)
+    best[0] = (0.0, 0, ())
+    for l in layers:
+        new: list[tuple[float, int, tuple[int, ...]] | None] = [None] * (budget + 1)
+        for b, cur in enumerate(best):
+            if cur is None:
+                continue
+            for k in choices[l]:
+                nb = b + k
+                if nb > budget:
+                    continue
+                cost = fixed_loss[l] if l in fixed else loss[l][k]
+                cand = (cur[0] + cost, nb, cur[2] + (k,))
+                if new[nb] is None or _better(cand, new[nb]):
+                    new[nb] = cand
+        best = new
+    final = min((c for c in best if c is not None), key=_key)
+    return Allocation(k=dict(zip(layers, final[2])), total=final[1], loss=final[0])
+
+
+def _key(c: tuple[float, int, tuple[int, ...]]):
+    loss, total, plan = c
+    return (round(loss, 12), total, tuple(-k for k in plan))
+
+
+def _better(a, b) -> bool:
+    return _key(a) < _key(b)

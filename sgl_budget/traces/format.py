@@ -1,0 +1,174 @@
+"""Recorded router logits: one safetensors file per trace, JSON metadata inside (docs/formats.md).
+
+Tensors: ``layer.{i}.router_logits`` ``[N, E]`` (fp16/bf16/fp32) per MoE layer i
+(the model's real layer index); ``layer.{i}.correction_bias`` ``[E]`` fp32 iff the
+model selects with sigmoid + bias; ``phase`` uint8 ``[N]`` (0 prefill, 1 decode);
+optional ``token_ids`` int64 ``[N]``. Metadata entry ``sgl_budget.trace``: JSON
+with ``format`` = ``sgl-budget-trace/1``, ``model_spec``, ``layers``,
+``sequences`` (contiguous token ranges covering 0..N), ``source``, ``synthetic``
+and ``created``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from ..spec import ModelSpec, SpecError
+
+FORMAT = "sgl-budget-trace/1"
+META_KEY = "sgl_budget.trace"
+LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+PREFILL, DECODE = 0, 1
+
+
+class TraceError(ValueError):
+    """A trace file that cannot be used; the message names the file."""
+
+
+@dataclass
+class Trace:
+    """Router logits of N tokens for every MoE layer, with what is needed to replay them."""
+
+    spec: ModelSpec
+    router_logits: dict[int, Tensor]  # layer -> [N, E]
+    phase: Tensor  # [N] uint8, 0 = prefill, 1 = decode
+    sequences: list[tuple[int, int]]  # contiguous [start, end) token ranges
+    correction_bias: dict[int, Tensor] | None = None  # layer -> [E] float32
+    token_ids: Tensor | None = None
+    source: str = ""
+    synthetic: bool = False
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.phase.shape[0])
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(sorted(self.router_logits))
+
+    def validate(self, where: str = "trace") -> None:
+        """Raise :class:`TraceError` unless shapes, dtypes, layers, phases and sequences agree."""
+        _validate(self, where)
+
+
+def _validate(t: Trace, where: str) -> None:
+    def bad(msg: str) -> TraceError:
+        return TraceError(f"{where}: {msg}")
+
+    spec = t.spec
+    if not t.router_logits:
+        raise bad("no router logits (no layer.{i}.router_logits tensors)")
+    extra = [l for l in t.router_logits if not spec.is_moe_layer(l)]
+    if extra:
+        raise bad(f"layers {extra} are not MoE layers of {spec.name} (its MoE layers: {list(spec.moe_layers)})")
+    n = t.num_tokens
+    for l, x in t.router_logits.items():
+        if x.dim() != 2 or x.shape[1] != spec.num_experts:
+            raise bad(f"layer.{l}.router_logits has shape {list(x.shape)}, expected [N, {spec.num_experts}]")
+        if x.shape[0] != n:
+            raise bad(f"layer.{l}.router_logits has {x.shape[0]} tokens but phase has {n}")
+        if x.dtype not in LOGIT_DTYPES:
+            raise bad(f"layer.{l}.router_logits has dtype {x.dtype}; use float16, bfloat16 or float32")
+        if not torch.isfinite(x).all():
+            raise bad(f"layer.{l}.router_logits holds NaN or infinite values")
+    if t.phase.dim() != 1 or t.phase.dtype != torch.uint8:
+        raise bad(f"phase must be a 1-D uint8 tensor, not {t.phase.dtype} {list(t.phase.shape)}")
+    if n and int(t.phase.max()) > DECODE:
+        raise bad("phase values must be 0 (prefill) or 1 (decode)")
+    if t.token_ids is not None and tuple(t.token_ids.shape) != (n,):
+        raise bad(f"token_ids has shape {list(t.token_ids.shape)}, expected [{n}]")
+    pos = 0
+    for s in t.sequences:
+        if len(s) != 2 or s[0] != pos or s[1] <= s[0]:
+            raise bad(f"sequences must be non-empty contiguous ranges starting at 0; got {list(s)} at token {pos}")
+        pos = s[1]
+    if pos != n:
+        raise bad(f"sequences cover {pos} tokens, the trace has {n}")
+    if spec.has_correction_bias:
+        if not t.correction_bias or set(t.correction_bias) != set(t.router_logits):
+            raise bad(f"{spec.name} selects experts with a correction bias: every layer needs layer.{{i}}.correction_bias")
+    elif t.correction_bias:
+        raise bad(f"{spec.name} has no correction bias, but the trace holds some")
+    for l, b in (t.correction_bias or {}).items():
+        if tuple(b.shape) != (spec.num_experts,) or not torch.isfinite(b).all():
+            raise bad(f"layer.{l}.correction_bias must be a finite [{spec.num_experts}] tensor")
+
+
+def write_trace(trace: Trace, path: str | Path, dtype: torch.dtype | str = torch.float16) -> Path:
+    """Validate and write ``trace``; logits are stored as ``dtype`` (fp16 by default)."""
+    if isinstance(dtype, str):
+        dtype = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16,
+                 "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}[dtype]
+    trace.validate()
+    tensors = {f"layer.{l}.router_logits": x.to(dtype).contiguous() for l, x in trace.router_logits.items()}
+    for l, b in (trace.correction_bias or {}).items():
+        tensors[f"layer.{l}.correction_bias"] = b.float().contiguous()
+    tensors["phase"] = trace.phase.contiguous()
+    if trace.token_ids is not None:
+        tensors["token_ids"] = trace.token_ids.to(torch.int64).contiguous()
+    meta = {"format": FORMAT, "model_spec": trace.spec.to_dict(), "layers": list(trace.layers),
+            "sequences": [list(s) for s in trace.sequences], "source": trace.source,
+            "synthetic": bool(trace.synthetic), "created": trace.created}
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out), metadata={META_KEY: json.dumps(meta)})
+    return out
+
+
+def load_trace(path: str | Path) -> Trace:
+    """Load and validate a trace; every problem is a :class:`TraceError` naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise TraceError(f"{p}: no such trace file")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta_raw = (f.metadata() or {}).get(META_KEY)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise TraceError(f"{p}: not a safetensors file ({e})") from None
+    if meta_raw is None:
+        raise TraceError(f"{p}: no '{META_KEY}' metadata; is this an sgl_budget trace?")
+    try:
+        meta = json.loads(meta_raw)
+    except json.JSONDecodeError as e:
+        raise TraceError(f"{p}: metadata is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else None
+        raise TraceError(f"{p}: unsupported trace format {got!r}; expected {FORMAT!r}")
+    for key in ("model_spec", "layers", "sequences"):
+        if key not in meta:
+            raise TraceError(f"{p}: metadata lacks '{key}'")
+    try:
+        spec = ModelSpec.from_dict(meta["model_spec"])
+    except (SpecError, TypeError, AttributeError) as e:
+        raise TraceError(f"{p}: bad model_spec in metadata: {e}") from None
+    try:
+        layers = [int(l) for l in meta["layers"]]
+        sequences = [(int(a), int(b)) for a, b in meta["sequences"]]
+    except (TypeError, ValueError):
+        raise TraceError(f"{p}: 'layers' must be integers and 'sequences' [start, end] pairs") from None
+    logits = {l: tensors.pop(f"layer.{l}.router_logits", None) for l in layers}
+    missing = [l for l, x in logits.items() if x is None]
+    if missing:
+        raise TraceError(f"{p}: metadata lists layers {missing} but the file has no router logits for them")
+    bias = {l: tensors.pop(f"layer.{l}.correction_bias") for l in layers if f"layer.{l}.correction_bias" in tensors}
+    phase = tensors.pop("phase", None)
+    if phase is None:
+        raise TraceError(f"{p}: no 'phase' tensor")
+    token_ids = tensors.pop("token_ids", None)
+    if tensors:
+        raise TraceError(f"{p}: unexpected tensors {sorted(tensors)[:5]} (layers not listed in the metadata?)")
+    trace = Trace(spec=spec, router_logits=logits, phase=phase, sequences=sequences, correction_bias=bias or None,
+                  token_ids=token_ids, source=str(meta.get("source", "")), synthetic=bool(meta.get("synthetic")),
+                  created=str(meta.get("created", "")))
+    trace.validate(str(p))
+    return trace
