@@ -40,6 +40,13 @@ def _user_errors():
         raise SystemExit(EXIT_BAD_INPUT) from None
 
 
+def _console():
+    """A rich console; wide when output goes to a file or pipe (tables stay readable in logs)."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=160)
+
+
 def _spec(ref: str):
     return load_spec(ref)
 
@@ -86,7 +93,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     spec = _spec(args.model_spec)
     ir = load_policy(Path(args.policy), spec)
-    explain_policy(ir, as_json=args.json)
+    explain_policy(ir, as_json=args.json, console=_console())
     return 0
 
 
@@ -116,7 +123,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
         k = alloc.k[layer]
         table.add_row(str(layer), str(k), f"{prof.loss[layer].get(k, 0.0):.4g}")
     table.caption = f"mean k {alloc.total / len(layers):.3f}, summed loss {alloc.loss:.4g}; profile source: {prof.source}"
-    Console().print(table)
+    _console().print(table)
     if args.out:
         plan = {
             "format": "sgl-budget-plan/1",
@@ -148,7 +155,7 @@ def _replay(policy_paths: Sequence[str | Path], trace_path: str | Path, batch_si
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
-        console = Console()
+        console = _console()
         report.render(console)
         if per_layer:
             report.render_layers(console)

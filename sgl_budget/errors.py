@@ -23,8 +23,8 @@ class SourceSpan:
     @classmethod
     def at(cls, file: str, text: str, line: int, column: int, width: int = 1) -> "SourceSpan":
         """Span for (line, column) in ``text``, with the source line filled in."""
-        lines = text.splitlines()
-        src = lines[line - 1] if 1 <= line <= len(lines) else ""
+        lines = text.split("\n")  # the parser counts only \n as a line break (not \x1e, \u2028...)
+        src = lines[line - 1].rstrip("\r") if 1 <= line <= len(lines) else ""
         return cls(file=file, line=line, column=max(1, column), width=max(1, width), source_line=src)
 
 

@@ -21,13 +21,18 @@ def situations(ir: PolicyIR) -> list[tuple[Match, list[RouteContext]]]:
     return list(groups.items())
 
 
-def _where(ctxs: list[RouteContext]) -> str:
-    """Compact human description of a set of representative contexts."""
+def _where(ctxs: list[RouteContext], top: int) -> str:
+    """Compact human description of a set of representative contexts (``top``: the open-ended point)."""
     parts = []
     for phase in ("prefill", "decode"):
         bs = sorted({c.batch_size for c in ctxs if c.phase == phase})
-        if bs:
-            parts.append(f"{phase} (batch {bs[0]}{'..' + str(bs[-1]) if len(bs) > 1 else ''} seen)")
+        if not bs:
+            continue
+        if bs[-1] >= top:
+            rng = f"batch >= {bs[0]}" if bs[0] > 1 else "any batch"
+        else:
+            rng = f"batch {bs[0]}" if bs[0] == bs[-1] else f"batch {bs[0]}..{bs[-1]}"
+        parts.append(f"{phase} ({rng})")
     return ", ".join(parts)
 
 
@@ -125,10 +130,12 @@ def explain_policy(ir: PolicyIR, as_json: bool = False, console: Console | None 
         rel = f" ({b.relative * 100:g}% of top-{spec.top_k})" if b.relative is not None else ""
         when = "" if r.condition.always else f" when {r.condition}"
         console.print(f"budget: {b.experts_per_token:g} experts/token averaged over MoE layers{rel}{when}")
-    for n, (key, ctxs) in enumerate(situations(ir), 1):
+    sits = situations(ir)
+    top = max(c.batch_size for _, cs in sits for c in cs)
+    for n, (key, ctxs) in enumerate(sits, 1):
         plans = ir.plans(ctxs[0])
         mean_k = sum(p.k for p in plans.values()) / len(plans)
-        table = Table(title=f"situation {n}: {_where(ctxs)} — mean k {mean_k:.3g}", title_justify="left")
+        table = Table(title=f"situation {n}: {_where(ctxs, top)} — mean k {mean_k:.3g}", title_justify="left")
         for col in ("layers", "k", "width", "tokens min..max", "critical experts", "piggyback max_k"):
             table.add_column(col, justify="right")
         rows: list[tuple[list[int], tuple]] = []

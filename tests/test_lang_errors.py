@@ -67,7 +67,7 @@ CASES = [
      "min_similarity 1.5 is out of range", 4, 17),
     (P('  reroute { similarity "s.safetensors"\n primary top 1\n preserve critical 100 }'),
      "preserve critical 100 is out of range", 4, 20),
-    (P('  reroute { similarity "nope.safetensors"\n primary top 1 }'), "similarity file not found", 2, 25),
+    (P('  reroute { similarity "nope.safetensors"\n primary top 1 }'), "similarity file not found", 2, 24),
     # -- piggyback -----------------------------------------------------------------
     (P("  piggyback { min_score 0.1 }"), "a piggyback block needs `max_k N`", 2, 3),
     (P("  piggyback { max_k 3\n min_score 2 }"), "min_score 2 is out of range", 3, 12),

@@ -207,9 +207,9 @@ def _syntax_error(e: UnexpectedInput, file: str, text: str) -> PolicyError:
     """Turn a Lark error into a PolicyError with a useful message and hint."""
     line, col = max(1, e.line or 1), max(1, e.column or 1)
     if isinstance(e, UnexpectedCharacters):
-        lines = text.splitlines()
+        lines = text.split("\n")
         src = lines[line - 1] if 0 < line <= len(lines) else ""
-        start = col - 1
+        start = min(col - 1, len(src))
         while start > 0 and (src[start - 1].isalnum() or src[start - 1] == "_") and (
                 src[start:start + 1].isalnum() or src[start:start + 1] == "_"):
             start -= 1  # a keyword matched a prefix of a longer word ("dpp"): report the whole word
@@ -248,7 +248,7 @@ def _syntax_error(e: UnexpectedInput, file: str, text: str) -> PolicyError:
                 hint = 'a policy file holds one `policy "name" { ... }`'
             else:
                 hint = "the file ends in the middle of a statement"
-            lines = text.splitlines() or [""]
+            lines = text.split("\n")
             last = len(lines)
             return PolicyError(f"unexpected end of file; expected {_expected(allowed)}",
                                SourceSpan.at(file, text, last, len(lines[-1]) + 1), hint)
