@@ -150,8 +150,11 @@ def _replay(policy_paths: Sequence[str | Path], trace_path: str | Path, batch_si
 
     trace = load_trace(trace_path)
     policies = [(load_policy(Path(p), trace.spec)) for p in policy_paths]
-    report = replay(policies, trace, batch_size=batch_size, phase=phase, max_batches=max_batches,
-                    trace_path=str(trace_path))
+    try:
+        report = replay(policies, trace, batch_size=batch_size, phase=phase, max_batches=max_batches,
+                        trace_path=str(trace_path))
+    except ValueError as e:
+        raise CliError(f"cannot replay {trace_path}: {e}") from None
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -289,8 +292,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if v is not None and v < 1:
             print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return EXIT_BAD_INPUT
-    with _user_errors():
-        return int(args.func(args) or 0)
+    try:
+        with _user_errors():
+            return int(args.func(args) or 0)
+    except SystemExit as e:  # _user_errors printed the message
+        return int(e.code) if isinstance(e.code, int) else EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,131 @@
+"""The sgl-budget command line: every command on good input, and bad input ends in a clean message + exit 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sgl_budget.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+POLICIES = sorted((ROOT / "policies").glob("*.policy"))
+TRACE = ROOT / "policies" / "traces" / "deepseek-v2-lite.synthetic.trace.safetensors"
+PROFILE = ROOT / "policies" / "profiles" / "deepseek-v2-lite.synthetic.sens.yaml"
+
+
+def test_check_all_bundled_policies(capsys) -> None:
+    assert len(POLICIES) >= 6
+    assert main(["check", *map(str, POLICIES), "--model-spec", "deepseek-v2-lite"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("ok: ") == len(POLICIES)
+
+
+def test_check_reports_bad_policy_compiler_style(tmp_path, capsys) -> None:
+    bad = tmp_path / "bad.policy"
+    bad.write_text('policy "b" {\n  budget 150%\n}\n')
+    assert main(["check", str(bad), str(POLICIES[0]), "--model-spec", "deepseek-v2-lite"]) == 2
+    cap = capsys.readouterr()
+    assert f"{bad}:2:10: error: budget 150% is above the model's top-k" in cap.err
+    assert "^~~~" in cap.err and "help:" in cap.err and "ok: " in cap.out
+
+
+def test_check_against_hf_config(tmp_path, capsys) -> None:
+    cfg = {"model_type": "qwen3_moe", "num_hidden_layers": 4, "num_experts": 16, "num_experts_per_tok": 4,
+           "hidden_size": 64, "moe_intermediate_size": 32, "norm_topk_prob": True}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    pol = tmp_path / "p.policy"
+    pol.write_text('policy "p" { budget 50%\n layers { layer 0: k = 4 } }')
+    assert main(["check", str(pol), "--model-spec", str(tmp_path)]) == 0
+    pol.write_text('policy "p" { layers { layer 7: k = 4 } }')
+    assert main(["check", str(pol), "--model-spec", str(tmp_path / "config.json")]) == 2
+    assert "layer 7 is out of range" in capsys.readouterr().err
+
+
+def test_explain_text_and_json(capsys) -> None:
+    pol = str(ROOT / "policies" / "alloc-moe-sere-decode.policy")
+    assert main(["explain", pol, "--model-spec", "deepseek-v2-lite"]) == 0
+    out = capsys.readouterr().out
+    assert "situation 1" in out and "decode (batch >= 8)" in out
+    assert main(["explain", pol, "--model-spec", "deepseek-v2-lite", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["policy"] == "alloc-moe-sere-decode" and len(d["situations"]) == 2
+    ks = [s["layers"]["1"]["k"] for s in d["situations"]]
+    assert all(1 <= k <= 6 for k in ks)
+
+
+def test_allocate_prints_and_writes_plan(tmp_path, capsys) -> None:
+    out = tmp_path / "plan.yaml"
+    assert main(["allocate", "--profile", str(PROFILE), "--budget", "50%", "--out", str(out)]) == 0
+    plan = yaml.safe_load(out.read_text())
+    assert plan["format"] == "sgl-budget-plan/1" and sum(plan["k"].values()) <= 3 * 26
+    assert "Alloc-L plan" in capsys.readouterr().out
+    assert main(["allocate", "--profile", str(PROFILE), "--budget", "2.0", "--min-k", "2", "--max-k", "3"]) == 0
+    assert main(["allocate", "--profile", str(PROFILE), "--budget", "10%", "--min-k", "2"]) == 2
+    assert "cannot allocate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("budget,msg", [("0%", "must lie in (0%, 100%]"), ("9", "must lie in (0, top_k=6]"),
+                                        ("half", "neither a percentage")])
+def test_allocate_bad_budget(budget, msg, capsys) -> None:
+    assert main(["allocate", "--profile", str(PROFILE), "--budget", budget]) == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_replay_table_json_and_plot(tmp_path, capsys) -> None:
+    png = tmp_path / "r.png"
+    args = ["replay", str(POLICIES[0]), str(ROOT / "policies" / "sere.policy"), "--trace", str(TRACE),
+            "--batch-size", "8", "--max-batches", "10"]
+    assert main([*args, "--plot", str(png), "--layers"]) == 0
+    out = capsys.readouterr().out
+    assert "SYNTHETIC" in out and "stock top-k" in out and "sere" in out and "per layer" in out
+    assert png.stat().st_size > 10_000
+    assert main([*args, "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["synthetic"] is True and d["num_batches"] == 10 and len(d["policies"]) == 2
+    assert main(["replay", str(POLICIES[0]), "--trace", str(TRACE), "--phase", "prefill", "--batch-size", "4"]) == 0
+
+
+def test_replay_errors_are_clean(tmp_path, capsys) -> None:
+    assert main(["replay", str(POLICIES[0]), "--trace", str(tmp_path / "none.safetensors")]) == 2
+    assert "no such trace file" in capsys.readouterr().err
+    assert main(["replay", str(POLICIES[0]), "--trace", str(TRACE), "--batch-size", "5000",
+                 "--phase", "prefill"]) == 2
+    assert "cannot replay" in capsys.readouterr().err
+    assert main(["replay", str(POLICIES[0]), "--trace", str(TRACE), "--batch-size", "0"]) == 2
+
+
+def test_trace_synth_and_info(tmp_path, capsys) -> None:
+    out = tmp_path / "t.safetensors"
+    assert main(["trace", "synth", "--model-spec", "qwen3-30b-a3b", "--out", str(out), "--sequences", "2",
+                 "--seq-len", "4", "--dtype", "bfloat16"]) == 0
+    assert "SYNTHETIC" in capsys.readouterr().out
+    assert main(["trace", "info", str(out)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["synthetic"] is True and info["num_tokens"] == 8 and info["num_experts"] == 128
+
+
+def test_unknown_preset_is_clean(capsys) -> None:
+    assert main(["check", str(POLICIES[0]), "--model-spec", "gpt-17"]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_demo_writes_table_and_plot(tmp_path, capsys) -> None:
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "SYNTHETIC" in out and (tmp_path / "replay.png").exists()
+    for p in POLICIES:
+        assert p.stem in out
+
+
+def test_bad_policy_in_a_fresh_process_has_no_traceback(tmp_path) -> None:
+    bad = tmp_path / "bad.policy"
+    bad.write_text('policy "b" {\n  layers { k = 9 }\n}\n')
+    r = subprocess.run([sys.executable, "-m", "sgl_budget.cli", "check", str(bad), "--model-spec", "mixtral-8x7b"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and f"{bad}:2:16: error: k 9 is out of range" in r.stderr
