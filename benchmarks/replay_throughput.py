@@ -38,16 +38,24 @@ def main() -> None:
     trace = synthetic_trace(spec, num_sequences=seqs, seq_len=args.tokens // seqs, seed=1)
     print(f"device: CPU ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
           f"{args.threads} thread(s); SYNTHETIC trace: {trace.num_tokens} tokens x {len(trace.layers)} MoE layers")
-    print(f"{'policy':28s} {'token-layers/s':>16s}  (best of {args.repeats}; includes the stock baseline pass)")
-    for path in sorted(POLICIES.glob("*.policy")):
-        ir = load_policy(path, spec)
-        best = 0.0
+    irs = [load_policy(path, spec) for path in sorted(POLICIES.glob("*.policy"))]
+    token_layers = trace.num_tokens * len(trace.layers)
+
+    def best_time(policies) -> float:
+        best = float("inf")
         for _ in range(args.repeats):
             t0 = time.perf_counter()
-            rep = replay([ir], trace, batch_size=args.batch_size)
-            dt = time.perf_counter() - t0
-            best = max(best, rep.num_tokens * len(trace.layers) * 2 / dt)
-        print(f"{ir.name:28s} {best:16,.0f}")
+            replay(policies, trace, batch_size=args.batch_size)
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    print(f"{'policy (replayed alone)':28s} {'token-layers/s':>16s}")
+    for ir in irs:
+        print(f"{ir.name:28s} {token_layers / best_time([ir]):16,.0f}")
+    dt = best_time(irs)
+    print(f"{'all ' + str(len(irs)) + ' in one replay':28s} {token_layers * len(irs) / dt:16,.0f}"
+          "   (policy token-layers/s; scores and ranking shared)")
+    print(f"best of {args.repeats}; each time includes scoring, the stock top-k baseline and all metrics")
 
 
 if __name__ == "__main__":

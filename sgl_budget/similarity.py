@@ -9,6 +9,15 @@ critical first. Metadata entry ``sgl_budget.similarity`` (JSON):
 
 Without a stored ranking, critical experts are those least replaceable: sorted by
 their highest similarity to any other expert, ascending (ties by index).
+
+:func:`load_similarity` checks, with one message per problem: the file exists and is
+safetensors; the metadata entry is present, JSON, of this format, and gives
+``num_experts`` and a non-empty, duplicate-free ``moe_layers``; every listed layer
+has a ``[E, E]`` matrix that is finite, within [0, 1] (tolerance 1e-5) and has a
+diagonal of 1 (tolerance 1e-4); a stored ``critical`` is an integer permutation of
+0..E-1; and no tensor belongs to a layer the metadata does not list.
+:func:`synthetic_similarity` makes a SYNTHETIC seeded table (``"synthetic": true``)
+for tests and demos; it says nothing about a real model.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from .spec import ModelSpec
 
 FORMAT = "sgl-budget-similarity/1"
 META_KEY = "sgl_budget.similarity"
+_INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
 
 class SimilarityFileError(ValueError):
@@ -58,7 +68,7 @@ class SimilarityTable:
 
     @property
     def num_experts(self) -> int:
-        return next(iter(self.matrices.values())).shape[0]
+        return next(iter(self.matrices.values())).shape[0] if self.matrices else 0
 
     def check_against(self, spec: ModelSpec) -> list[str]:
         """Why this table cannot serve ``spec`` ([] when it can)."""
@@ -111,15 +121,26 @@ def load_similarity(path: str | Path) -> SimilarityTable:
     model = meta.get("model")
     if not isinstance(model, dict) or "num_experts" not in model or "moe_layers" not in model:
         raise SimilarityFileError("metadata 'model' must give num_experts and moe_layers", p)
-    e = int(model["num_experts"])
-    layers = [int(l) for l in model["moe_layers"]]
+    e, layers = model["num_experts"], model["moe_layers"]
+    if not isinstance(e, int) or isinstance(e, bool) or e < 1:
+        raise SimilarityFileError(f"metadata num_experts must be a positive integer, not {e!r}", p)
+    if (not isinstance(layers, list) or not layers
+            or not all(isinstance(l, int) and not isinstance(l, bool) and l >= 0 for l in layers)):
+        raise SimilarityFileError(f"metadata moe_layers must be a non-empty list of layer indices, not {layers!r}", p)
+    if len(set(layers)) != len(layers):
+        raise SimilarityFileError(f"metadata moe_layers lists a layer twice: {layers}", p)
     matrices, critical = {}, {}
     for l in layers:
         m = tensors.pop(f"layer.{l}.similarity", None)
         if m is None:
             raise SimilarityFileError(f"metadata lists layer {l} but there is no layer.{l}.similarity", p)
         if tuple(m.shape) != (e, e):
-            raise SimilarityFileError(f"layer.{l}.similarity has shape {list(m.shape)}, expected [{e}, {e}]", p)
+            why = "it is not square" if m.dim() != 2 or m.shape[0] != m.shape[1] else \
+                f"metadata num_experts is {e}"
+            raise SimilarityFileError(f"layer.{l}.similarity has shape {list(m.shape)}, expected [{e}, {e}] "
+                                      f"({why})", p)
+        if m.dtype == torch.bool or not (m.is_floating_point() or m.dtype in _INT_DTYPES):
+            raise SimilarityFileError(f"layer.{l}.similarity has dtype {m.dtype}, expected float32", p)
         m = m.float()
         if not torch.isfinite(m).all():
             raise SimilarityFileError(f"layer.{l}.similarity holds NaN or infinite values", p)
@@ -134,8 +155,11 @@ def load_similarity(path: str | Path) -> SimilarityTable:
         c = tensors.pop(f"layer.{l}.critical", None)
         if c is None:
             c = derive_critical(m)
+        elif c.dtype not in _INT_DTYPES:
+            raise SimilarityFileError(f"layer.{l}.critical has dtype {c.dtype}, expected int64", p)
         elif tuple(c.shape) != (e,) or not torch.equal(torch.sort(c.long()).values, torch.arange(e)):
-            raise SimilarityFileError(f"layer.{l}.critical must be a permutation of 0..{e - 1}", p)
+            raise SimilarityFileError(f"layer.{l}.critical must be a permutation of 0..{e - 1} "
+                                      f"(shape {list(c.shape)})", p, "rank every expert once, most critical first")
         critical[l] = c.long()
     if tensors:
         raise SimilarityFileError(f"unexpected tensors {sorted(tensors)[:5]} (layers missing from metadata?)", p)
@@ -154,6 +178,7 @@ def synthetic_similarity(spec: ModelSpec, seed: int = 0, cluster: int = 4) -> Si
         feats = centres[members] + 0.6 * torch.randn(e, 16, generator=g)
         feats = feats / feats.norm(dim=1, keepdim=True)
         m = ((feats @ feats.T + 1) / 2).clamp(0, 1)
+        m = (m + m.T) / 2  # exactly symmetric whatever the matmul rounding
         m.fill_diagonal_(1.0)
         matrices[l] = m
     return SimilarityTable(

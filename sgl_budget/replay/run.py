@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..lang.ir import PolicyIR, RouteContext
 from ..routing import compile_routers, stock_route
-from ..routing.scoring import gate_probs
+from ..routing.scoring import gate_probs, score_experts
 from ..spec import ModelSpec
 from .report import LayerStats, PolicyResult, Report
 
@@ -45,6 +45,11 @@ def _measure(ids: Tensor, probs: Tensor, num_experts: int, rerouted: Tensor | No
         rerouted=float(rerouted.sum()) / tokens if rerouted is not None else 0.0,
         piggybacked=float((piggybacked & valid).sum()) / tokens if piggybacked is not None else 0.0,
     )
+
+
+def _max_k(ir: PolicyIR) -> int:
+    """The widest ranking any selection stage of ``ir`` asks for (Alloc-T max_k)."""
+    return max([r.value.max_k for r in ir.token_rules] or [0])
 
 
 def _batches(trace, batch_size: int, phase: str, max_batches: int | None):
@@ -76,6 +81,8 @@ def replay(policies: Sequence[PolicyIR], trace, batch_size: int = 16, phase: str
     e = spec.num_experts
     acc: list[dict[int, list[tuple[int, LayerStats]]]] = [{l: [] for l in layers} for _ in range(len(policies) + 1)]
     ks: list[dict[int, int]] = [dict() for _ in policies]
+    widest = {l: max([spec.top_k] + [max(rs[l].width, _max_k(ir)) for ir, rs in zip(policies, routers)])
+              for l in layers}
     num_batches = tokens = 0
     t0 = time.perf_counter()
     for ctx, logits in _batches(trace, batch_size, phase, max_batches):
@@ -85,11 +92,13 @@ def replay(policies: Sequence[PolicyIR], trace, batch_size: int = 16, phase: str
         for l in layers:
             x = logits[l].float()
             bias = trace.correction_bias.get(l) if trace.correction_bias else None
-            probs = gate_probs(spec, x)
-            _, sids = stock_route(spec, x, bias)
+            # score and rank once; stock and every policy slice the shared ranking
+            gs = score_experts(spec, x, bias).with_ranking(widest[l])
+            probs = gs.scores if spec.scoring_func == "softmax" else gate_probs(spec, x)
+            _, sids = stock_route(spec, x, gs=gs)
             acc[0][l].append((n * ctx.tokens, _measure(sids, probs, e)))
             for i, rs in enumerate(routers):
-                d = rs[l].details(x, ctx, correction_bias=bias)
+                d = rs[l].route_scores(gs, ctx, details=True)
                 ks[i][l] = rs[l].plan(ctx).k
                 acc[i + 1][l].append((n * ctx.tokens, _measure(d.topk_ids, probs, e, d.num_rerouted, d.piggybacked)))
     elapsed = time.perf_counter() - t0

@@ -23,7 +23,7 @@ class RouteDetails:
     topk_ids: Tensor  # [..., T, K] int32, -1 = padded slot
     rerouted: Tensor  # [..., T, K] bool: the slot holds weight re-routed from a secondary expert
     piggybacked: Tensor  # [..., T, K] bool: the slot was added by piggybacking (OEA)
-    probs: Tensor  # [..., T, E] float32: the model's routing distribution (see gate_probs)
+    probs: Tensor | None  # [..., T, E] float32: the model's routing distribution (see gate_probs), if asked
     num_rerouted: Tensor  # [..., T] int32: the token's selected slots that re-routing moved (merged ones too)
     primary: Tensor | None = None  # [..., E] bool per batch: primary experts (None without re-routing)
 

@@ -41,7 +41,7 @@ def ranking_key(gs: GateScores, vals: Tensor, sigmoid: bool) -> Tensor:
 def reallocate(gs: GateScores, k: int, realloc: Reallocation, *, sigmoid: bool) -> Slots:
     """Alloc-T slots ``[N, T, max_k]``: per-token top-``min_k`` plus the batch's best extra slots."""
     min_k, max_k = realloc.min_k, realloc.max_k
-    vals, ids = torch.topk(gs.select, max_k, dim=-1)
+    vals, ids = gs.topk(max_k)
     raw = gs.scores.gather(-1, ids)
     finite = vals > NEG_INF
     n, t, _ = vals.shape

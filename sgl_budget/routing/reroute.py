@@ -85,9 +85,8 @@ def reroute_slots(slots: Slots, reroute: Reroute, tables: RerouteTables) -> tupl
     n, t, m = slots.ids.shape
     primary = primary_experts(slots, reroute, tables)
     # best primary substitute of every expert, per batch: [N, E, E] masked to primaries
-    masked = tables.similarity.unsqueeze(0).masked_fill(~primary.unsqueeze(1), NEG_INF)
-    dest = masked.argmax(dim=-1)  # first maximum: ties go to the lower expert index
-    best = masked.gather(-1, dest.unsqueeze(-1)).squeeze(-1)
+    penalty = torch.zeros(primary.shape, dtype=torch.float32, device=primary.device).masked_fill_(~primary, NEG_INF)
+    best, dest = (tables.similarity.unsqueeze(0) + penalty.unsqueeze(1)).max(dim=-1)  # first maximum wins ties
     moves = ~primary & (best >= float(reroute.min_similarity))  # best is -inf without primaries
 
     flat = slots.ids.reshape(n, t * m)

@@ -13,6 +13,8 @@ in a CUDA graph. Inputs may be ``[T, E]`` (one batch, as engines call it) or
 
 from __future__ import annotations
 
+from dataclasses import fields, replace
+
 import torch
 from torch import Tensor
 
@@ -21,7 +23,7 @@ from .outputs import RouteDetails, RouteOutput
 from .piggyback import piggyback
 from .reallocate import reallocate
 from .reroute import RerouteTables, reroute_slots
-from .scoring import finalize_weights, gate_probs, score_experts
+from .scoring import GateScores, finalize_weights, gate_probs, score_experts
 from .slots import Slots, compact, pad
 from .topk import select_topk
 
@@ -79,8 +81,23 @@ class LayerRouter:
         logits = router_logits.unsqueeze(0) if single else router_logits
         t = logits.shape[1]
         ctx = ctx or RouteContext(phase="decode", batch_size=t, num_tokens=t)
-        plan = self.plan(ctx)
         gs = score_experts(self.spec, logits, correction_bias)
+        out = self.route_scores(gs, ctx, details=details)
+        if details:
+            out = replace(out, probs=gate_probs(self.spec, logits))
+        if not single:
+            return out
+        if isinstance(out, RouteOutput):
+            return RouteOutput(out.topk_weights[0], out.topk_ids[0])
+        return RouteDetails(**{f.name: (None if getattr(out, f.name) is None else getattr(out, f.name)[0])
+                               for f in fields(RouteDetails)})
+
+    def route_scores(self, gs: GateScores, ctx: RouteContext, details: bool = False) -> RouteOutput | RouteDetails:
+        """Route already-scored ``[N, T, E]`` batches (replay scores once and shares across policies).
+
+        With ``details`` the result's ``probs`` is None (the caller has the scores).
+        """
+        plan = self.plan(ctx)
         if plan.is_stock_shape and not details:
             slots = select_topk(gs, plan.k, maybe_masked=False)
             w = finalize_weights(self.spec, slots.raw, None)
@@ -89,9 +106,9 @@ class LayerRouter:
                 extra = self.width - plan.k
                 w = torch.cat([w, w.new_zeros(*w.shape[:-1], extra)], dim=-1)
                 ids = torch.cat([ids, ids.new_full((*ids.shape[:-1], extra), -1)], dim=-1)
-            return RouteOutput(w[0] if single else w, ids[0] if single else ids)
+            return RouteOutput(w, ids)
 
-        slots, primary, n_moved = self._stages(plan, gs, logits.device)
+        slots, primary, n_moved = self._stages(plan, gs, gs.scores.device)
         slots = pad(slots, self.width) if plan.is_stock_shape else compact(slots, self.width)
         if plan.is_stock_shape:
             w = finalize_weights(self.spec, slots.raw[..., : plan.k], None)
@@ -100,15 +117,11 @@ class LayerRouter:
             w = finalize_weights(self.spec, slots.raw, slots.valid)
         ids = torch.where(slots.valid, slots.ids, torch.full_like(slots.ids, -1)).to(torch.int32)
         if not details:
-            return RouteOutput(w[0] if single else w, ids[0] if single else ids)
+            return RouteOutput(w, ids)
         if n_moved is None:
             n_moved = torch.zeros(slots.ids.shape[:-1], dtype=torch.int32, device=ids.device)
-        probs = gate_probs(self.spec, logits)
-        sq = (lambda x: x[0]) if single else (lambda x: x)
-        return RouteDetails(
-            topk_weights=sq(w), topk_ids=sq(ids), rerouted=sq(slots.rerouted), piggybacked=sq(slots.piggybacked),
-            probs=sq(probs), num_rerouted=sq(n_moved), primary=None if primary is None else sq(primary),
-        )
+        return RouteDetails(topk_weights=w, topk_ids=ids, rerouted=slots.rerouted, piggybacked=slots.piggybacked,
+                            probs=None, num_rerouted=n_moved, primary=primary)
 
     def _stages(self, plan: LayerPlan, gs, device: torch.device) -> tuple[Slots, Tensor | None, Tensor | None]:
         if plan.reallocation is not None:
@@ -128,8 +141,9 @@ def compile_routers(ir: PolicyIR) -> dict[int, LayerRouter]:
     return {layer: LayerRouter(ir, layer) for layer in ir.spec.moe_layers}
 
 
-def stock_route(spec, router_logits: Tensor, correction_bias: Tensor | None = None) -> RouteOutput:
+def stock_route(spec, router_logits: Tensor, correction_bias: Tensor | None = None,
+                gs: GateScores | None = None) -> RouteOutput:
     """The model's own top-k routing (the baseline every policy is compared with)."""
-    gs = score_experts(spec, router_logits, correction_bias)
+    gs = gs if gs is not None else score_experts(spec, router_logits, correction_bias)
     slots = select_topk(gs, spec.top_k, maybe_masked=False)
     return RouteOutput(finalize_weights(spec, slots.raw, None), slots.ids.to(torch.int32))

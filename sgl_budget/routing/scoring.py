@@ -37,6 +37,18 @@ class GateScores:
 
     scores: Tensor  # unbiased gate scores (softmax probs / sigmoid scores): the weight source
     select: Tensor  # selection scores: biased where the model has a bias, -inf outside kept groups
+    ranked: tuple[Tensor, Tensor] | None = None  # optional precomputed topk(select, M) shared by many routers
+
+    def topk(self, m: int) -> tuple[Tensor, Tensor]:
+        """``torch.topk(select, m)`` — sliced from ``ranked`` when a wide enough one was precomputed."""
+        if self.ranked is not None and self.ranked[0].shape[-1] >= m:
+            return self.ranked[0][..., :m], self.ranked[1][..., :m]
+        return torch.topk(self.select, m, dim=-1)
+
+    def with_ranking(self, m: int) -> "GateScores":
+        """The same scores with ``topk(select, m)`` computed once (replay shares it across policies)."""
+        m = min(m, self.num_experts)
+        return GateScores(self.scores, self.select, torch.topk(self.select, m, dim=-1))
 
     @property
     def num_experts(self) -> int:

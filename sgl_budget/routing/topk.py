@@ -15,7 +15,7 @@ def select_topk(gs: GateScores, k: int, *, maybe_masked: bool) -> Slots:
     the experts in a token's kept groups; only then can a chosen expert carry a
     ``-inf`` selection score, and such a slot is invalid.
     """
-    vals, ids = torch.topk(gs.select, k, dim=-1)
+    vals, ids = gs.topk(k)
     raw = gs.scores.gather(-1, ids)
     valid = vals > NEG_INF if maybe_masked else torch.ones_like(ids, dtype=torch.bool)
     return Slots.selected(ids, raw, valid)
