@@ -230,7 +230,7 @@ DEMO_TRACE = "deepseek-v2-lite.synthetic.trace.safetensors"
 # -- argument parsing --------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sgl-budget", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="sgl-budget", description="Check, explain and replay MoE expert-activation policies.")
     sub = p.add_subparsers(dest="cmd", required=True)
     spec_help = f"model spec: a preset ({', '.join(PRESETS)}), a config.json, or a model directory"
 
@@ -254,13 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(func=cmd_allocate)
 
     r = sub.add_parser("replay", help="replay policies on a recorded trace against stock top-k")
-    r.add_argument("policies", nargs="+")
-    r.add_argument("--trace", required=True)
-    r.add_argument("--batch-size", type=int, default=16)
-    r.add_argument("--phase", choices=["decode", "prefill"], default="decode")
-    r.add_argument("--max-batches", type=int, default=None)
+    r.add_argument("policies", nargs="+", help=".policy files (resolved against the trace's model spec)")
+    r.add_argument("--trace", required=True, help="trace file (.safetensors, docs/formats.md)")
+    r.add_argument("--batch-size", type=int, default=16, help="sequences per batch (default 16)")
+    r.add_argument("--phase", choices=["decode", "prefill"], default="decode",
+                   help="decode: one token of each of B sequences per batch; prefill: B whole sequences")
+    r.add_argument("--max-batches", type=int, default=None, help="replay at most this many batches")
     r.add_argument("--plot", help="write a PNG: per-layer k and unique experts per batch")
-    r.add_argument("--json", action="store_true")
+    r.add_argument("--json", action="store_true", help="print the report as JSON")
     r.add_argument("--layers", action="store_true", help="also print the per-layer table")
     r.set_defaults(func=cmd_replay)
 
