@@ -130,7 +130,13 @@ class ModelSpec:
             except json.JSONDecodeError as e:
                 raise SpecError(f"{path}: not valid JSON ({e})") from None
             name = name or path.parent.name
-        return _from_hf(config, name or str(config.get("_name_or_path") or config.get("model_type", "model")))
+        try:
+            return _from_hf(config, name or str(config.get("_name_or_path") or config.get("model_type", "model")))
+        except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, SpecError):
+                raise
+            raise SpecError(f"config of model_type {config.get('model_type')!r} lacks or garbles a field "
+                            f"sgl_budget needs: {e!r}") from None
 
 
 def _get(cfg: dict[str, Any], *keys: str, default: Any = None) -> Any:
