@@ -17,13 +17,18 @@ ROOT = Path(__file__).resolve().parent.parent / "policies"
 SPEC = PRESETS["deepseek-v2-lite"]
 
 
+def make_trace() -> Path:
+    """The demo trace: 32 sequences x 24 tokens, fp16 (32 x 32 would exceed 3 MB)."""
+    return write_trace(synthetic_trace(SPEC, num_sequences=32, seq_len=24, seed=0),
+                       ROOT / "traces" / "deepseek-v2-lite.synthetic.trace.safetensors")
+
+
 def main() -> None:
     save_profile(synthetic_profile(SPEC, seed=0), ROOT / "profiles" / "deepseek-v2-lite.synthetic.sens.yaml",
                  header="SYNTHETIC sensitivity profile (seeded, NOT measured on a model).\n"
                         "Regenerate: python scripts/make_synthetic_data.py")
     save_similarity(synthetic_similarity(SPEC, seed=0), ROOT / "profiles" / "deepseek-v2-lite.synthetic.sim.safetensors")
-    write_trace(synthetic_trace(SPEC, num_sequences=32, seq_len=24, seed=0),
-                ROOT / "traces" / "deepseek-v2-lite.synthetic.trace.safetensors")
+    make_trace()
 
 
 if __name__ == "__main__":

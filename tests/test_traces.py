@@ -83,7 +83,52 @@ BAD = [
      "unexpected tensors"),
     ("int logits", lambda s: ({**_tensors(s), "layer.1.router_logits": torch.zeros(4, 16, dtype=torch.int32)},
                               _meta(s)), "has dtype torch.int32"),
+    ("long phase", lambda s: ({**_tensors(s), "phase": torch.ones(5, dtype=torch.uint8)}, _meta(s)),
+     "has 4 tokens but phase has 5"),
+    ("int64 phase", lambda s: ({**_tensors(s), "phase": torch.ones(4, dtype=torch.int64)}, _meta(s)),
+     "phase must be a 1-D uint8 tensor"),
+    ("duplicate layer", lambda s: (_tensors(s), _meta(s, layers=[1, 1, 2])), "lists a layer twice"),
+    ("token_ids length", lambda s: ({**_tensors(s), "token_ids": torch.arange(3)}, _meta(s)),
+     "token_ids must be an int64 [4] tensor"),
+    ("bias on softmax spec", lambda s: ({**_tensors(s), "layer.1.correction_bias": torch.zeros(16)}, _meta(s)),
+     "has no correction bias"),
+    ("sequences not pairs", lambda s: (_tensors(s), _meta(s, sequences=[[0, 4, 9]])), "[start, end] pairs"),
 ]
+
+
+def _bias_tensors(spec, drop=None, shape=None):
+    out = _tensors(spec)
+    for l in spec.moe_layers:
+        if l != drop:
+            out[f"layer.{l}.correction_bias"] = torch.zeros(shape or spec.num_experts)
+    return out
+
+
+BAD_SIGMOID = [
+    ("bias missing", lambda s: (_bias_tensors(s, drop=2), _meta(s)), "needs layer.{i}.correction_bias"),
+    ("bias shape", lambda s: (_bias_tensors(s, shape=8), _meta(s)),
+     "layer.1.correction_bias must be a finite float32 [16] tensor"),
+    ("bias fp16", lambda s: ({**_bias_tensors(s), "layer.2.correction_bias": torch.zeros(16, dtype=torch.float16)},
+                             _meta(s)), "not torch.float16"),
+]
+
+
+@pytest.mark.parametrize("name,make,message", BAD_SIGMOID, ids=[b[0] for b in BAD_SIGMOID])
+def test_malformed_sigmoid_trace(tmp_path, name, make, message) -> None:
+    tensors, meta = make(TINY_SIGMOID)
+    p = tmp_path / "bad.safetensors"
+    save_file(tensors, str(p), metadata=meta)
+    with pytest.raises(TraceError) as ei:
+        load_trace(p)
+    assert message in str(ei.value) and str(p) in str(ei.value)
+
+
+def test_write_rejects_bad_dtype(tmp_path) -> None:
+    t = synthetic_trace(TINY_SOFTMAX, num_sequences=1, seq_len=4)
+    with pytest.raises(TraceError, match="cannot store router logits as torch.int8"):
+        write_trace(t, tmp_path / "x.safetensors", dtype=torch.int8)
+    u = load_trace(write_trace(t, tmp_path / "y.safetensors", dtype="bf16"))
+    assert u.router_logits[1].dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("name,make,message", BAD, ids=[b[0] for b in BAD])
@@ -123,6 +168,9 @@ def test_synthetic_is_deterministic_skewed_and_labelled() -> None:
     ids = a.router_logits[5].topk(spec.top_k, dim=-1).indices
     load = torch.bincount(ids.flatten(), minlength=spec.num_experts).float()
     assert load.max() / load.mean() > 2.5  # popular experts exist
+    mass = a.router_logits[5].softmax(-1).topk(spec.top_k, dim=-1).values.sum(-1).mean()
+    assert 0.4 < float(mass) < 0.75  # realistic top-6-of-64 softmax mass
+    assert int((a.phase == 0).sum()) == 8 * 8  # first quarter of each sequence is prefill
     # neighbouring tokens share more experts than random pairs
     same = [(len(set(ids[i].tolist()) & set(ids[i + 1].tolist()))) for i in range(0, 255) if (i + 1) % 32]
     rand = [(len(set(ids[i].tolist()) & set(ids[(i * 37 + 101) % 256].tolist()))) for i in range(255)]
@@ -132,9 +180,10 @@ def test_synthetic_is_deterministic_skewed_and_labelled() -> None:
 def test_decode_batches_take_one_token_per_sequence() -> None:
     t = synthetic_trace(TINY_SOFTMAX, num_sequences=8, seq_len=5)
     idx = decode_index(t, 4)
-    assert idx.shape == (10, 4)  # 2 groups x 5 steps
-    assert idx[0].tolist() == [0, 5, 10, 15] and idx[1].tolist() == [1, 6, 11, 16]
-    assert idx[5].tolist() == [20, 25, 30, 35]
+    assert idx.shape == (8, 4)  # 2 groups x 4 decode steps (each sequence starts with 1 prefill token)
+    assert idx[0].tolist() == [1, 6, 11, 16] and idx[1].tolist() == [2, 7, 12, 17]
+    assert idx[4].tolist() == [21, 26, 31, 36]
+    assert bool((t.phase[idx.flatten()] == 1).all())
     stacked = stack_decode_batches(t, 4, max_batches=3)
     assert stacked[1].shape == (3, 4, 16)
     batches = list(decode_batches(t, 4, max_batches=3))

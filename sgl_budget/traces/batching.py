@@ -1,10 +1,11 @@
 """Cut a trace into the batches a serving engine would have formed.
 
-Decode: batch ``b`` at step ``s`` holds token ``s`` of sequences ``b*B .. b*B+B-1``
-(B sequences decoding together, one token each); only full batches, and only
-steps every sequence of the group reaches. A trace with fewer than B sequences
-falls back to consecutive groups of B decode-phase tokens (documented in the
-report as such by the caller). Prefill: B whole sequences per batch.
+Decode: batch ``b`` at step ``s`` holds the ``s``-th decode-phase token of each of
+sequences ``b*B .. b*B+B-1`` (B sequences decoding together, one token each); only
+full batches, and only steps every sequence of the group reaches. A trace without
+decode-phase tokens uses all tokens in their place; a trace with fewer than B
+sequences falls back to consecutive groups of B decode tokens. Prefill: B whole
+sequences per batch.
 """
 
 from __future__ import annotations
@@ -30,19 +31,18 @@ def decode_index(trace: Trace, batch_size: int, max_batches: int | None = None) 
     """``[N_batches, B]`` int64 token positions of the decode batches (see module docstring)."""
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
-    seqs = trace.sequences
+    is_decode = trace.phase == DECODE
+    use_all = not bool(is_decode.any())  # a prefill-only trace: every token stands in for a decode step
+    seqs = [torch.arange(s, e) if use_all else torch.arange(s, e)[is_decode[s:e]] for s, e in trace.sequences]
     groups = []
     if len(seqs) >= batch_size:
         for g in range(len(seqs) // batch_size):
             members = seqs[g * batch_size:(g + 1) * batch_size]
-            steps = min(e - s for s, e in members)
-            starts = torch.tensor([s for s, _ in members])
-            groups.append(starts.unsqueeze(0) + torch.arange(steps).unsqueeze(1))  # [steps, B]
+            steps = min(len(m) for m in members)
+            groups.append(torch.stack([m[:steps] for m in members], dim=1))  # [steps, B]
         idx = torch.cat(groups) if groups else torch.empty(0, batch_size, dtype=torch.long)
     else:
-        dec = torch.nonzero(trace.phase == DECODE).flatten()
-        if dec.numel() < batch_size:
-            dec = torch.arange(trace.num_tokens)
+        dec = torch.cat(seqs) if seqs else torch.empty(0, dtype=torch.long)
         n = dec.numel() // batch_size
         idx = dec[: n * batch_size].view(n, batch_size)
     if max_batches is not None:

@@ -12,7 +12,7 @@ and ``created``.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -84,8 +84,8 @@ def _validate(t: Trace, where: str) -> None:
         raise bad(f"phase must be a 1-D uint8 tensor, not {t.phase.dtype} {list(t.phase.shape)}")
     if n and int(t.phase.max()) > DECODE:
         raise bad("phase values must be 0 (prefill) or 1 (decode)")
-    if t.token_ids is not None and tuple(t.token_ids.shape) != (n,):
-        raise bad(f"token_ids has shape {list(t.token_ids.shape)}, expected [{n}]")
+    if t.token_ids is not None and (tuple(t.token_ids.shape) != (n,) or t.token_ids.dtype != torch.int64):
+        raise bad(f"token_ids must be an int64 [{n}] tensor, not {t.token_ids.dtype} {list(t.token_ids.shape)}")
     pos = 0
     for s in t.sequences:
         if len(s) != 2 or s[0] != pos or s[1] <= s[0]:
@@ -99,16 +99,23 @@ def _validate(t: Trace, where: str) -> None:
     elif t.correction_bias:
         raise bad(f"{spec.name} has no correction bias, but the trace holds some")
     for l, b in (t.correction_bias or {}).items():
-        if tuple(b.shape) != (spec.num_experts,) or not torch.isfinite(b).all():
-            raise bad(f"layer.{l}.correction_bias must be a finite [{spec.num_experts}] tensor")
+        if tuple(b.shape) != (spec.num_experts,) or b.dtype != torch.float32 or not torch.isfinite(b).all():
+            raise bad(f"layer.{l}.correction_bias must be a finite float32 [{spec.num_experts}] tensor, "
+                      f"not {b.dtype} {list(b.shape)}")
 
 
 def write_trace(trace: Trace, path: str | Path, dtype: torch.dtype | str = torch.float16) -> Path:
     """Validate and write ``trace``; logits are stored as ``dtype`` (fp16 by default)."""
     if isinstance(dtype, str):
         dtype = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16,
-                 "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}[dtype]
-    trace.validate()
+                 "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}.get(dtype, dtype)
+    if dtype not in LOGIT_DTYPES:
+        raise TraceError(f"{path}: cannot store router logits as {dtype}; use float16, bfloat16 or float32")
+    if trace.correction_bias:
+        trace = replace(trace, correction_bias={l: b.float() for l, b in trace.correction_bias.items()})
+    if trace.token_ids is not None:
+        trace = replace(trace, token_ids=trace.token_ids.to(torch.int64))
+    trace.validate(str(path))
     tensors = {f"layer.{l}.router_logits": x.to(dtype).contiguous() for l, x in trace.router_logits.items()}
     for l, b in (trace.correction_bias or {}).items():
         tensors[f"layer.{l}.correction_bias"] = b.float().contiguous()
@@ -156,6 +163,8 @@ def load_trace(path: str | Path) -> Trace:
         sequences = [(int(a), int(b)) for a, b in meta["sequences"]]
     except (TypeError, ValueError):
         raise TraceError(f"{p}: 'layers' must be integers and 'sequences' [start, end] pairs") from None
+    if len(set(layers)) != len(layers):
+        raise TraceError(f"{p}: metadata lists a layer twice: {layers}")
     logits = {l: tensors.pop(f"layer.{l}.router_logits", None) for l in layers}
     missing = [l for l, x in logits.items() if x is None]
     if missing:
