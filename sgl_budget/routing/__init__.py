@@ -2,7 +2,7 @@
 
 from .outputs import RouteDetails, RouteOutput
 from .router import LayerRouter, compile_routers, stock_route
-from .scoring import gate_probs, score_experts
+from .scoring import Conventions, gate_probs, score_experts
 
-__all__ = ["LayerRouter", "RouteDetails", "RouteOutput", "compile_routers", "gate_probs", "score_experts",
+__all__ = ["Conventions", "LayerRouter", "RouteDetails", "RouteOutput", "compile_routers", "gate_probs", "score_experts",
            "stock_route"]

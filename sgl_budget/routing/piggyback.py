@@ -32,8 +32,8 @@ def piggyback(slots: Slots, gs: GateScores, pig: Piggyback, *, maybe_masked: boo
     ok = batch_set.unsqueeze(1) & ~held
     if pig.min_score > 0:
         ok = ok & (gs.scores >= pig.min_score)
-    if maybe_masked:
-        ok = ok & (gs.select > NEG_INF)
+    if maybe_masked and gs.eligible is not None:
+        ok = ok & gs.eligible
     cand = gs.select.masked_fill(~ok, NEG_INF)
     width = min(pig.max_k, e)
     vals, ids = torch.topk(cand, width, dim=-1)

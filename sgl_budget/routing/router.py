@@ -23,7 +23,7 @@ from .outputs import RouteDetails, RouteOutput
 from .piggyback import piggyback
 from .reallocate import reallocate
 from .reroute import RerouteTables, reroute_slots
-from .scoring import GateScores, finalize_weights, gate_probs, score_experts
+from .scoring import REFERENCE, Conventions, GateScores, finalize_weights, gate_probs, score_experts
 from .slots import Slots, compact, pad
 from .topk import select_topk
 
@@ -31,10 +31,10 @@ from .topk import select_topk
 class LayerRouter:
     """The compiled routing of one MoE layer (real layer index ``layer``) of a policy."""
 
-    def __init__(self, ir: PolicyIR, layer: int) -> None:
+    def __init__(self, ir: PolicyIR, layer: int, conventions: Conventions = REFERENCE) -> None:
         if not ir.spec.is_moe_layer(layer):
             raise ValueError(f"layer {layer} is not an MoE layer of {ir.spec.name}")
-        self.ir, self.spec, self.layer = ir, ir.spec, layer
+        self.ir, self.spec, self.layer, self.conv = ir, ir.spec, layer, conventions
         self.width = ir.widths.get(layer, ir.spec.top_k)
         self._tables: dict[tuple[int, str], RerouteTables] = {}
 
@@ -81,7 +81,7 @@ class LayerRouter:
         logits = router_logits.unsqueeze(0) if single else router_logits
         t = logits.shape[1]
         ctx = ctx or RouteContext(phase="decode", batch_size=t, num_tokens=t)
-        gs = score_experts(self.spec, logits, correction_bias)
+        gs = score_experts(self.spec, logits, correction_bias, self.conv)
         out = self.route_scores(gs, ctx, details=details)
         if details:
             out = replace(out, probs=gate_probs(self.spec, logits))
@@ -99,8 +99,8 @@ class LayerRouter:
         """
         plan = self.plan(ctx)
         if plan.is_stock_shape and not details:
-            slots = select_topk(gs, plan.k, maybe_masked=False)
-            w = finalize_weights(self.spec, slots.raw, None)
+            slots = select_topk(gs, plan.k, maybe_masked=False, sorted=self.conv.sorted_selection)
+            w = finalize_weights(self.spec, slots.raw, None, self.conv)
             ids = slots.ids.to(torch.int32)
             if plan.k < self.width:  # padding after the k real slots
                 extra = self.width - plan.k
@@ -111,10 +111,10 @@ class LayerRouter:
         slots, primary, n_moved = self._stages(plan, gs, gs.scores.device)
         slots = pad(slots, self.width) if plan.is_stock_shape else compact(slots, self.width)
         if plan.is_stock_shape:
-            w = finalize_weights(self.spec, slots.raw[..., : plan.k], None)
+            w = finalize_weights(self.spec, slots.raw[..., : plan.k], None, self.conv)
             w = torch.cat([w, w.new_zeros(*w.shape[:-1], self.width - plan.k)], dim=-1)
         else:
-            w = finalize_weights(self.spec, slots.raw, slots.valid)
+            w = finalize_weights(self.spec, slots.raw, slots.valid, self.conv)
         ids = torch.where(slots.valid, slots.ids, torch.full_like(slots.ids, -1)).to(torch.int32)
         if not details:
             return RouteOutput(w, ids)
@@ -127,7 +127,7 @@ class LayerRouter:
         if plan.reallocation is not None:
             slots = reallocate(gs, plan.k, plan.reallocation, sigmoid=self.spec.scoring_func == "sigmoid")
         else:
-            slots = select_topk(gs, plan.k, maybe_masked=False)
+            slots = select_topk(gs, plan.k, maybe_masked=False, sorted=self.conv.sorted_selection)
         primary = n_moved = None
         if plan.reroute is not None:
             slots, primary, n_moved = reroute_slots(slots, plan.reroute, self._reroute_tables(plan, device))
@@ -136,9 +136,9 @@ class LayerRouter:
         return slots, primary, n_moved
 
 
-def compile_routers(ir: PolicyIR) -> dict[int, LayerRouter]:
+def compile_routers(ir: PolicyIR, conventions: Conventions = REFERENCE) -> dict[int, LayerRouter]:
     """One :class:`LayerRouter` per MoE layer, keyed by the real layer index."""
-    return {layer: LayerRouter(ir, layer) for layer in ir.spec.moe_layers}
+    return {layer: LayerRouter(ir, layer, conventions) for layer in ir.spec.moe_layers}
 
 
 def stock_route(spec, router_logits: Tensor, correction_bias: Tensor | None = None,

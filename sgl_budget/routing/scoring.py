@@ -32,12 +32,32 @@ NEG_INF = float("-inf")
 
 
 @dataclass(frozen=True)
+class Conventions:
+    """How an engine's own router computes what the model leaves open, so stock routing matches it exactly.
+
+    The defaults follow the models' reference (Hugging Face) code. Engine adapters
+    pass their engine's choices (e.g. SGLang adds 1e-20 to every renormalisation,
+    selects with ``torch.topk(sorted=False)`` on grouped/biased paths, and may
+    leave the routed scaling factor to the MoE output).
+    """
+
+    renorm_eps: float | None = None  # None: the family's reference value (renorm_epsilon)
+    apply_routed_scaling: bool = True  # False: the engine scales the MoE output instead
+    sorted_selection: bool = True  # torch.topk(sorted=...) of the plain top-k selection
+    scores_in_logit_dtype: bool = False  # score in the router logits' dtype (else float32)
+
+
+REFERENCE = Conventions()
+
+
+@dataclass(frozen=True)
 class GateScores:
     """A batch's scores, ``[N, T, E]`` float32: what weights come from and what ranks experts."""
 
     scores: Tensor  # unbiased gate scores (softmax probs / sigmoid scores): the weight source
     select: Tensor  # selection scores: biased where the model has a bias, -inf outside kept groups
     ranked: tuple[Tensor, Tensor] | None = None  # optional precomputed topk(select, M) shared by many routers
+    eligible: Tensor | None = None  # [N, T, E] bool on grouped models: experts inside the token's kept groups
 
     def topk(self, m: int) -> tuple[Tensor, Tensor]:
         """``torch.topk(select, m)`` — sliced from ``ranked`` when a wide enough one was precomputed."""
@@ -48,16 +68,16 @@ class GateScores:
     def with_ranking(self, m: int) -> "GateScores":
         """The same scores with ``topk(select, m)`` computed once (replay shares it across policies)."""
         m = min(m, self.num_experts)
-        return GateScores(self.scores, self.select, torch.topk(self.select, m, dim=-1))
+        return GateScores(self.scores, self.select, torch.topk(self.select, m, dim=-1), self.eligible)
 
     @property
     def num_experts(self) -> int:
         return self.scores.shape[-1]
 
 
-def gate_scores(spec: ModelSpec, router_logits: Tensor) -> Tensor:
-    """The model's unbiased gate scores in float32: softmax or sigmoid of the router logits."""
-    x = router_logits.float()
+def gate_scores(spec: ModelSpec, router_logits: Tensor, conv: Conventions = REFERENCE) -> Tensor:
+    """The model's unbiased gate scores (float32 unless ``conv`` says otherwise): softmax or sigmoid."""
+    x = router_logits if conv.scores_in_logit_dtype else router_logits.float()
     return torch.sigmoid(x) if spec.scoring_func == "sigmoid" else torch.softmax(x, dim=-1)
 
 
@@ -76,8 +96,12 @@ def check_correction_bias(spec: ModelSpec, correction_bias: Tensor | None) -> No
         )
 
 
-def _group_limit(spec: ModelSpec, select: Tensor) -> Tensor:
-    """Mask (to -inf) the experts outside each token's ``topk_group`` best expert groups."""
+def _group_limit(spec: ModelSpec, select: Tensor) -> tuple[Tensor, Tensor]:
+    """Mask the experts outside each token's ``topk_group`` best groups; also return the kept mask.
+
+    Masked selection scores become -inf with a correction bias (biased scores can be
+    negative) and 0.0 without one, exactly as DeepSeek's and SGLang's code do.
+    """
     group_size = spec.num_experts // spec.n_group
     grouped = select.unflatten(-1, (spec.n_group, group_size))
     if spec.has_correction_bias:
@@ -87,19 +111,21 @@ def _group_limit(spec: ModelSpec, select: Tensor) -> Tensor:
     kept = group_score.topk(spec.topk_group, dim=-1, sorted=False).indices
     keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(-1, kept, True)
     keep = keep.unsqueeze(-1).expand(grouped.shape).flatten(-2)
-    return select.masked_fill(~keep, NEG_INF)
+    return select.masked_fill(~keep, NEG_INF if spec.has_correction_bias else 0.0), keep
 
 
-def score_experts(spec: ModelSpec, router_logits: Tensor, correction_bias: Tensor | None = None) -> GateScores:
+def score_experts(spec: ModelSpec, router_logits: Tensor, correction_bias: Tensor | None = None,
+                  conv: Conventions = REFERENCE) -> GateScores:
     """Gate and selection scores for router logits ``[..., T, E]`` under the model's own rule."""
     check_correction_bias(spec, correction_bias)
-    scores = gate_scores(spec, router_logits)
+    scores = gate_scores(spec, router_logits, conv)
     select = scores
     if correction_bias is not None:
-        select = scores + correction_bias.to(device=scores.device, dtype=torch.float32)
+        select = scores + correction_bias.to(device=scores.device, dtype=scores.dtype)
+    eligible = None
     if spec.grouped:
-        select = _group_limit(spec, select)
-    return GateScores(scores=scores, select=select)
+        select, eligible = _group_limit(spec, select)
+    return GateScores(scores=scores, select=select, eligible=eligible)
 
 
 def eligible_per_token(spec: ModelSpec) -> int:
@@ -130,9 +156,7 @@ def renorm_epsilon(spec: ModelSpec) -> float:
     return 1e-20 if spec.model_type.startswith("deepseek") or spec.has_correction_bias else 0.0
 
 
-def finalize_weights(
-    spec: ModelSpec, raw: Tensor, valid: Tensor | None, *, apply_routed_scaling: bool = True
-) -> Tensor:
+def finalize_weights(spec: ModelSpec, raw: Tensor, valid: Tensor | None, conv: Conventions = REFERENCE) -> Tensor:
     """Final slot weights from raw gate scores: renormalise over valid slots, then scale.
 
     ``valid=None`` means every slot is valid (the stock path, kept op-for-op
@@ -142,12 +166,12 @@ def finalize_weights(
     w = raw if valid is None else raw.masked_fill(~valid, 0.0)
     if spec.norm_topk_prob:
         denom = w.sum(dim=-1, keepdim=True)
-        eps = renorm_epsilon(spec)
+        eps = renorm_epsilon(spec) if conv.renorm_eps is None else conv.renorm_eps
         if eps:
             denom = denom + eps
         if valid is not None:
             denom = torch.where(denom > 0, denom, torch.ones_like(denom))
         w = w / denom
-    if apply_routed_scaling and spec.routed_scaling_factor != 1.0:
+    if conv.apply_routed_scaling and spec.routed_scaling_factor != 1.0:
         w = w * spec.routed_scaling_factor
-    return w
+    return w.float()
