@@ -1,9 +1,11 @@
 """Exact Alloc-L allocation: a multiple-choice knapsack solved by dynamic programming.
 
 Choose one k per layer (from the profile's k values within [min_k, max_k]; fixed
-layers keep theirs) so that sum(k) <= budget and the summed profile loss is
-minimal. O(layers x budget x choices). Ties go to the plan with the smaller
-total, then to larger k in earlier layers, so the result is deterministic.
+layers keep theirs, counted at their profiled loss or 0 when unprofiled) so
+that sum(k) <= budget and the summed profile loss is minimal. Infeasible inputs
+raise ValueError with a readable message. O(layers x budget x choices). Ties
+go to the plan with the smaller total, then to larger k in earlier layers, so
+the result is deterministic.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ def allocate_dp(loss: dict[int, dict[int, float]], total_budget: int, min_k: int
     unknown = [l for l in fixed if l not in loss]
     if unknown:
         raise ValueError(f"fixed layers {unknown} are not in the profile")
+    negative = {l: k for l, k in fixed.items() if k < 0}
+    if negative:
+        raise ValueError(f"fixed k must be >= 0, got {negative}")
     choices: dict[int, list[int]] = {}
     for l in layers:
         if l in fixed:
@@ -42,7 +47,8 @@ def allocate_dp(loss: dict[int, dict[int, float]], total_budget: int, min_k: int
     if need > total_budget:
         raise ValueError(f"the budget of {total_budget} activations is below the minimum {need} "
                          f"({len(layers)} layers at their smallest allowed k)")
-    budget = total_budget
+    # No plan can use more than every layer at its largest choice; capping keeps the table small.
+    budget = min(total_budget, sum(max(choices[l]) for l in layers))
     # best[b] = (loss, total, plan tuple) over processed layers using exactly b activations
     best: list[tuple[float, int, tuple[int, ...]] | None] = [None] * (budget + 1)
     best[0] = (0.0, 0, ())

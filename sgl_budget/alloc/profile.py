@@ -105,7 +105,7 @@ def load_profile(path: str | Path) -> Profile:
     loss: dict[int, dict[int, float]] = {}
     for lk, ks in layers.items():
         line = _line_of(tree, "layers", lk)
-        if isinstance(lk, bool) or not isinstance(lk, int):
+        if isinstance(lk, bool) or not isinstance(lk, int) or lk < 0:
             raise ProfileError(f"layer key {lk!r} is not an integer layer index", p, line)
         if not isinstance(ks, dict) or not ks:
             raise ProfileError(f"layer {lk} must map k to loss, e.g. {{1: 0.5, 2: 0.2}}", p, line)

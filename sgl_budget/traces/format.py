@@ -118,7 +118,7 @@ def write_trace(trace: Trace, path: str | Path, dtype: torch.dtype | str = torch
     trace.validate(str(path))
     tensors = {f"layer.{l}.router_logits": x.to(dtype).contiguous() for l, x in trace.router_logits.items()}
     for l, b in (trace.correction_bias or {}).items():
-        tensors[f"layer.{l}.correction_bias"] = b.float().contiguous()
+        tensors[f"layer.{l}.correction_bias"] = b.float().contiguous().clone()  # layers may share one tensor
     tensors["phase"] = trace.phase.contiguous()
     if trace.token_ids is not None:
         tensors["token_ids"] = trace.token_ids.to(torch.int64).contiguous()

@@ -1,0 +1,174 @@
+"""SGLang general plugin (entry point group ``sglang.srt.plugins``): ``--moe-policy`` on the stock launcher.
+
+SGLang 0.5.23 calls ``sglang.srt.plugins.load_plugins()`` early in every process it
+runs — the launcher (before it parses the command line), ``Engine.__init__``, and
+each scheduler / DP-controller / detokenizer worker — and then applies the hooks
+plugins registered with its ``HookRegistry``. :func:`register` is that plugin:
+
+* always: adds the ``sgl-budget`` flags to SGLang's argument parser, captures them
+  in ``ServerArgs.from_cli_args`` (validating the policy against the model before
+  any worker starts) and lets ``sglang.Engine(..., moe_policy=...)`` take them;
+* only in a process whose environment carries a policy or a recording request:
+  hooks ``select_experts`` (routing) and ``TopK.bind_runner_backend`` (runner check).
+
+Without sgl_budget flags nothing but the extra parser flags changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .settings import DEFAULT_RECORD_MAX_TOKENS, Settings
+
+log = logging.getLogger("sgl_budget")
+SUPPORTED_SGLANG = ("0.5.23",)
+_STATE: dict = {}
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("sgl-budget (expert-activation policies)")
+    g.add_argument("--moe-policy", type=str, default=None, metavar="PATH",
+                   help="Route MoE layers with this sgl_budget .policy file (checked against the model before "
+                        "serving; see `sgl-budget explain`).")
+    g.add_argument("--moe-record-trace", type=str, default=None, metavar="DIR",
+                   help="Record router logits into sgl_budget trace files in DIR (for offline replay). "
+                        "Decode steps replayed from CUDA graphs are not seen: disable CUDA graphs to record them.")
+    g.add_argument("--moe-record-max-tokens", type=int, default=DEFAULT_RECORD_MAX_TOKENS, metavar="N",
+                   help="Stop recording after N tokens per worker (bounds the trace size).")
+
+
+def settings_from_namespace(args: argparse.Namespace) -> Settings:
+    return Settings(policy=getattr(args, "moe_policy", None), record_dir=getattr(args, "moe_record_trace", None),
+                    record_max_tokens=getattr(args, "moe_record_max_tokens", DEFAULT_RECORD_MAX_TOKENS))
+
+
+def apply_settings(settings: Settings, model_path: str | None, trust_remote_code: bool = False,
+                   revision: str | None = None, exit_on_error: bool = True):
+    """Validate ``settings`` against the model and publish them for the workers.
+
+    A bad policy ends a CLI launch with the compiler-style message and exit status 2
+    (``exit_on_error``); the Python API raises the PolicyError instead.
+    """
+    from ...errors import PolicyError
+    from ...spec import SpecError
+    from .settings import model_spec_for, validate
+
+    spec = ir = None
+    try:
+        if settings.policy or settings.record_dir:
+            if not model_path:
+                raise SpecError("--moe-policy / --moe-record-trace need --model-path")
+            spec = model_spec_for(model_path, trust_remote_code, revision)
+        if settings.policy:
+            ir = validate(settings.policy, spec)
+    except (PolicyError, SpecError) as e:
+        if not exit_on_error:
+            raise
+        text = e.format() if isinstance(e, PolicyError) else f"error: {e}"
+        print(f"sgl-budget: the MoE policy cannot be served\n{text}", file=sys.stderr)
+        raise SystemExit(2) from None
+    settings.export(spec)
+    if ir is not None:
+        log.info("sgl_budget: policy %r (%s) validated for %s; it routes %d MoE layers", ir.name, settings.policy,
+                 spec.name, spec.num_moe_layers)
+    return ir
+
+
+def _add_cli_args_hook(original, parser, *args, **kwargs):
+    result = original(parser, *args, **kwargs)
+    add_cli_args(parser)
+    return result
+
+
+def _from_cli_args_hook(original, cls, args, *rest, **kwargs):
+    server_args = original(cls, args, *rest, **kwargs)
+    settings = settings_from_namespace(args)
+    if settings.active:
+        apply_settings(settings, getattr(args, "model_path", None), bool(getattr(args, "trust_remote_code", False)),
+                       getattr(args, "revision", None))
+    return server_args
+
+
+def build_server_args(**kwargs):
+    """``ServerArgs(**kwargs)`` that also takes ``moe_policy``, ``moe_record_trace``, ``moe_record_max_tokens``.
+
+    SGLang's ``ServerArgs`` is a sealed msgspec record that cannot grow fields from
+    outside, so ``Engine`` builds its record through this function (installed as
+    ``Engine.server_args_class``); the sgl_budget keys are validated and published.
+    """
+    from sglang.srt.server_args import ServerArgs
+
+    settings = Settings(policy=kwargs.pop("moe_policy", None), record_dir=kwargs.pop("moe_record_trace", None),
+                        record_max_tokens=kwargs.pop("moe_record_max_tokens", DEFAULT_RECORD_MAX_TOKENS))
+    server_args = ServerArgs(**kwargs)
+    if settings.active:
+        apply_settings(settings, kwargs.get("model_path"), bool(kwargs.get("trust_remote_code", False)),
+                       kwargs.get("revision"), exit_on_error=False)
+    return server_args
+
+
+def _bind_runner_backend_hook(original, self, runner_backend, *args, **kwargs):
+    result = original(self, runner_backend, *args, **kwargs)
+    from sglang.srt.layers.moe.topk import TopKOutputFormat
+
+    fmt = self.topk_config.output_format
+    wanted = _STATE.get("pending") or _STATE.get("settings")
+    if wanted is not None and wanted.policy and fmt not in (None, TopKOutputFormat.STANDARD):
+        raise RuntimeError(
+            f"sgl_budget: --moe-policy needs a MoE runner that consumes standard top-k output; layer "
+            f"{self.layer_id} uses {runner_backend} with {TopKOutputFormat(fmt).name} routing (routing fused into "
+            "the MoE kernel). Choose e.g. --moe-runner-backend triton.")
+    return result
+
+
+def _select_experts_hook(original, hidden_states, router_logits, topk_config, **kwargs):
+    pending = _STATE.pop("pending", None)
+    if pending is not None:
+        activate(pending)
+    recorder = _STATE.get("recorder")
+    if recorder is not None:
+        recorder.observe(kwargs.get("layer_id"), router_logits, kwargs.get("num_token_non_padded"),
+                         topk_config.correction_bias)
+    routing = _STATE.get("routing")
+    if routing is None:
+        return original(hidden_states, router_logits, topk_config, **kwargs)
+    return routing.select_experts(original, hidden_states, router_logits, topk_config, **kwargs)
+
+
+def activate(settings: Settings) -> None:
+    """Build this worker's routing / recording state from ``settings`` (idempotent)."""
+    from ...lang import load_policy
+    from .record import Recorder
+    from .routing import PolicyRouting
+    from .settings import model_spec_for, spec_from_env
+
+    if _STATE.get("settings") == settings:
+        return
+    spec = spec_from_env()
+    if spec is None and settings.active:
+        from sglang.srt.server_args import get_global_server_args
+
+        spec = model_spec_for(get_global_server_args().model_path)
+    _STATE["settings"] = settings
+    _STATE["routing"] = PolicyRouting(load_policy(settings.policy, spec)) if settings.policy else None
+    _STATE["recorder"] = Recorder(settings.record_dir, spec, settings.record_max_tokens) if settings.record_dir \
+        else None
+
+
+def register() -> None:
+    """The ``sglang.srt.plugins`` entry point: register sgl_budget's hooks with SGLang's HookRegistry."""
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register("sglang.srt.server_args.ServerArgs.add_cli_args", _add_cli_args_hook, HookType.AROUND)
+    HookRegistry.register("sglang.srt.server_args.ServerArgs.from_cli_args", _from_cli_args_hook, HookType.AROUND)
+    engine = sys.modules.get("sglang.srt.entrypoints.engine")
+    if engine is not None and engine.Engine.__dict__.get("server_args_class") is not None:
+        engine.Engine.server_args_class = staticmethod(build_server_args)
+    settings = Settings.from_env()
+    if settings.active:  # a worker of a launch that asked for a policy or a recording
+        HookRegistry.register("sglang.srt.layers.moe.topk.select_experts", _select_experts_hook, HookType.AROUND)
+        HookRegistry.register("sglang.srt.layers.moe.topk.TopK.bind_runner_backend", _bind_runner_backend_hook,
+                              HookType.AROUND)
+        _STATE["pending"] = settings  # compiled on the first routed forward (a warmup, before graph capture)

@@ -1,0 +1,176 @@
+"""Per-layer routing injection into SGLang's ``select_experts`` (runs inside every model worker).
+
+``select_experts(hidden_states, router_logits, topk_config, *, layer_id, ...)`` in
+``sglang.srt.layers.moe.topk`` is what every ``TopK.forward_*`` calls for the
+standard output format. The hook keys on ``layer_id`` (the real decoder-layer
+index SGLang's models pass to ``TopK``) and:
+
+* runs SGLang's own function unchanged for layers and contexts whose plan is the
+  model's own top-k, so those stay bit-for-bit stock (and keep SGLang's fused kernels);
+* otherwise routes with the layer's compiled :class:`~sgl_budget.routing.LayerRouter`
+  under SGLang's conventions, pads to the model's top-k width, writes the fused
+  shared-expert columns the way SGLang's gate does, and hands the result to SGLang's
+  own post-processing (EPLB logical->physical remap, padded-row mask, capture).
+
+Padded slots are id -1 with weight 0 on CUDA runners (which already skip -1, as
+SGLang itself writes -1 into padded rows); on the torch-native path (and CPU/HIP)
+they hold a distinct expert the token does not use, with weight 0, because that
+path indexes expert weights with the ids.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ...lang.ir import PolicyIR, RouteContext
+from ...routing import Conventions, LayerRouter
+from ...spec import ModelSpec
+from .context import route_context
+
+log = logging.getLogger("sgl_budget")
+SGLANG_RENORM_EPSILON = 1e-20  # sglang.srt.layers.moe.topk._RENORMALIZE_SUM_EPSILON
+
+
+def sglang_conventions(topk_config) -> Conventions:
+    """What SGLang's reference top-k paths do for this TopK (see topk.py: fused_topk_torch_native,
+    grouped_topk_gpu, biased_grouped_topk_impl)."""
+    biased = topk_config.correction_bias is not None
+    grouped = bool(topk_config.use_grouped_topk)
+    return Conventions(
+        renorm_eps=SGLANG_RENORM_EPSILON,
+        apply_routed_scaling=bool(topk_config.apply_routed_scaling_factor_on_output),
+        sorted_selection=not (biased or grouped),
+        scores_in_logit_dtype=biased or grouped,
+    )
+
+
+def check_topk_matches_spec(spec: ModelSpec, topk_config, num_experts: int, layer_id: int) -> None:
+    """Refuse a TopK whose routing rule differs from the spec the policy was validated against."""
+    routed = topk_config.top_k - topk_config.num_shared_topk_slots
+    problems = []
+    if num_experts != spec.num_experts:
+        problems.append(f"router logits have {num_experts} experts, the spec {spec.num_experts}")
+    if routed != spec.top_k:
+        problems.append(f"TopK selects {routed} routed experts, the spec top-{spec.top_k}")
+    if bool(topk_config.use_grouped_topk) != spec.grouped:
+        problems.append(f"grouped top-k is {bool(topk_config.use_grouped_topk)} in SGLang, {spec.grouped} in the spec")
+    if (topk_config.correction_bias is not None) != spec.has_correction_bias:
+        problems.append("correction bias presence differs")
+    if topk_config.scoring_func != spec.scoring_func:
+        problems.append(f"scoring {topk_config.scoring_func!r} vs {spec.scoring_func!r}")
+    if bool(topk_config.renormalize) != spec.norm_topk_prob:
+        problems.append(f"renormalize={topk_config.renormalize} vs norm_topk_prob={spec.norm_topk_prob}")
+    if problems:
+        raise RuntimeError(f"sgl_budget: layer {layer_id}'s TopK does not match model spec {spec.name!r} the policy "
+                           f"was validated against: {'; '.join(problems)}. This model family is not supported "
+                           "by --moe-policy yet.")
+
+
+def fill_padding(ids: Tensor, valid: Tensor, num_experts: int) -> Tensor:
+    """Give padded slots distinct experts the token does not hold (lowest ids first), no host sync."""
+    held = torch.zeros(ids.shape[0], num_experts + 1, dtype=torch.bool, device=ids.device)
+    held.scatter_(1, ids.long().masked_fill(~valid, num_experts), True)
+    free_rank = torch.where(held[:, :num_experts], num_experts, 0) + torch.arange(num_experts, device=ids.device)
+    free = torch.topk(free_rank, ids.shape[1], dim=1, largest=False).indices  # free experts, ascending
+    pad_pos = torch.cumsum((~valid).long(), dim=1) - 1  # k-th padded slot takes the k-th free expert
+    filler = free.gather(1, pad_pos.clamp_min(0))
+    return torch.where(valid, ids.long(), filler).to(ids.dtype)
+
+
+@dataclass
+class PolicyRouting:
+    """One process's compiled policy and its per-layer routers (built on first use of each layer)."""
+
+    ir: PolicyIR
+    routers: dict[int, LayerRouter] = field(default_factory=dict)
+    stock_fast_path: bool = True  # stock plans run SGLang's own select_experts (tests turn this off)
+
+    def router(self, layer_id: int, topk_config, num_experts: int) -> LayerRouter:
+        got = self.routers.get(layer_id)
+        if got is None:
+            if not self.ir.spec.is_moe_layer(layer_id):
+                raise RuntimeError(f"sgl_budget: SGLang routed layer {layer_id}, which is not an MoE layer of "
+                                   f"{self.ir.spec.name} (MoE layers {list(self.ir.spec.moe_layers)})")
+            check_topk_matches_spec(self.ir.spec, topk_config, num_experts, layer_id)
+            got = self.routers[layer_id] = LayerRouter(self.ir, layer_id, sglang_conventions(topk_config))
+        return got
+
+    def select_experts(self, original, hidden_states: Tensor, router_logits: Tensor, topk_config, *,
+                       layer_id=None, num_token_non_padded=None, expert_location_dispatch_info=None,
+                       dynamic_expert_bias=None, router_logits_partials=None):
+        """Drop-in for SGLang's ``select_experts`` (same signature, same output type)."""
+        from sglang.srt.layers.moe import topk as T
+
+        kwargs = dict(layer_id=layer_id, num_token_non_padded=num_token_non_padded,
+                      expert_location_dispatch_info=expert_location_dispatch_info,
+                      dynamic_expert_bias=dynamic_expert_bias, router_logits_partials=router_logits_partials)
+        if layer_id is None or dynamic_expert_bias is not None:
+            return original(hidden_states, router_logits, topk_config, **kwargs)
+        ctx = route_context(router_logits.shape[0])
+        router = self.router(layer_id, topk_config, router_logits.shape[-1])
+        plan = router.plan(ctx)
+        if self.stock_fast_path and plan.is_stock_shape and plan.k == self.ir.spec.top_k:
+            return original(hidden_states, router_logits, topk_config, **kwargs)  # stock: SGLang's own path
+
+        if router_logits_partials is not None:
+            T.rocm_router_reduce_partials(router_logits_partials, router_logits)
+        router_logits, bias = T.expert_location_dispatch.transform_select_experts_inputs(
+            router_logits=router_logits, correction_bias=topk_config.correction_bias,
+            info=expert_location_dispatch_info)
+        weights, ids = router(router_logits, ctx, correction_bias=bias)
+        weights, ids = _pad_to(weights, ids, self.ir.spec.top_k)
+        valid = ids >= 0
+        ids = fill_padding(ids, valid, self.ir.spec.num_experts)  # valid ids everywhere through SGLang's remap
+        n_shared = topk_config.num_shared_topk_slots
+        if n_shared and not (T._use_aiter or T.has_per_rank_fused_shared_slots(n_shared)):
+            weights, ids = _append_shared(weights, ids, topk_config, self.ir.spec.num_experts)
+        ids, weights, recorder_ids = T._post_process_topk_ids(
+            topk_ids=ids, topk_weights=weights, topk_config=topk_config, router_logits=router_logits,
+            num_token_non_padded=num_token_non_padded, layer_id=layer_id,
+            expert_location_dispatch_info=expert_location_dispatch_info)
+        ids, weights = _restore_padding(ids, weights, valid, minus_one=_runner_skips_minus_one(topk_config, ids))
+        if recorder_ids is not None:
+            T.get_global_expert_distribution_recorder().on_select_experts(topk_ids=recorder_ids)
+        return T.StandardTopKOutput(weights, ids, router_logits)
+
+
+def _pad_to(weights: Tensor, ids: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    extra = width - ids.shape[1]
+    if extra <= 0:
+        return weights, ids
+    return (torch.cat([weights, weights.new_zeros(weights.shape[0], extra)], dim=1),
+            torch.cat([ids, ids.new_full((ids.shape[0], extra), -1)], dim=1))
+
+
+def _append_shared(weights: Tensor, ids: Tensor, topk_config, num_experts: int) -> tuple[Tensor, Tensor]:
+    """The fused shared-expert columns SGLang's gate writes (ids E.., weight cancelling later scaling)."""
+    from sglang.srt.layers.moe import topk as T
+
+    n = topk_config.num_shared_topk_slots
+    w = T.fused_shared_expert_weight(routed_scaling_factor=topk_config.routed_scaling_factor,
+                                     fused_in_topk=T.is_routed_scaling_factor_fused_in_topk(topk_config))
+    shared_ids = (num_experts + torch.arange(n, device=ids.device, dtype=ids.dtype)).expand(ids.shape[0], n)
+    return (torch.cat([weights, weights.new_full((weights.shape[0], n), w)], dim=1),
+            torch.cat([ids, shared_ids], dim=1))
+
+
+def _runner_skips_minus_one(topk_config, ids: Tensor) -> bool:
+    """CUDA runners take id -1 as 'no expert'; the torch-native path, CPU and HIP need a real id."""
+    from sglang.srt.layers.moe import topk as T
+
+    return ids.is_cuda and not topk_config.torch_native and not T._is_hip
+
+
+def _restore_padding(ids: Tensor, weights: Tensor, valid: Tensor, minus_one: bool) -> tuple[Tensor, Tensor]:
+    """Zero the padded routed slots' weights again, and mark them -1 where the runner skips -1."""
+    k = valid.shape[1]
+    routed_w = weights[:, :k].masked_fill(~valid, 0.0)
+    weights = torch.cat([routed_w, weights[:, k:]], dim=1) if weights.shape[1] > k else routed_w
+    if minus_one:
+        routed_ids = ids[:, :k].masked_fill(~valid, -1)
+        ids = torch.cat([routed_ids, ids[:, k:]], dim=1) if ids.shape[1] > k else routed_ids
+    return ids, weights

@@ -1,0 +1,98 @@
+"""What a launch asked of sgl_budget, how it reaches SGLang's worker processes, and launch-time validation.
+
+SGLang starts its scheduler / TP / DP / EP workers with ``multiprocessing``
+(spawn), so nothing patched in the launcher survives into them. The settings
+travel in environment variables, which every spawned child inherits:
+
+* ``SGL_BUDGET_MOE_POLICY`` — absolute path of the policy file;
+* ``SGL_BUDGET_MOE_SPEC`` — the model spec the launcher validated against (JSON);
+* ``SGL_BUDGET_RECORD_DIR`` / ``SGL_BUDGET_RECORD_MAX_TOKENS`` — router-logit recording.
+
+The launcher validates the policy against the model's config before any worker
+starts; workers compile it again (cheap) against the same spec.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ...errors import PolicyError
+from ...lang import load_policy
+from ...lang.ir import PolicyIR
+from ...spec import ModelSpec, SpecError
+
+ENV_POLICY = "SGL_BUDGET_MOE_POLICY"
+ENV_SPEC = "SGL_BUDGET_MOE_SPEC"
+ENV_RECORD_DIR = "SGL_BUDGET_RECORD_DIR"
+ENV_RECORD_MAX = "SGL_BUDGET_RECORD_MAX_TOKENS"
+DEFAULT_RECORD_MAX_TOKENS = 65536
+
+
+@dataclass(frozen=True)
+class Settings:
+    """sgl_budget's part of a launch."""
+
+    policy: str | None = None
+    record_dir: str | None = None
+    record_max_tokens: int = DEFAULT_RECORD_MAX_TOKENS
+
+    @property
+    def active(self) -> bool:
+        return bool(self.policy or self.record_dir)
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        return cls(policy=os.environ.get(ENV_POLICY) or None, record_dir=os.environ.get(ENV_RECORD_DIR) or None,
+                   record_max_tokens=int(os.environ.get(ENV_RECORD_MAX, DEFAULT_RECORD_MAX_TOKENS)))
+
+    def export(self, spec: ModelSpec | None) -> None:
+        """Publish to this process's environment, so every worker spawned from now on sees it."""
+        for key, value in ((ENV_POLICY, self.policy), (ENV_RECORD_DIR, self.record_dir)):
+            if value:
+                os.environ[key] = str(Path(value).resolve())
+            else:
+                os.environ.pop(key, None)
+        os.environ[ENV_RECORD_MAX] = str(self.record_max_tokens)
+        if spec is not None:
+            os.environ[ENV_SPEC] = json.dumps(spec.to_dict())
+
+
+def spec_from_env() -> ModelSpec | None:
+    raw = os.environ.get(ENV_SPEC)
+    return ModelSpec.from_dict(json.loads(raw)) if raw else None
+
+
+def model_spec_for(model_path: str, trust_remote_code: bool = False, revision: str | None = None) -> ModelSpec:
+    """The spec of the model SGLang will load: its ``config.json`` (a local directory) or AutoConfig."""
+    p = Path(model_path)
+    if p.is_dir() and (p / "config.json").is_file():
+        return ModelSpec.from_hf_config(p / "config.json", name=p.name)
+    try:
+        from transformers import AutoConfig
+    except ImportError as e:  # pragma: no cover - sglang depends on transformers
+        raise SpecError(f"cannot read the config of {model_path!r}: {e}") from None
+    try:
+        cfg = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code, revision=revision)
+    except Exception as e:  # network, missing repo, bad config: all end the launch cleanly
+        raise SpecError(f"cannot read the config of {model_path!r}: {e}") from None
+    return ModelSpec.from_hf_config(cfg.to_dict(), name=str(model_path))
+
+
+def validate(policy: str | Path, spec: ModelSpec, engine_top_k: int | None = None) -> PolicyIR:
+    """Compile ``policy`` for ``spec`` and check what SGLang can run; raises :class:`PolicyError`."""
+    ir = load_policy(policy, spec)
+    limit = engine_top_k or spec.top_k
+    too_wide = {l: w for l, w in ir.widths.items() if w > limit}
+    if too_wide:
+        layer, width = next(iter(too_wide.items()))
+        rules = [r for r in (*ir.token_rules, *ir.piggyback_rules) if r.value.max_k > limit]
+        span = rules[0].span if rules else None
+        raise PolicyError(
+            f"this policy routes up to {width} experts per token (layer {layer}); SGLang's MoE runners are "
+            f"sized for the model's top-{limit}", span,
+            f"keep max_k <= {limit} when serving with SGLang (replay and the HF adapter allow more)",
+            file=str(policy))
+    return ir
