@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Install sgl-budget with its test extras into .venv and run the whole test suite.
+# Install sgl-budget with its test extras (and the pinned sglang, for the integration tests) and run
+# the whole test suite. SGL_BUDGET_NO_SGLANG=1 skips installing sglang (its tests are then skipped).
 set -euo pipefail
-source "$(dirname "${BASH_SOURCE[0]}")/env.sh" test
+EXTRAS="test,sglang"
+if [ -n "${SGL_BUDGET_NO_SGLANG:-}" ]; then EXTRAS="test"; fi
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh" "$EXTRAS"
 cd "$ROOT"
 set +e
 python -m pytest "$@"
