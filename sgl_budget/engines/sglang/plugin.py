@@ -157,9 +157,22 @@ def activate(settings: Settings) -> None:
         else None
 
 
+def install_fork_hook() -> None:
+    """Worker side of the patch series (``patches/``): install the routing hook via ``set_select_experts_hook``."""
+    topk = sys.modules["sglang.srt.layers.moe.topk"]  # called while that module finishes importing
+    settings = Settings.from_env()
+    if settings.active:
+        _STATE["pending"] = settings
+        topk.set_select_experts_hook(_select_experts_hook)
+
+
 def register() -> None:
     """The ``sglang.srt.plugins`` entry point: register sgl_budget's hooks with SGLang's HookRegistry."""
+    import sglang.srt.server_args as server_args_module
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    if getattr(server_args_module, "SGL_BUDGET_PATCHED", False):
+        return  # a fork with the patch series: the flags and the routing hook are already built in
 
     HookRegistry.register("sglang.srt.server_args.ServerArgs.add_cli_args", _add_cli_args_hook, HookType.AROUND)
     HookRegistry.register("sglang.srt.server_args.ServerArgs.from_cli_args", _from_cli_args_hook, HookType.AROUND)
