@@ -101,7 +101,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_allocate(args: argparse.Namespace) -> int:
     import yaml
-    from rich.console import Console
     from rich.table import Table
 
     from .alloc import allocate_dp, load_profile
@@ -142,8 +141,6 @@ def cmd_allocate(args: argparse.Namespace) -> int:
 
 def _replay(policy_paths: Sequence[str | Path], trace_path: str | Path, batch_size: int, phase: str,
             max_batches: int | None, plot: str | None, as_json: bool, per_layer: bool) -> int:
-    from rich.console import Console
-
     from .lang import load_policy
     from .replay import plot_report, replay
     from .traces import load_trace

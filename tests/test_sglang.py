@@ -24,7 +24,7 @@ if os.environ.get("SGL_BUDGET_REQUIRE_SGLANG"):
 sglang = pytest.importorskip("sglang", reason="install the sglang extra: pip install -e '.[sglang]'")
 
 from sgl_budget.engines.sglang import SUPPORTED_SGLANG, plugin  # noqa: E402
-from sgl_budget.engines.sglang.settings import ENV_POLICY, ENV_RECORD_DIR, ENV_SPEC, Settings  # noqa: E402
+from sgl_budget.engines.sglang.settings import ENV_POLICY, ENV_SPEC, Settings  # noqa: E402
 from sgl_budget.lang.ir import RouteContext  # noqa: E402
 from sgl_budget.spec import ModelSpec  # noqa: E402
 

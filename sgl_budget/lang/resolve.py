@@ -228,6 +228,23 @@ class _Loaded:
         p = Path(s.value)
         return p if p.is_absolute() else self.base_dir / p
 
+    def load(self, s: Str, what: str, loader: Callable, error: type[Exception], tool: str):
+        """Load the file named by ``s`` once; a missing or malformed file is an error at the name."""
+        path = self.path(s)
+        key = (what, str(path))
+        if key not in self.cache:
+            if not path.is_file():
+                raise _err(f"{what} not found: {s.value}", s.span,
+                           f"looked for {path}; paths are relative to the policy's directory")
+            try:
+                self.cache[key] = loader(path)
+            except error as e:
+                line = getattr(e, "line", None)
+                where = f" (line {line})" if line else ""
+                raise _err(f"bad {what}{where}: {getattr(e, 'message', str(e))}", s.span,
+                           getattr(e, "hint", None) or f"write it with `{tool}`") from None
+        return self.cache[key]
+
 
 def _reroute(block: Block, spec: ModelSpec, files: _Loaded) -> RerouteRule:
     from ..similarity import SimilarityFileError, load_similarity
@@ -257,18 +274,7 @@ def _reroute(block: Block, spec: ModelSpec, files: _Loaded) -> RerouteRule:
 
     s = sim.value
     assert isinstance(s, Str)
-    path = files.path(s)
-    key = ("sim", str(path))
-    if key not in files.cache:
-        if not path.is_file():
-            raise _err(f"similarity file not found: {s.value}", s.span,
-                       f"looked for {path}; paths are relative to the policy's directory")
-        try:
-            files.cache[key] = load_similarity(path)
-        except SimilarityFileError as e:
-            raise _err(f"bad similarity file: {getattr(e, 'message', str(e))}", s.span,
-                       getattr(e, "hint", None) or "write it with `sgl-budget similarity`") from None
-    table = files.cache[key]
+    table = files.load(s, "similarity file", load_similarity, SimilarityFileError, "sgl-budget similarity")
     problems = table.check_against(spec)
     if problems:
         raise _err(f"similarity file does not fit {spec.name}: {problems[0]}", s.span,
@@ -339,19 +345,7 @@ def _dp(lr: LayersRule, alloc: Setting | None, fixed: dict[int, int], free: list
 
     assert alloc is not None and isinstance(alloc.value, Str)
     s = alloc.value
-    path = files.path(s)
-    key = ("profile", str(path))
-    if key not in files.cache:
-        if not path.is_file():
-            raise _err(f"profile not found: {s.value}", s.span,
-                       f"looked for {path}; paths are relative to the policy's directory")
-        try:
-            files.cache[key] = load_profile(path)
-        except ProfileError as e:
-            where = f" (line {e.line})" if getattr(e, "line", None) else ""
-            raise _err(f"bad profile{where}: {getattr(e, 'message', str(e))}", s.span,
-                       getattr(e, "hint", None) or "write it with `sgl-budget profile`") from None
-    prof = files.cache[key]
+    prof = files.load(s, "profile", load_profile, ProfileError, "sgl-budget profile")
     problems = prof.check_against(spec)
     if problems:
         raise _err(f"profile does not fit {spec.name}: {problems[0]}", s.span, "profile this model")

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ...lang.ir import PolicyIR, RouteContext
+from ...lang.ir import PolicyIR
 from ...routing import Conventions, LayerRouter
 from ...spec import ModelSpec
 from .context import route_context
