@@ -80,6 +80,19 @@ def test_bad_policy_ends_the_launch_before_any_worker(tmp_path) -> None:
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("cfg,message", [
+    ({**QWEN3, "model_type": "glm4_moe"}, "model type 'glm4_moe' of"),
+    ({"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 8}, "not an MoE config"),
+])
+def test_unsupported_model_is_refused_at_launch(tmp_path, cfg, message) -> None:
+    model = _model_dir(tmp_path, cfg)
+    pol = tmp_path / "p.policy"
+    pol.write_text('policy "p" { budget 50% }')
+    r = subprocess.run([sys.executable, "-W", "ignore", "-m", "sglang.launch_server", "--model-path", model,
+                        "--moe-policy", str(pol)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
 def test_good_policy_is_validated_and_published_for_workers(tmp_path) -> None:
     model = _model_dir(tmp_path, QWEN3)
     pol = tmp_path / "half.policy"

@@ -29,6 +29,8 @@ ENV_SPEC = "SGL_BUDGET_MOE_SPEC"
 ENV_RECORD_DIR = "SGL_BUDGET_RECORD_DIR"
 ENV_RECORD_MAX = "SGL_BUDGET_RECORD_MAX_TOKENS"
 DEFAULT_RECORD_MAX_TOKENS = 65536
+# Model families whose SGLang MoE blocks route through TopK with the rules ModelSpec describes.
+SUPPORTED_MODEL_TYPES = ("qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "mixtral", "olmoe")
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,15 @@ def spec_from_env() -> ModelSpec | None:
 
 
 def model_spec_for(model_path: str, trust_remote_code: bool = False, revision: str | None = None) -> ModelSpec:
-    """The spec of the model SGLang will load: its ``config.json`` (a local directory) or AutoConfig."""
+    """The spec of the model SGLang will load (its ``config.json`` or AutoConfig); unsupported families are refused."""
+    spec = _read_spec(model_path, trust_remote_code, revision)
+    if spec.model_type not in SUPPORTED_MODEL_TYPES:
+        raise SpecError(f"model type {spec.model_type!r} of {model_path} is not supported by --moe-policy yet "
+                        f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    return spec
+
+
+def _read_spec(model_path: str, trust_remote_code: bool, revision: str | None) -> ModelSpec:
     p = Path(model_path)
     if p.is_dir() and (p / "config.json").is_file():
         return ModelSpec.from_hf_config(p / "config.json", name=p.name)
