@@ -1,0 +1,118 @@
+"""The transformers adapter on real transformers MoE classes (tiny random configs, CPU)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if os.environ.get("SGL_BUDGET_REQUIRE_SGLANG"):
+    import transformers  # noqa: F401  (CI installs it with the sglang extra: it must not skip)
+transformers = pytest.importorskip("transformers", reason="install the hf extra: pip install -e '.[hf]'")
+
+from sgl_budget.engines.hf import UnsupportedModel, apply_policy, moe_blocks, spec_of  # noqa: E402
+from sgl_budget.lang import compile_policy  # noqa: E402
+
+COMMON = dict(vocab_size=97, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=64, tie_word_embeddings=False)
+CONFIGS = {
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**COMMON, head_dim=8, intermediate_size=48,
+                                                     moe_intermediate_size=16, num_experts=16,
+                                                     num_experts_per_tok=4, norm_topk_prob=True),
+    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(**COMMON, intermediate_size=48, moe_intermediate_size=16,
+                                                     shared_expert_intermediate_size=24, num_experts=16,
+                                                     num_experts_per_tok=4, norm_topk_prob=False),
+    "olmoe": lambda: transformers.OlmoeConfig(**COMMON, intermediate_size=16, num_experts=16,
+                                              num_experts_per_tok=4, norm_topk_prob=False),
+    "mixtral": lambda: transformers.MixtralConfig(**COMMON, intermediate_size=16, num_local_experts=8,
+                                                  num_experts_per_tok=2),
+    "deepseek_v2": lambda: transformers.DeepseekV2Config(
+        **COMMON, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=16, num_experts_per_tok=4,
+        n_shared_experts=1, first_k_dense_replace=1, topk_method="group_limited_greedy", n_group=4, topk_group=2,
+        routed_scaling_factor=1.5, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=4, qk_nope_head_dim=4,
+        v_head_dim=8, norm_topk_prob=False),
+    "deepseek_v3": lambda: transformers.DeepseekV3Config(
+        **COMMON, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=16, num_experts_per_tok=4,
+        n_shared_experts=1, first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+        kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8,
+        norm_topk_prob=True),
+}
+
+
+def build(name: str):
+    torch.manual_seed(0)
+    cfg = CONFIGS[name]()
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for block in moe_blocks(model).values():  # random routers (some init to zeros) and biases
+            block.gate.weight.normal_(0, 0.5)
+            if hasattr(block.gate, "e_score_correction_bias"):
+                block.gate.e_score_correction_bias.normal_(0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_own_k_leaves_logits_unchanged(name: str) -> None:
+    model = build(name)
+    spec = spec_of(model)
+    assert list(spec.moe_layers) == sorted(moe_blocks(model))
+    ids = torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        with apply_policy(model, compile_policy(f'policy "own" {{ layers {{ k = {spec.top_k} }} }}', spec)):
+            got = model(input_ids=ids).logits
+            empty = apply_policy(model, compile_policy('policy "none" { }', spec))
+            got2 = model(input_ids=ids).logits
+            empty.remove()
+        after = model(input_ids=ids).logits
+    assert torch.equal(got, want), name
+    assert torch.equal(got2, want), name
+    assert torch.equal(after, want)  # removing the policy restores the model's own routing
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "deepseek_v3"])
+def test_reduced_budget_changes_logits_and_k(name: str) -> None:
+    model = build(name)
+    spec = spec_of(model)
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(2))
+    seen = {}
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        with apply_policy(model, compile_policy(
+                'policy "t" { budget 25%; tokens { reallocate by score; min_k 0; max_k 4 } }', spec)):
+            for layer, block in moe_blocks(model).items():
+                block.gate.register_forward_hook(lambda m, a, out, layer=layer: seen.__setitem__(layer, out))
+            got = model(input_ids=ids).logits
+    assert not torch.equal(got, want)
+    assert set(seen) == set(spec.moe_layers)
+    for layer, (logits, weights, idx) in seen.items():
+        assert idx.shape == (18, spec.top_k)
+        real = idx < spec.num_experts
+        assert int(real.sum()) == 18 * 1  # Alloc-T: the layer's 18 x k slots (k = 1 at 25% of top-4)
+        assert (weights[~real] == 0).all() and bool((~real).any())  # padding: index num_experts, weight 0
+
+
+def test_context_from_shapes_and_override() -> None:
+    model = build("qwen3_moe")
+    spec = spec_of(model)
+    ir = compile_policy('policy "d" { layers when decode { k = 1 } }', spec)
+    layer = spec.moe_layers[0]
+    block = moe_blocks(model)[layer]
+    kept = []
+    block.gate.register_forward_hook(lambda m, a, out: kept.append(int((out[2] < spec.num_experts).sum())))
+    with torch.no_grad(), apply_policy(model, ir) as h:
+        model(input_ids=torch.randint(0, 97, (2, 5)))  # prefill: own k
+        model(input_ids=torch.randint(0, 97, (4, 1)))  # a decode-shaped step: k = 1
+        with h.context("prefill", 4):
+            model(input_ids=torch.randint(0, 97, (4, 1)))
+    assert kept == [2 * 5 * 4, 4, 4 * 4]
+
+
+def test_unsupported_family() -> None:
+    cfg = transformers.LlamaConfig(vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=8)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    spec_ir = compile_policy('policy "x" { }', spec_of(build("qwen3_moe")))
+    with pytest.raises(UnsupportedModel, match="'llama' is not supported"):
+        apply_policy(model, spec_ir)
