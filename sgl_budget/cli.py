@@ -276,6 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     ti.add_argument("trace")
     ti.set_defaults(func=cmd_trace_info)
 
+    from .cli_model import add_model_commands
+
+    add_model_commands(sub, "local transformers MoE model directory (config.json, weights, tokenizer)")
+
     d = sub.add_parser("demo", help="replay the bundled policies on the bundled trace (table + plot)")
     d.add_argument("--out", default="out")
     d.add_argument("--batch-size", type=int, default=16)

@@ -1,0 +1,50 @@
+"""Alloc-L profiling: the quality loss of running one MoE layer with k experts, for every layer and k.
+
+For each MoE layer l and each k in 1..top-k, only layer l routes to its top-k
+experts (the others keep the model's top-k) and the loss is the mean KL divergence
+of the next-token distributions from the full model's, on calibration windows
+(prefill forwards). k = top-k is the full model: loss 0. The result is the
+profile YAML ``allocate dp from`` reads (docs/formats.md).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ...alloc.profile import Profile
+from ...lang import compile_policy
+from ...spec import ModelSpec
+from .adapter import apply_policy
+
+
+@torch.no_grad()
+def _logp(model, windows: Tensor, batch: int) -> list[Tensor]:
+    return [torch.log_softmax(model(input_ids=windows[i:i + batch]).logits.float(), dim=-1)
+            for i in range(0, windows.shape[0], batch)]
+
+
+def profile_layers(model, spec: ModelSpec, windows: Tensor, batch_size: int = 8, source: str = "",
+                   show_progress: bool = True) -> Profile:
+    """Measure ``loss[layer][k]`` = mean KL(full || layer-at-k) per token on ``windows``."""
+    from tqdm import tqdm
+
+    full = _logp(model, windows, batch_size)
+    loss: dict[int, dict[int, float]] = {l: {spec.top_k: 0.0} for l in spec.moe_layers}
+    jobs = [(l, k) for l in spec.moe_layers for k in range(1, spec.top_k)]
+    for layer, k in tqdm(jobs, desc="profiling (layer, k)", disable=not show_progress):
+        ir = compile_policy(f'policy "profile-{layer}-{k}" {{ layers {{ layer {layer}: k = {k} }} }}', spec)
+        total, count = 0.0, 0
+        with apply_policy(model, ir):
+            for f, q in zip(full, _logp(model, windows, batch_size)):
+                total += float((f.exp() * (f - q)).sum(-1).sum())
+                count += f.shape[0] * f.shape[1]
+        loss[layer][k] = max(0.0, total / count)
+    for row in loss.values():
+        row_sorted = dict(sorted(row.items()))
+        row.clear()
+        row.update(row_sorted)
+    return Profile(loss=loss, metric="kl",
+                   model={"name": spec.name, "num_experts": spec.num_experts, "top_k": spec.top_k,
+                          "moe_layers": list(spec.moe_layers)},
+                   source=source or f"measured: mean next-token KL vs full model on {windows.numel()} tokens")

@@ -1,0 +1,81 @@
+"""SERE expert similarity from expert outputs on calibration tokens (SERE's own method).
+
+SERE's calibration (github JL-Cheng/SERE, calibration/cal_expert_similarity.py)
+runs *every* expert of a layer on the same calibration tokens and compares their
+outputs; its default metric is ``frobenius``: ``1 - ||O_i - O_j||_F / max_pair
+distance``; ``cosine`` is the mean per-token cosine mapped to [0, 1] and ``cka``
+linear CKA. We do the same on the layer inputs captured from a forward over the
+calibration text (a random sample of tokens per layer), with the experts' own
+weights (transformers 5.x layout: ``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``).
+The diagonal is 1. Critical experts are ranked least-replaceable first.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ...similarity import SimilarityTable, derive_critical
+from ...spec import ModelSpec
+from .adapter import moe_blocks
+
+METHODS = ("frobenius", "cosine", "cka")
+
+
+def expert_outputs(experts, h: Tensor) -> Tensor:
+    """``[E, N, H]``: every expert applied to every token of ``h [N, H]``."""
+    gate_up = torch.einsum("nh,eih->eni", h, experts.gate_up_proj.float())
+    gate, up = gate_up.chunk(2, dim=-1)
+    act = experts.act_fn(gate) * up
+    return torch.einsum("eni,ehi->enh", act, experts.down_proj.float())
+
+
+def similarity_matrix(outs: Tensor, method: str) -> Tensor:
+    """``[E, E]`` in [0, 1] with unit diagonal from expert outputs ``[E, N, H]``."""
+    e = outs.shape[0]
+    if method == "frobenius":
+        flat = outs.reshape(e, -1)
+        dist = torch.cdist(flat, flat)
+        sim = 1 - dist / dist.max().clamp_min(1e-12)
+    elif method == "cosine":
+        unit = torch.nn.functional.normalize(outs, dim=-1)
+        cos = torch.einsum("anh,bnh->abn", unit, unit).mean(-1)
+        sim = (cos + 1) / 2
+    elif method == "cka":
+        xc = outs - outs.mean(dim=1, keepdim=True)
+        # ||X_a^T X_b||_F^2 one row at a time ([E, H, H] per row keeps memory bounded)
+        cross = torch.stack([torch.einsum("nh,bnk->bhk", xc[a], xc).pow(2).sum((-1, -2)) for a in range(e)])
+        norms = cross.diagonal().sqrt()
+        sim = cross / (norms[:, None] * norms[None, :]).clamp_min(1e-12)
+    else:
+        raise ValueError(f"method must be one of {METHODS}")
+    sim = sim.clamp(0, 1)
+    sim.fill_diagonal_(1.0)
+    return sim
+
+
+@torch.no_grad()
+def expert_similarity(model, spec: ModelSpec, windows: Tensor, method: str = "frobenius", tokens: int = 2048,
+                      batch_size: int = 8, seed: int = 0, source: str = "") -> SimilarityTable:
+    """Per-layer similarity of the model's experts, from their outputs on a sample of calibration tokens."""
+    blocks = moe_blocks(model)
+    inputs: dict[int, list[Tensor]] = {l: [] for l in blocks}
+    hooks = [b.register_forward_pre_hook(lambda m, a, l=l: inputs[l].append(a[0].reshape(-1, a[0].shape[-1])))
+             for l, b in blocks.items()]
+    try:
+        for i in range(0, windows.shape[0], batch_size):
+            model(input_ids=windows[i:i + batch_size])
+    finally:
+        for h in hooks:
+            h.remove()
+    g = torch.Generator().manual_seed(seed)
+    matrices = {}
+    for l, chunks in inputs.items():
+        h = torch.cat(chunks).float()
+        pick = torch.randperm(h.shape[0], generator=g)[:tokens]
+        matrices[l] = similarity_matrix(expert_outputs(blocks[l].experts, h[pick]), method)
+    return SimilarityTable(
+        matrices=matrices, critical={l: derive_critical(m) for l, m in matrices.items()},
+        model={"name": spec.name, "num_experts": spec.num_experts, "moe_layers": list(spec.moe_layers)},
+        method=method, source=source or f"measured: expert outputs on {min(tokens, windows.numel())} calibration "
+                                         f"tokens per layer ({method})", synthetic=False)
