@@ -198,8 +198,28 @@ def cmd_trace_info(args: argparse.Namespace) -> int:
         "num_experts": t.spec.num_experts,
         "top_k": t.spec.top_k,
     }
+    info["expert_load_entropy"] = _load_entropy(t)
     print(json.dumps(info, indent=2, default=str))
     return 0
+
+
+def _load_entropy(trace) -> dict[str, float]:
+    """Per layer: entropy of the stock top-k expert load over the trace, / log(E) (1 = perfectly balanced)."""
+    import math
+
+    import torch
+
+    from .routing import stock_route
+
+    out = {}
+    for layer, x in trace.router_logits.items():
+        bias = trace.correction_bias.get(layer) if trace.correction_bias else None
+        ids = stock_route(trace.spec, x.float(), bias).topk_ids.long()
+        load = torch.bincount(ids.flatten(), minlength=trace.spec.num_experts).float()
+        p = load / load.sum()
+        h = float(-(p[p > 0] * p[p > 0].log()).sum())
+        out[str(layer)] = round(h / math.log(trace.spec.num_experts), 4)
+    return out
 
 
 # -- demo --------------------------------------------------------------------
@@ -211,16 +231,51 @@ def bundled_dir() -> Path:
     return Path(str(files("sgl_budget.policies")))
 
 
+def default_model_dir() -> Path:
+    """The embedded default model (models/brown-moe in a checkout)."""
+    return Path(__file__).resolve().parent.parent / "models" / "brown-moe"
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     d = bundled_dir()
-    policies = sorted(d.glob("*.policy"))
-    trace = d / "traces" / DEMO_TRACE
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    model = Path(args.model) if args.model else default_model_dir()
+    try:
+        import transformers  # noqa: F401
+
+        have_hf = True
+    except ImportError:
+        have_hf = False
+    if (model / "config.json").is_file() and have_hf:
+        return _demo_embedded(model, d, out, args)
+    why = "transformers is not installed" if not have_hf else f"no model at {model}"
+    print(f"({why}: replaying the SYNTHETIC DeepSeek-V2-Lite-shaped trace instead of the embedded model)")
+    policies = sorted(d.glob("*.policy"))
+    trace = d / "traces" / DEMO_TRACE
     print(f"replaying {len(policies)} bundled policies on {trace.name} (batch {args.batch_size}, decode)")
     return _replay(policies, trace, args.batch_size, "decode", None, str(out / "replay.png"), False, False)
 
 
+def _demo_embedded(model: Path, d: Path, out: Path, args: argparse.Namespace) -> int:
+    """Evaluate the 50%-budget policies on held-out text, then replay every policy on the recorded trace."""
+    from .cli_model import cmd_eval
+
+    text = Path(__file__).resolve().parent.parent / "data" / "brown" / "test.txt.xz"
+    pols = sorted((d / "brown-moe").glob("*-50.policy")) + [d / "brown-moe" / "sere-own-k.policy"]
+    print(f"1/2 quality: {len(pols)} policies vs full top-k on held-out Brown Corpus text, {args.windows} sequences "
+          f"decoded in lock-step batches of {args.batch_size} (model {model})")
+    ns = argparse.Namespace(model=str(model), text=str(text), windows=args.windows, seq_len=args.seq_len,
+                            batch_size=args.batch_size, mode="decode", plot=str(out / "quality.png"), json=False,
+                            policies=[str(p) for p in pols])
+    cmd_eval(ns)
+    trace = d / "traces" / EMBEDDED_TRACE
+    allp = sorted((d / "brown-moe").glob("*.policy"))
+    print(f"2/2 cost: {len(allp)} policies replayed on {trace.name} (recorded from the embedded model)")
+    return _replay(allp, trace, args.batch_size, "decode", None, str(out / "replay.png"), False, False)
+
+
+EMBEDDED_TRACE = "brown-moe.test.trace.safetensors"
 DEMO_TRACE = "deepseek-v2-lite.synthetic.trace.safetensors"
 
 
@@ -280,9 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_model_commands(sub, "local transformers MoE model directory (config.json, weights, tokenizer)")
 
-    d = sub.add_parser("demo", help="replay the bundled policies on the bundled trace (table + plot)")
+    d = sub.add_parser("demo", help="the embedded model: quality of the bundled policies vs full top-k, and "
+                                    "their cost on a recorded trace (tables + plots)")
     d.add_argument("--out", default="out")
     d.add_argument("--batch-size", type=int, default=16)
+    d.add_argument("--model", default=None, help="model directory (default: the embedded models/brown-moe)")
+    d.add_argument("--windows", type=int, default=32, help="held-out sequences to evaluate (default %(default)s)")
+    d.add_argument("--seq-len", type=int, default=96, help="tokens per sequence (default %(default)s)")
     d.set_defaults(func=cmd_demo)
     return p
 
