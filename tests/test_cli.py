@@ -114,8 +114,8 @@ def test_unknown_preset_is_clean(capsys) -> None:
     assert "error:" in capsys.readouterr().err
 
 
-def test_demo_writes_table_and_plot(tmp_path, capsys) -> None:
-    assert main(["demo", "--out", str(tmp_path)]) == 0
+def test_demo_without_a_model_replays_the_synthetic_trace(tmp_path, capsys) -> None:
+    assert main(["demo", "--out", str(tmp_path), "--model", str(tmp_path / "no-model")]) == 0
     out = capsys.readouterr().out
     assert "SYNTHETIC" in out and (tmp_path / "replay.png").exists()
     for p in POLICIES:

@@ -79,6 +79,11 @@ CASES = [
      "the condition of this layers block can never hold", 2, 3),
     (P("  layers { k = 3 }\n  layers when decode { k = 2 }"), "this layers block never applies", 3, 3),
     (P("  layers when batch >= 2.5 { k = 3 }"), "batch size must be a whole number", 2, 24),
+    (P("  layers when batch != 4 { k = 3 }"), "unexpected character '!'", 2, 21),
+    (P("  budget 50% when batch <= 4\n  budget 60% when batch > 4\n  budget 70%"),
+     "this budget block never applies: the budget block(s) on line 2, 3 match first", 4, 3),
+    (P("  layers { k = " + "1" * 400 + " }"), "k 1111111111...111111 is out of range", 2, 16),
+    (P("  layers when batch > " + "9" * 400 + " { k = 3 }"), "batch size 9999999999...999999 is out of range", 2, 23),
     # -- name ----------------------------------------------------------------------
     ('policy "" { }', "the policy has an empty name", 1, 8),
 ]

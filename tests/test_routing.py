@@ -310,3 +310,49 @@ def test_phase_conditions_change_the_plan() -> None:
     assert int((r(x, RouteContext("decode", 3, 4))[1] >= 0).sum()) == 12
     assert int((r(x, RouteContext("prefill", 1, 4))[1] >= 0).sum()) == 12
     assert r.width == 3
+
+
+def test_padded_rows_take_no_part_in_batch_stages(tmp_path) -> None:
+    """SGLang pads decode batches to a CUDA-graph size: padded rows must not take slots or add experts."""
+    spec = TINY_SOFTMAX
+    write_similarity(spec, tmp_path)
+    x = torch.randn(8, spec.num_experts, generator=torch.Generator().manual_seed(4)) * 3
+    x[5:] = 0.0  # three padding rows (zero hidden states: all scores tie)
+    mask = torch.arange(8) < 5
+    ir = compile_policy('policy "t" { budget 50%; tokens { reallocate by score; min_k 1; max_k 4 } }', spec)
+    r = compile_routers(ir)[1]
+    _, ids = r(x, RouteContext("decode", 8), row_mask=mask)
+    assert int((ids[:5] >= 0).sum()) == 5 * 2  # the real tokens' own T*k, not the padded rows' share
+    assert (ids[5:] == -1).all()
+    # piggybacking: the real tokens' distinct experts never grow
+    ir = compile_policy('policy "p" { layers { k = 2 } piggyback { max_k 4 } }', spec)
+    r, base = compile_routers(ir)[1], compile_routers(compile_policy('policy "k2" { layers { k = 2 } }', spec))[1]
+    _, ids = r(x, RouteContext("decode", 8), row_mask=mask)
+    _, b_ids = base(x[:5], RouteContext("decode", 5))
+    assert set(ids[:5][ids[:5] >= 0].tolist()) <= set(b_ids[b_ids >= 0].tolist())
+
+
+def test_contexts_are_normalised_and_empty_batches_route() -> None:
+    assert RouteContext("decode", 8, 4).tokens == 8  # one token per sequence in decode
+    assert RouteContext("prefill", 4, 2).tokens == 4  # at least one per sequence in prefill
+    assert RouteContext("decode", 0).batch_size == 1
+    spec = TINY_SOFTMAX
+    r = compile_routers(compile_policy('policy "h" { budget 50% }', spec))[1]
+    w, ids = r(torch.empty(0, spec.num_experts))
+    assert ids.shape == (0, r.width) == (0, 2)
+
+
+def test_sere_top_s_uses_each_tokens_best_slots_even_with_unsorted_engine_conventions(tmp_path) -> None:
+    from sgl_budget.routing import Conventions
+    from sgl_budget.routing.router import LayerRouter
+
+    spec = TINY_SIGMOID
+    write_similarity(spec, tmp_path)
+    src = f'policy "s" {{ reroute {{ similarity "{spec.name}.sim.safetensors"; primary top 1 }} }}'
+    ir = compile_policy(src, spec, base_dir=tmp_path)
+    x = torch.randn(12, spec.num_experts, generator=torch.Generator().manual_seed(5))
+    bias = torch.linspace(-0.1, 0.1, spec.num_experts)
+    ref = LayerRouter(ir, 1).details(x, RouteContext("decode", 12), correction_bias=bias)
+    eng = LayerRouter(ir, 1, Conventions(sorted_selection=False)).details(x, RouteContext("decode", 12),
+                                                                           correction_bias=bias)
+    assert torch.equal(ref.primary, eng.primary)

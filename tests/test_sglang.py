@@ -204,6 +204,13 @@ VARIANTS = {
              has_correction_bias=True, model_type="deepseek_v3"),
         dict(renormalize=True, use_grouped_topk=True, num_expert_group=4, topk_group=2, scoring_func="sigmoid",
              routed_scaling_factor=2.5)),
+    # as SGLang's deepseek_v2.py builds them: always the grouped path, scoring_func left at its default
+    "deepseek-v2-lite-as-built": (dict(norm_topk_prob=False, model_type="deepseek_v2"),
+                                  dict(renormalize=False, use_grouped_topk=True, num_expert_group=1, topk_group=1)),
+    "deepseek-v3-as-built": (
+        dict(scoring_func="sigmoid", norm_topk_prob=True, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+             has_correction_bias=True, model_type="deepseek_v3"),
+        dict(renormalize=True, use_grouped_topk=True, num_expert_group=4, topk_group=2, routed_scaling_factor=2.5)),
     "sigmoid-bias-grouped-scaled-in-topk": (
         dict(scoring_func="sigmoid", norm_topk_prob=True, n_group=4, topk_group=2, routed_scaling_factor=2.5,
              has_correction_bias=True, model_type="deepseek_v3"),
@@ -381,3 +388,16 @@ def test_recording_at_the_topk_level(sglang_topk, tmp_path) -> None:
     assert not t.synthetic and "SGLang" in t.source and t.num_tokens == 8 and t.layers == (1, 2, 3)
     assert torch.equal(t.router_logits[2], torch.cat(xs).add(2).half())
     assert t.correction_bias is not None and torch.equal(t.correction_bias[1], topk_kw["correction_bias"])
+
+
+def test_cuda_graph_padding_rows_are_left_out(sglang_topk, tmp_path) -> None:
+    """num_token_non_padded: padded rows neither take Alloc-T slots nor count in the batch."""
+    T = sglang_topk.T
+    spec, topk_kw = _variant("softmax-renorm")
+    _use(spec, 'policy "t" { budget 50%; tokens { reallocate by score; min_k 1; max_k 4 } }', tmp_path)
+    topk = T.TopK(top_k=4, layer_id=1, **topk_kw)
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(2)) * 3
+    x[5:] = 0
+    out = topk.forward_native(torch.zeros(8, 8), x, num_token_non_padded=torch.tensor(5))
+    assert int((out.topk_weights[:5] > 0).sum()) == 5 * 2
+    assert (out.topk_weights[5:] == 0).all()

@@ -7,6 +7,7 @@ later error can point at the text that caused it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal, Union
 
@@ -26,7 +27,7 @@ class Num:
 
     @property
     def is_integer(self) -> bool:
-        return not any(c in self.text for c in ".eE") and self.value == int(self.value)
+        return math.isfinite(self.value) and not any(c in self.text for c in ".eE") and self.value == int(self.value)
 
 
 @dataclass(frozen=True)

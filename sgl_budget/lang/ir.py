@@ -36,6 +36,14 @@ class RouteContext:
     batch_size: int = 1
     num_tokens: int | None = None
 
+    def __post_init__(self) -> None:
+        # Normalise to the contexts the resolver validated: batch >= 1; decode has one token per
+        # sequence (tokens == batch); prefill has at least one token per sequence.
+        b = max(1, int(self.batch_size))
+        t = b if self.phase == "decode" or self.num_tokens is None else max(b, int(self.num_tokens))
+        object.__setattr__(self, "batch_size", b)
+        object.__setattr__(self, "num_tokens", t)
+
     @property
     def tokens(self) -> int:
         return self.batch_size if self.num_tokens is None else self.num_tokens
@@ -272,8 +280,12 @@ class PolicyIR:
 
     def layer_k_for(self, key: Match) -> LayerK:
         bi, li = key[0], key[1]
+        if (bi, li) == (-1, -1):
+            return self.stock_k()
         got = self.layer_k.get((bi, li))
-        return got if got is not None else self.stock_k()
+        if got is None:  # the resolver validates every reachable combination; this is a bug, not a fallback
+            raise RuntimeError(f"policy {self.name!r}: rule combination {key} was never validated")
+        return got
 
     def build(self, key: Match) -> dict[int, LayerPlan]:
         """The per-layer plans of one rule combination."""

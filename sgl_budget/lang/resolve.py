@@ -9,6 +9,7 @@ a :class:`PolicyError` pointing at the offending text. Nothing is clamped.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -34,8 +35,15 @@ def _layers_text(spec: ModelSpec) -> str:
 
 # -- numbers -----------------------------------------------------------------
 
+def _short(text: str) -> str:
+    return text if len(text) <= 24 else text[:10] + "..." + text[-6:]
+
+
 def _int(num: Num, what: str, lo: int, hi: int | None, hint: str | None = None) -> int:
     """A whole number in [lo, hi]; anything else is an error at the literal."""
+    if not math.isfinite(num.value) or abs(num.value) > 1e15:
+        rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+        raise _err(f"{what} {_short(num.text)} is out of range", num.span, hint or f"{what} must lie in {rng}")
     if not num.is_integer:
         raise _err(f"{what} must be a whole number, not {num.text}", num.span, hint or f"write e.g. {max(lo, 1)}")
     v = int(num.value)
@@ -64,7 +72,7 @@ def _condition(terms: tuple[Cond, ...]) -> Condition:
             phase = c.phase
             continue
         assert c.value is not None and c.op is not None and c.quantity is not None
-        n = _int(c.value, f"{c.quantity} size" if c.quantity == "batch" else "token count", 0, None)
+        n = _int(c.value, f"{c.quantity} size" if c.quantity == "batch" else "token count", 0, 1 << 30)
         iv = {">=": Interval(n), ">": Interval(n + 1), "<=": Interval(1, n), "<": Interval(1, n - 1),
               "==": Interval(n, n)}[c.op]
         if iv.empty or (iv.hi is not None and iv.hi < 1):
@@ -436,9 +444,8 @@ def _check_reachable(ir: PolicyIR, ast: PolicyAst, matches: dict[RouteContext, t
             if not any(r.condition.holds(ctx) for ctx in matches):
                 raise _err(f"the condition of this {kind} block can never hold", span,
                            "in decode every sequence has one token (tokens == batch); in prefill tokens >= batch")
-            earlier = next(j for j in range(i) if all(
-                rules[j].condition.holds(c) for c in matches if r.condition.holds(c)))
-            line = rules[earlier].span.line if rules[earlier].span else "?"
-            raise _err(f"this {kind} block never applies: the {kind} block on line {line} matches first "
+            shadows = sorted({m[pos] for c, m in matches.items() if r.condition.holds(c)})
+            lines = ", ".join(str(rules[j].span.line) for j in shadows if 0 <= j < len(rules) and rules[j].span)
+            raise _err(f"this {kind} block never applies: the {kind} block(s) on line {lines} match first "
                        "wherever this one would", span,
                        "blocks of a kind are tried in order; put the more specific one first")

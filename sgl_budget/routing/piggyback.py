@@ -12,13 +12,15 @@ for them, so the batch's distinct experts never grow.
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from ..lang.ir import Piggyback
 from .scoring import NEG_INF, GateScores
 from .slots import Slots, batch_experts
 
 
-def piggyback(slots: Slots, gs: GateScores, pig: Piggyback, *, maybe_masked: bool) -> Slots:
+def piggyback(slots: Slots, gs: GateScores, pig: Piggyback, *, maybe_masked: bool,
+              row_mask: Tensor | None = None) -> Slots:
     """Append up to ``max_k`` piggybacked slots per token (invalid where nothing qualifies).
 
     ``maybe_masked`` (static) says whether selection scores can be -inf (grouped
@@ -39,6 +41,8 @@ def piggyback(slots: Slots, gs: GateScores, pig: Piggyback, *, maybe_masked: boo
     vals, ids = torch.topk(cand, width, dim=-1)
     free = (pig.max_k - slots.valid.sum(dim=-1, keepdim=True)).clamp_min(0)
     add = (vals > NEG_INF) & (torch.arange(width, device=ids.device) < free)
+    if row_mask is not None:
+        add = add & row_mask.unsqueeze(-1)
     raw = gs.scores.gather(-1, ids).masked_fill(~add, 0.0)
     extra = Slots(ids=ids, raw=raw, valid=add, rerouted=torch.zeros_like(add), piggybacked=add)
     return slots.cat(extra)

@@ -38,12 +38,19 @@ def ranking_key(gs: GateScores, vals: Tensor, sigmoid: bool) -> Tensor:
     return vals.clamp_min(0.0) / total
 
 
-def reallocate(gs: GateScores, k: int, realloc: Reallocation, *, sigmoid: bool) -> Slots:
-    """Alloc-T slots ``[N, T, max_k]``: per-token top-``min_k`` plus the batch's best extra slots."""
+def reallocate(gs: GateScores, k: int, realloc: Reallocation, *, sigmoid: bool,
+               row_mask: Tensor | None = None) -> Slots:
+    """Alloc-T slots ``[N, T, max_k]``: per-token top-``min_k`` plus the batch's best extra slots.
+
+    ``row_mask`` ``[N, T]`` marks real tokens; padded rows get no slots and the batch's
+    extra slots are counted over real tokens only (a device-side count, no host sync).
+    """
     min_k, max_k = realloc.min_k, realloc.max_k
     vals, ids = gs.topk(max_k)
     raw = gs.scores.gather(-1, ids)
     finite = vals > NEG_INF
+    if row_mask is not None:
+        finite = finite & row_mask.unsqueeze(-1)
     n, t, _ = vals.shape
     extra_per_token = min(k, max_k) - min_k
     cands = max_k - min_k
@@ -55,7 +62,11 @@ def reallocate(gs: GateScores, k: int, realloc: Reallocation, *, sigmoid: bool) 
     key = ranking_key(gs, vals, sigmoid)[..., min_k:]
     key = key.masked_fill(~finite[..., min_k:], NEG_INF).reshape(n, t * cands)
     order = torch.sort(key, dim=-1, descending=True, stable=True).indices[:, : t * extra_per_token]
-    chosen = torch.zeros_like(key, dtype=torch.bool).scatter_(-1, order, True)
+    take = torch.ones_like(order, dtype=torch.bool)
+    if row_mask is not None:  # only the real tokens' share of extra slots
+        real = row_mask.sum(dim=-1, keepdim=True) * extra_per_token
+        take = torch.arange(order.shape[-1], device=order.device) < real
+    chosen = torch.zeros_like(key, dtype=torch.bool).scatter_(-1, order, take)
     chosen = (chosen & (key > NEG_INF)).view(n, t, cands)
     valid = torch.cat([finite[..., :min_k], chosen], dim=-1)
     return Slots.selected(ids, raw, valid)

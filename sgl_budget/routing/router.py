@@ -63,9 +63,13 @@ class LayerRouter:
 
     # -- the routing itself ---------------------------------------------------------
     def __call__(self, router_logits: Tensor, ctx: RouteContext | None = None,
-                 correction_bias: Tensor | None = None) -> RouteOutput:
-        """``(topk_weights [.., T, K_max] float32, topk_ids [.., T, K_max] int32)``; padding id -1, weight 0."""
-        return self._route(router_logits, ctx, correction_bias, details=False)  # type: ignore[return-value]
+                 correction_bias: Tensor | None = None, row_mask: Tensor | None = None) -> RouteOutput:
+        """``(topk_weights [.., T, K_max] float32, topk_ids [.., T, K_max] int32)``; padding id -1, weight 0.
+
+        ``row_mask`` ``[.., T]`` bool marks real tokens (see :meth:`route_scores`).
+        """
+        return self._route(router_logits, ctx, correction_bias, details=False,  # type: ignore[return-value]
+                           row_mask=row_mask)
 
     def details(self, router_logits: Tensor, ctx: RouteContext | None = None,
                 correction_bias: Tensor | None = None) -> RouteDetails:
@@ -73,16 +77,18 @@ class LayerRouter:
         return self._route(router_logits, ctx, correction_bias, details=True)  # type: ignore[return-value]
 
     def _route(self, router_logits: Tensor, ctx: RouteContext | None, correction_bias: Tensor | None,
-               details: bool) -> RouteOutput | RouteDetails:
+               details: bool, row_mask: Tensor | None = None) -> RouteOutput | RouteDetails:
         if router_logits.dim() not in (2, 3) or router_logits.shape[-1] != self.spec.num_experts:
             raise ValueError(f"router_logits must be [T, {self.spec.num_experts}] or [N, T, "
                              f"{self.spec.num_experts}], not {list(router_logits.shape)}")
         single = router_logits.dim() == 2
         logits = router_logits.unsqueeze(0) if single else router_logits
         t = logits.shape[1]
-        ctx = ctx or RouteContext(phase="decode", batch_size=t, num_tokens=t)
+        ctx = ctx or RouteContext(phase="decode", batch_size=max(1, t), num_tokens=max(1, t))
         gs = score_experts(self.spec, logits, correction_bias, self.conv)
-        out = self.route_scores(gs, ctx, details=details)
+        if row_mask is not None and single:
+            row_mask = row_mask.unsqueeze(0)
+        out = self.route_scores(gs, ctx, details=details, row_mask=row_mask)
         if details:
             out = replace(out, probs=gate_probs(self.spec, logits))
         if not single:
@@ -92,13 +98,17 @@ class LayerRouter:
         return RouteDetails(**{f.name: (None if getattr(out, f.name) is None else getattr(out, f.name)[0])
                                for f in fields(RouteDetails)})
 
-    def route_scores(self, gs: GateScores, ctx: RouteContext, details: bool = False) -> RouteOutput | RouteDetails:
+    def route_scores(self, gs: GateScores, ctx: RouteContext, details: bool = False,
+                     row_mask: Tensor | None = None) -> RouteOutput | RouteDetails:
         """Route already-scored ``[N, T, E]`` batches (replay scores once and shares across policies).
 
-        With ``details`` the result's ``probs`` is None (the caller has the scores).
+        ``row_mask`` (``[N, T]`` bool, a device tensor) marks the real tokens: padded rows (SGLang pads
+        decode batches to a CUDA-graph size) take no part in Alloc-T, SERE or piggybacking and get
+        no slots. With ``details`` the result's ``probs`` is None (the caller has the scores).
         """
         plan = self.plan(ctx)
-        if plan.is_stock_shape and not details:
+        assert plan.k <= self.width, (plan, self.width)
+        if plan.is_stock_shape and not details:  # padded rows are routed too; the engine masks them
             slots = select_topk(gs, plan.k, maybe_masked=False, sorted=self.conv.sorted_selection)
             w = finalize_weights(self.spec, slots.raw, None, self.conv)
             ids = slots.ids.to(torch.int32)
@@ -108,7 +118,7 @@ class LayerRouter:
                 ids = torch.cat([ids, ids.new_full((*ids.shape[:-1], extra), -1)], dim=-1)
             return RouteOutput(w, ids)
 
-        slots, primary, n_moved = self._stages(plan, gs, gs.scores.device)
+        slots, primary, n_moved = self._stages(plan, gs, gs.scores.device, row_mask)
         slots = pad(slots, self.width) if plan.is_stock_shape else compact(slots, self.width)
         if plan.is_stock_shape:
             w = finalize_weights(self.spec, slots.raw[..., : plan.k], None, self.conv)
@@ -123,16 +133,22 @@ class LayerRouter:
         return RouteDetails(topk_weights=w, topk_ids=ids, rerouted=slots.rerouted, piggybacked=slots.piggybacked,
                             probs=None, num_rerouted=n_moved, primary=primary)
 
-    def _stages(self, plan: LayerPlan, gs, device: torch.device) -> tuple[Slots, Tensor | None, Tensor | None]:
+    def _stages(self, plan: LayerPlan, gs, device: torch.device,
+                row_mask: Tensor | None = None) -> tuple[Slots, Tensor | None, Tensor | None]:
+        # past the stock path selection is always sorted: SERE's "top S" means each token's best S slots
         if plan.reallocation is not None:
-            slots = reallocate(gs, plan.k, plan.reallocation, sigmoid=self.spec.scoring_func == "sigmoid")
+            slots = reallocate(gs, plan.k, plan.reallocation, sigmoid=self.spec.scoring_func == "sigmoid",
+                               row_mask=row_mask)
         else:
-            slots = select_topk(gs, plan.k, maybe_masked=False, sorted=self.conv.sorted_selection)
+            slots = select_topk(gs, plan.k, maybe_masked=False)
+        if row_mask is not None:
+            slots = slots.with_(valid=slots.valid & row_mask.unsqueeze(-1))
+            slots = slots.with_(raw=slots.raw.masked_fill(~slots.valid, 0.0))
         primary = n_moved = None
         if plan.reroute is not None:
             slots, primary, n_moved = reroute_slots(slots, plan.reroute, self._reroute_tables(plan, device))
         if plan.piggyback is not None:
-            slots = piggyback(slots, gs, plan.piggyback, maybe_masked=self.spec.grouped)
+            slots = piggyback(slots, gs, plan.piggyback, maybe_masked=self.spec.grouped, row_mask=row_mask)
         return slots, primary, n_moved
 
 

@@ -121,7 +121,7 @@ def score_experts(spec: ModelSpec, router_logits: Tensor, correction_bias: Tenso
     scores = gate_scores(spec, router_logits, conv)
     select = scores
     if correction_bias is not None:
-        select = scores + correction_bias.to(device=scores.device, dtype=scores.dtype)
+        select = scores + correction_bias.to(device=scores.device)  # type promotion, as the engines do
     eligible = None
     if spec.grouped:
         select, eligible = _group_limit(spec, select)

@@ -56,12 +56,16 @@ def check_topk_matches_spec(spec: ModelSpec, topk_config, num_experts: int, laye
         problems.append(f"router logits have {num_experts} experts, the spec {spec.num_experts}")
     if routed != spec.top_k:
         problems.append(f"TopK selects {routed} routed experts, the spec top-{spec.top_k}")
-    if bool(topk_config.use_grouped_topk) != spec.grouped:
-        problems.append(f"grouped top-k is {bool(topk_config.use_grouped_topk)} in SGLang, {spec.grouped} in the spec")
+    # DeepSeek blocks always take the grouped path (n_group may be 1) and leave scoring_func at its
+    # default while selecting with sigmoid + correction bias
+    grouped = bool(topk_config.use_grouped_topk) and (topk_config.num_expert_group or 1) > 1
+    if grouped != spec.grouped:
+        problems.append(f"grouped top-k is {grouped} in SGLang, {spec.grouped} in the spec")
     if (topk_config.correction_bias is not None) != spec.has_correction_bias:
         problems.append("correction bias presence differs")
-    if topk_config.scoring_func != spec.scoring_func:
-        problems.append(f"scoring {topk_config.scoring_func!r} vs {spec.scoring_func!r}")
+    scoring = "sigmoid" if topk_config.correction_bias is not None else topk_config.scoring_func
+    if scoring != spec.scoring_func:
+        problems.append(f"scoring {scoring!r} vs {spec.scoring_func!r}")
     if bool(topk_config.renormalize) != spec.norm_topk_prob:
         problems.append(f"renormalize={topk_config.renormalize} vs norm_topk_prob={spec.norm_topk_prob}")
     if problems:
@@ -97,6 +101,8 @@ class PolicyRouting:
                                    f"{self.ir.spec.name} (MoE layers {list(self.ir.spec.moe_layers)})")
             check_topk_matches_spec(self.ir.spec, topk_config, num_experts, layer_id)
             got = self.routers[layer_id] = LayerRouter(self.ir, layer_id, sglang_conventions(topk_config))
+            device = topk_config.correction_bias.device if topk_config.correction_bias is not None else None
+            got.prepare(device or ("cuda" if torch.cuda.is_available() else "cpu"))  # tables before any capture
         return got
 
     def select_experts(self, original, hidden_states: Tensor, router_logits: Tensor, topk_config, *,
@@ -111,17 +117,22 @@ class PolicyRouting:
         if layer_id is None or dynamic_expert_bias is not None:
             return original(hidden_states, router_logits, topk_config, **kwargs)
         ctx = route_context(router_logits.shape[0])
-        router = self.router(layer_id, topk_config, router_logits.shape[-1])
-        plan = router.plan(ctx)
+        if not self.ir.spec.is_moe_layer(layer_id):
+            self.router(layer_id, topk_config, router_logits.shape[-1])  # raises the explanatory error
+        plan = self.ir.plan(layer_id, ctx)
         if self.stock_fast_path and plan.is_stock_shape and plan.k == self.ir.spec.top_k:
             return original(hidden_states, router_logits, topk_config, **kwargs)  # stock: SGLang's own path
+        router = self.router(layer_id, topk_config, router_logits.shape[-1])
 
         if router_logits_partials is not None:
             T.rocm_router_reduce_partials(router_logits_partials, router_logits)
         router_logits, bias = T.expert_location_dispatch.transform_select_experts_inputs(
             router_logits=router_logits, correction_bias=topk_config.correction_bias,
             info=expert_location_dispatch_info)
-        weights, ids = router(router_logits, ctx, correction_bias=bias)
+        row_mask = None
+        if num_token_non_padded is not None:  # CUDA-graph padding rows take no part in batch-wide stages
+            row_mask = torch.arange(router_logits.shape[0], device=router_logits.device) < num_token_non_padded
+        weights, ids = router(router_logits, ctx, correction_bias=bias, row_mask=row_mask)
         weights, ids = _pad_to(weights, ids, self.ir.spec.top_k)
         valid = ids >= 0
         ids = fill_padding(ids, valid, self.ir.spec.num_experts)  # valid ids everywhere through SGLang's remap
