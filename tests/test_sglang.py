@@ -401,3 +401,12 @@ def test_cuda_graph_padding_rows_are_left_out(sglang_topk, tmp_path) -> None:
     out = topk.forward_native(torch.zeros(8, 8), x, num_token_non_padded=torch.tensor(5))
     assert int((out.topk_weights[:5] > 0).sum()) == 5 * 2
     assert (out.topk_weights[5:] == 0).all()
+
+
+def test_fillers_prefer_experts_the_batch_loads() -> None:
+    from sgl_budget.engines.sglang.routing import fill_padding
+
+    ids = torch.tensor([[3, 5, -1, -1], [5, 7, 9, -1]], dtype=torch.int32)
+    out = fill_padding(ids, ids >= 0, 16)
+    assert out[0].tolist() == [3, 5, 7, 9] and out[1].tolist() == [5, 7, 9, 3]
+    assert out.dtype == torch.int32

@@ -75,12 +75,18 @@ def check_topk_matches_spec(spec: ModelSpec, topk_config, num_experts: int, laye
 
 
 def fill_padding(ids: Tensor, valid: Tensor, num_experts: int) -> Tensor:
-    """Give padded slots distinct experts the token does not hold (lowest ids first), no host sync."""
-    held = torch.zeros(ids.shape[0], num_experts + 1, dtype=torch.bool, device=ids.device)
-    held.scatter_(1, ids.long().masked_fill(~valid, num_experts), True)
-    free_rank = torch.where(held[:, :num_experts], num_experts, 0) + torch.arange(num_experts, device=ids.device)
-    free = torch.topk(free_rank, ids.shape[1], dim=1, largest=False).indices  # free experts, ascending
-    pad_pos = torch.cumsum((~valid).long(), dim=1) - 1  # k-th padded slot takes the k-th free expert
+    """Give padded slots distinct experts the token does not hold, preferring experts the batch already loads.
+
+    Runners that index weights by id (torch-native, CPU, HIP) then compute no expert the batch
+    would not read anyway where possible. Vectorised, no host sync.
+    """
+    e = num_experts
+    idx = ids.long().masked_fill(~valid, e)
+    held = torch.zeros(ids.shape[0], e + 1, dtype=torch.bool, device=ids.device).scatter_(1, idx, True)[:, :e]
+    in_batch = held.any(dim=0, keepdim=True)
+    rank = torch.where(held, 2 * e, torch.where(in_batch, 0, e)) + torch.arange(e, device=ids.device)
+    free = torch.topk(rank, ids.shape[1], dim=1, largest=False).indices  # best fillers first
+    pad_pos = torch.cumsum((~valid).long(), dim=1) - 1  # the k-th padded slot takes the k-th filler
     filler = free.gather(1, pad_pos.clamp_min(0))
     return torch.where(valid, ids.long(), filler).to(ids.dtype)
 
