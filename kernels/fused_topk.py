@@ -1,0 +1,113 @@
+"""Triton fused routing for a layer's plain top-k plan: scoring + grouped top-k + top-k + weights, one launch.
+
+Specification: :class:`sgl_budget.routing.LayerRouter` for a plan with per-layer
+k and no batch stage (reference conventions: sorted top-k). Each program takes
+``BLOCK_T`` tokens: softmax (or sigmoid + correction bias) in float32, the group
+limit for grouped models, then k rounds of arg-max (ties to the lower expert
+index), renormalisation over the k chosen and the routed scaling factor; slots
+``k..width-1`` are padding (id -1, weight 0). Static shapes, no host sync.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+NEG = -3.0e38
+
+
+@triton.jit
+def _fused_topk_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, E: tl.constexpr, E_PAD: tl.constexpr,
+                       K: tl.constexpr, WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+                       SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
+                       RENORM: tl.constexpr, EPS: tl.constexpr, SCALE: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, E_PAD)
+    rmask = rows < T
+    cmask = cols < E
+    x = tl.load(logits_ptr + rows[:, None] * E + cols[None, :], mask=rmask[:, None] & cmask[None, :],
+                other=NEG).to(tl.float32)
+    if SIGMOID:
+        scores = tl.sigmoid(x)
+    else:
+        m = tl.max(x, 1)
+        p = tl.exp(x - m[:, None])
+        p = tl.where(cmask[None, :], p, 0.0)
+        scores = p / tl.sum(p, 1)[:, None]
+    select = scores
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        select = scores + b[None, :]
+    select = tl.where(cmask[None, :], select, NEG)
+
+    if N_GROUP > 1:
+        GS: tl.constexpr = E // N_GROUP
+        group_of = cols // GS
+        # group score: sum of the top-2 (with a bias) or the max (without) selection scores of each group
+        keep = tl.zeros([BLOCK_T, E_PAD], dtype=tl.int1)
+        gscore = tl.zeros([BLOCK_T, E_PAD], dtype=tl.float32) + NEG  # per column: its group's score
+        for gi in tl.static_range(N_GROUP):
+            in_g = group_of == gi
+            vals = tl.where(in_g[None, :], select, NEG)
+            first = tl.max(vals, 1)
+            if HAS_BIAS:
+                arg = tl.argmax(vals, 1)
+                second = tl.max(tl.where(cols[None, :] == arg[:, None], NEG, vals), 1)
+                score = first + second
+            else:
+                score = first
+            gscore = tl.where(in_g[None, :], score[:, None], gscore)
+        # keep the TOPK_GROUP best groups (ties to the lower group index)
+        chosen = tl.zeros([BLOCK_T, E_PAD], dtype=tl.int1)
+        cand = tl.where(cmask[None, :], gscore, NEG)
+        for _ in tl.static_range(TOPK_GROUP):
+            best = tl.argmax(cand, 1)  # a column of the best remaining group
+            g_best = best // GS
+            hit = group_of[None, :] == g_best[:, None]
+            chosen = chosen | hit
+            cand = tl.where(hit, NEG, cand)
+        keep = chosen
+        if HAS_BIAS:
+            select = tl.where(keep, select, NEG)
+        else:
+            select = tl.where(keep, select, tl.where(cmask[None, :], 0.0, NEG))
+
+    wo = tl.arange(0, WIDTH_PAD)
+    out_w = tl.zeros([BLOCK_T, WIDTH_PAD], dtype=tl.float32)
+    out_i = tl.zeros([BLOCK_T, WIDTH_PAD], dtype=tl.int32) - 1
+    total = tl.zeros([BLOCK_T], dtype=tl.float32)
+    cur = select
+    for j in tl.static_range(K):
+        arg = tl.argmax(cur, 1)
+        pick = cols[None, :] == arg[:, None]
+        raw = tl.sum(tl.where(pick, scores, 0.0), 1)
+        out_w = tl.where(wo[None, :] == j, raw[:, None], out_w)
+        out_i = tl.where(wo[None, :] == j, arg[:, None], out_i)
+        total += raw
+        cur = tl.where(pick, NEG, cur)
+    if RENORM:
+        out_w = out_w / (total + EPS)[:, None]
+    out_w = out_w * SCALE
+    omask = rmask[:, None] & (wo[None, :] < WIDTH)
+    tl.store(w_ptr + rows[:, None] * WIDTH + wo[None, :], out_w, mask=omask)
+    tl.store(ids_ptr + rows[:, None] * WIDTH + wo[None, :], out_i, mask=omask)
+
+
+def fused_topk(router_logits: torch.Tensor, k: int, width: int, *, sigmoid: bool = False,
+               correction_bias: torch.Tensor | None = None, n_group: int = 1, topk_group: int = 1,
+               renormalize: bool = True, eps: float = 0.0, scale: float = 1.0,
+               block_t: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weights [T, width] float32, ids [T, width] int32)``; slots ``k..width-1`` padded (-1, 0)."""
+    x = router_logits.contiguous()
+    t, e = x.shape
+    w = torch.empty(t, width, dtype=torch.float32, device=x.device)
+    ids = torch.empty(t, width, dtype=torch.int32, device=x.device)
+    bias = correction_bias.contiguous().float() if correction_bias is not None else x
+    grid = (triton.cdiv(max(t, 1), block_t),)
+    _fused_topk_kernel[grid](x, bias, w, ids, t, E=e, E_PAD=triton.next_power_of_2(e), K=k, WIDTH=width,
+                             WIDTH_PAD=triton.next_power_of_2(width), BLOCK_T=block_t, SIGMOID=sigmoid,
+                             HAS_BIAS=correction_bias is not None, N_GROUP=n_group, TOPK_GROUP=topk_group,
+                             RENORM=renormalize, EPS=eps, SCALE=scale)
+    return w, ids
