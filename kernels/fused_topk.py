@@ -18,10 +18,10 @@ NEG = -3.0e38
 
 
 @triton.jit
-def _fused_topk_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, E: tl.constexpr, E_PAD: tl.constexpr,
+def _fused_topk_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, key_ptr, T, E: tl.constexpr, E_PAD: tl.constexpr,
                        K: tl.constexpr, WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
                        SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
-                       RENORM: tl.constexpr, EPS: tl.constexpr, SCALE: tl.constexpr):
+                       RENORM: tl.constexpr, EPS: tl.constexpr, SCALE: tl.constexpr, WRITE_KEY: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, E_PAD)
@@ -74,7 +74,11 @@ def _fused_topk_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, E: tl.constexpr,
         else:
             select = tl.where(keep, select, tl.where(cmask[None, :], 0.0, NEG))
 
+    if SIGMOID:  # Alloc-T's cross-token key: the token's normalised (clamped) selection score
+        key_den = tl.sum(tl.where(select > 0, select, 0.0), 1)
+        key_den = tl.where(key_den > 0, key_den, 1.0)
     wo = tl.arange(0, WIDTH_PAD)
+    out_k = tl.zeros([BLOCK_T, WIDTH_PAD], dtype=tl.float32)
     out_w = tl.zeros([BLOCK_T, WIDTH_PAD], dtype=tl.float32)
     out_i = tl.zeros([BLOCK_T, WIDTH_PAD], dtype=tl.int32) - 1
     total = tl.zeros([BLOCK_T], dtype=tl.float32)
@@ -83,6 +87,13 @@ def _fused_topk_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, E: tl.constexpr,
         arg = tl.argmax(cur, 1)
         pick = cols[None, :] == arg[:, None]
         raw = tl.sum(tl.where(pick, scores, 0.0), 1)
+        if WRITE_KEY:
+            if SIGMOID:
+                sel = tl.sum(tl.where(pick, select, 0.0), 1)
+                kv = tl.where(sel > 0, sel, 0.0) / key_den
+            else:
+                kv = raw
+            out_k = tl.where(wo[None, :] == j, kv[:, None], out_k)
         out_w = tl.where(wo[None, :] == j, raw[:, None], out_w)
         out_i = tl.where(wo[None, :] == j, arg[:, None], out_i)
         total += raw
@@ -93,21 +104,27 @@ def _fused_topk_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, E: tl.constexpr,
     omask = rmask[:, None] & (wo[None, :] < WIDTH)
     tl.store(w_ptr + rows[:, None] * WIDTH + wo[None, :], out_w, mask=omask)
     tl.store(ids_ptr + rows[:, None] * WIDTH + wo[None, :], out_i, mask=omask)
+    if WRITE_KEY:
+        tl.store(key_ptr + rows[:, None] * WIDTH + wo[None, :], out_k, mask=omask)
 
 
 def fused_topk(router_logits: torch.Tensor, k: int, width: int, *, sigmoid: bool = False,
                correction_bias: torch.Tensor | None = None, n_group: int = 1, topk_group: int = 1,
-               renormalize: bool = True, eps: float = 0.0, scale: float = 1.0,
+               renormalize: bool = True, eps: float = 0.0, scale: float = 1.0, keys: torch.Tensor | None = None,
                block_t: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(weights [T, width] float32, ids [T, width] int32)``; slots ``k..width-1`` padded (-1, 0)."""
+    """``(weights [T, width] float32, ids [T, width] int32)``; slots ``k..width-1`` padded (-1, 0).
+
+    With ``keys`` (a ``[T, width]`` float32 buffer) also writes Alloc-T's cross-token ranking key of
+    each selected slot (see :func:`sgl_budget.routing.reallocate.ranking_key`).
+    """
     x = router_logits.contiguous()
     t, e = x.shape
     w = torch.empty(t, width, dtype=torch.float32, device=x.device)
     ids = torch.empty(t, width, dtype=torch.int32, device=x.device)
     bias = correction_bias.contiguous().float() if correction_bias is not None else x
     grid = (triton.cdiv(max(t, 1), block_t),)
-    _fused_topk_kernel[grid](x, bias, w, ids, t, E=e, E_PAD=triton.next_power_of_2(e), K=k, WIDTH=width,
+    _fused_topk_kernel[grid](x, bias, w, ids, keys if keys is not None else w, t, E=e, E_PAD=triton.next_power_of_2(e), K=k, WIDTH=width,
                              WIDTH_PAD=triton.next_power_of_2(width), BLOCK_T=block_t, SIGMOID=sigmoid,
                              HAS_BIAS=correction_bias is not None, N_GROUP=n_group, TOPK_GROUP=topk_group,
-                             RENORM=renormalize, EPS=eps, SCALE=scale)
+                             RENORM=renormalize, EPS=eps, SCALE=scale, WRITE_KEY=keys is not None)
     return w, ids

@@ -76,3 +76,29 @@ def test_fused_topk_matches_the_reference_router(variant, k) -> None:
                         scale=spec.routed_scaling_factor)
     assert torch.equal(ids.cpu(), ref_i), (spec.name, k)
     assert torch.allclose(w.cpu(), ref_w, rtol=1e-5, atol=1e-6), (spec.name, k)
+
+
+@pytest.mark.parametrize("variant", range(4))
+@pytest.mark.parametrize("k,min_k,max_k,t", [(2, 1, 4, 16), (1, 0, 4, 9), (2, 0, 2, 5), (1, 1, 4, 1), (3, 1, 4, 33)])
+def test_alloc_t_matches_the_reference_router(variant, k, min_k, max_k, t) -> None:
+    from sgl_budget.kernels.alloc_t import alloc_t
+    from sgl_budget.lang import compile_policy
+    from sgl_budget.lang.ir import RouteContext
+    from sgl_budget.routing import compile_routers
+    from sgl_budget.routing.scoring import renorm_epsilon
+
+    spec = _spec_variants()[variant]
+    if k > spec.top_k:
+        pytest.skip("k above top-k")
+    src = f'policy "t" {{ layers {{ k = {k} }} tokens {{ reallocate by score; min_k {min_k}; max_k {max_k} }} }}'
+    router = compile_routers(compile_policy(src, spec))[1]
+    g = torch.Generator().manual_seed(variant * 100 + t)
+    x = torch.randn(t, spec.num_experts, generator=g) * 2
+    bias = torch.randn(spec.num_experts, generator=g) * 0.1 if spec.has_correction_bias else None
+    ref_w, ref_i = router(x, RouteContext("decode", t), correction_bias=bias)
+    w, ids = alloc_t(x.to(DEVICE), k, min_k, max_k, router.width, sigmoid=spec.scoring_func == "sigmoid",
+                     correction_bias=None if bias is None else bias.to(DEVICE), n_group=spec.n_group,
+                     topk_group=spec.topk_group, renormalize=spec.norm_topk_prob, eps=renorm_epsilon(spec),
+                     scale=spec.routed_scaling_factor)
+    assert torch.equal(ids.cpu(), ref_i), (spec.name, k, min_k, max_k, t)
+    assert torch.allclose(w.cpu(), ref_w, rtol=1e-5, atol=1e-6)
