@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run in Triton's interpreter on CPU; set before any kernel module is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from sgl_budget.spec import ModelSpec
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before triton is imported
+    assert os.environ.get("TRITON_INTERPRET") == "1"  # conftest.py sets it before any kernel is imported
 triton = pytest.importorskip("triton", reason="triton is not installed (it comes with the sglang extra)")
 
 from sgl_budget.routing.dispatch import align_reference, max_padded  # noqa: E402
@@ -102,3 +102,72 @@ def test_alloc_t_matches_the_reference_router(variant, k, min_k, max_k, t) -> No
                      scale=spec.routed_scaling_factor)
     assert torch.equal(ids.cpu(), ref_i), (spec.name, k, min_k, max_k, t)
     assert torch.allclose(w.cpu(), ref_w, rtol=1e-5, atol=1e-6)
+
+
+def test_backend_selection_and_equivalence(tmp_path) -> None:
+    from conftest import TINY_SIGMOID, write_similarity
+    from sgl_budget.kernels.backend import KernelRouter, compile_kernel_routers
+    from sgl_budget.lang import compile_policy
+    from sgl_budget.lang.ir import RouteContext
+
+    spec = TINY_SIGMOID
+    write_similarity(spec, tmp_path)
+    x = torch.randn(12, spec.num_experts, generator=torch.Generator().manual_seed(0))
+    bias = torch.linspace(-0.1, 0.1, spec.num_experts)
+    for src in ('policy "k" { layers { k = 2 } }',
+                'policy "t" { budget 50%; tokens { reallocate by score; min_k 1; max_k 4 } }',
+                f'policy "s" {{ reroute {{ similarity "{spec.name}.sim.safetensors"; primary top 1 }} }}'):
+        ir = compile_policy(src, spec, base_dir=tmp_path)
+        ref = compile_kernel_routers(ir, backend="torch")[1]
+        tri = compile_kernel_routers(ir, backend="triton")[1]
+        auto = KernelRouter(ir, 1)
+        plan = tri.plan(RouteContext("decode", 12))
+        assert not ref.kernel_applies(plan, x) and not auto.kernel_applies(plan, x)  # CPU tensors: reference
+        assert tri.kernel_applies(plan, x) == (plan.reroute is None)
+        rw, ri = ref(x.to(DEVICE), RouteContext("decode", 12), correction_bias=bias.to(DEVICE))
+        tw, ti = tri(x.to(DEVICE), RouteContext("decode", 12), correction_bias=bias.to(DEVICE))
+        assert torch.equal(ti.cpu(), ri.cpu()) and torch.allclose(tw.cpu(), rw.cpu(), rtol=1e-5, atol=1e-6), src
+    with pytest.raises(ValueError, match="backend must be"):
+        KernelRouter(ir, 1, backend="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")
+def test_kernels_capture_in_a_cuda_graph() -> None:
+    from conftest import TINY_SOFTMAX
+    from sgl_budget.kernels.backend import compile_kernel_routers
+    from sgl_budget.kernels.moe_align import moe_align
+    from sgl_budget.lang import compile_policy
+    from sgl_budget.lang.ir import RouteContext
+
+    ir = compile_policy('policy "t" { budget 50%; tokens { reallocate by score; min_k 1; max_k 4 } }', TINY_SOFTMAX)
+    router = compile_kernel_routers(ir)[1]
+    ctx = RouteContext("decode", 16)
+    x = torch.randn(16, 16, device="cuda")
+    router(x, ctx)  # warm up (compile) outside the capture
+    moe_align(router(x, ctx)[1], 16, 16)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        w, ids = router(x, ctx)
+        al = moe_align(ids, 16, 16)
+    x.copy_(torch.randn(16, 16, device="cuda"))
+    g.replay()
+    rw, ri = compile_kernel_routers(ir, backend="torch")[1](x, ctx)
+    assert torch.equal(ids, ri) and torch.allclose(w, rw, rtol=1e-5, atol=1e-6)
+    assert int(al.num_tokens_post_padded) % 16 == 0
+
+
+def test_kernels_leave_trailing_padded_rows_out() -> None:
+    from conftest import TINY_SOFTMAX
+    from sgl_budget.kernels.backend import compile_kernel_routers
+    from sgl_budget.lang import compile_policy
+    from sgl_budget.lang.ir import RouteContext
+
+    ir = compile_policy('policy "t" { budget 50%; tokens { reallocate by score; min_k 1; max_k 4 } }', TINY_SOFTMAX)
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(3)) * 3
+    x[5:] = 0
+    mask = torch.arange(8) < 5
+    rw, ri = compile_kernel_routers(ir, backend="torch")[1](x, RouteContext("decode", 8), row_mask=mask)
+    tw, ti = compile_kernel_routers(ir, backend="triton")[1](x.to(DEVICE), RouteContext("decode", 8),
+                                                             row_mask=mask.to(DEVICE))
+    assert int((ri[:5] >= 0).sum()) == 10 and (ri[5:] == -1).all()
+    assert torch.equal(ti.cpu(), ri) and torch.allclose(tw.cpu(), rw, rtol=1e-5, atol=1e-6)

@@ -21,6 +21,7 @@ path indexes expert weights with the ids.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -106,7 +107,7 @@ class PolicyRouting:
                 raise RuntimeError(f"sgl_budget: SGLang routed layer {layer_id}, which is not an MoE layer of "
                                    f"{self.ir.spec.name} (MoE layers {list(self.ir.spec.moe_layers)})")
             check_topk_matches_spec(self.ir.spec, topk_config, num_experts, layer_id)
-            got = self.routers[layer_id] = LayerRouter(self.ir, layer_id, sglang_conventions(topk_config))
+            got = self.routers[layer_id] = _router(self.ir, layer_id, sglang_conventions(topk_config))
             device = topk_config.correction_bias.device if topk_config.correction_bias is not None else None
             got.prepare(device or ("cuda" if torch.cuda.is_available() else "cpu"))  # tables before any capture
         return got
@@ -153,6 +154,18 @@ class PolicyRouting:
         if recorder_ids is not None:
             T.get_global_expert_distribution_recorder().on_select_experts(topk_ids=recorder_ids)
         return T.StandardTopKOutput(weights, ids, router_logits)
+
+
+def _router(ir: PolicyIR, layer: int, conv: Conventions) -> LayerRouter:
+    """Triton kernels on CUDA where they apply, the reference otherwise (SGL_BUDGET_ROUTING_BACKEND forces one)."""
+    backend = os.environ.get("SGL_BUDGET_ROUTING_BACKEND", "auto")
+    if backend == "torch":
+        return LayerRouter(ir, layer, conv)
+    try:
+        from ...kernels.backend import KernelRouter
+    except ImportError:  # no triton in this environment
+        return LayerRouter(ir, layer, conv)
+    return KernelRouter(ir, layer, conv, backend)  # type: ignore[arg-type]
 
 
 def _pad_to(weights: Tensor, ids: Tensor, width: int) -> tuple[Tensor, Tensor]:

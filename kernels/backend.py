@@ -1,0 +1,79 @@
+"""Backend selection: the Triton kernels on CUDA tensors, the torch reference elsewhere (or forced either way).
+
+:class:`KernelRouter` is a :class:`~sgl_budget.routing.LayerRouter` whose
+``route_scores``-level work runs in Triton for the plans the kernels cover —
+per-layer top-k and Alloc-T (without re-routing or piggybacking) — on a single
+``[T, E]`` batch on a CUDA device; every other case, and ``backend="torch"``,
+takes the reference path. ``backend="triton"`` also runs the kernels on CPU
+tensors (under ``TRITON_INTERPRET=1``), which is how CI tests the selection.
+The choice depends only on host facts (plan, device, shapes): no host sync.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from sgl_budget.lang.ir import LayerPlan, PolicyIR, RouteContext
+from sgl_budget.routing import Conventions, LayerRouter, RouteOutput
+from sgl_budget.routing.scoring import REFERENCE, renorm_epsilon
+
+Backend = Literal["auto", "torch", "triton"]
+
+
+class KernelRouter(LayerRouter):
+    """A layer router that uses the Triton kernels where they apply."""
+
+    def __init__(self, ir: PolicyIR, layer: int, conventions: Conventions = REFERENCE,
+                 backend: Backend = "auto") -> None:
+        super().__init__(ir, layer, conventions)
+        if backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"backend must be auto, torch or triton, not {backend!r}")
+        self.backend = backend
+
+    def kernel_applies(self, plan: LayerPlan, router_logits: Tensor) -> bool:
+        if self.backend == "torch" or router_logits.dim() != 2:
+            return False
+        if self.backend == "auto" and not router_logits.is_cuda:
+            return False
+        if plan.reroute is not None or plan.piggyback is not None:
+            return False  # SERE / piggyback kernels: not yet (reference path)
+        if self.conv.scores_in_logit_dtype and router_logits.dtype != torch.float32:
+            return False  # the kernels score in float32
+        return True
+
+    def __call__(self, router_logits: Tensor, ctx: RouteContext | None = None,
+                 correction_bias: Tensor | None = None, row_mask: Tensor | None = None) -> RouteOutput:
+        t = router_logits.shape[0]
+        ctx = ctx or RouteContext("decode", max(1, t), max(1, t))
+        plan = self.plan(ctx)
+        if not self.kernel_applies(plan, router_logits):
+            return super().__call__(router_logits, ctx, correction_bias, row_mask)
+        # the kernels take padded rows as a trailing count (SGLang's row mask is arange(T) < n)
+        num_valid = row_mask.sum() if row_mask is not None else None
+        spec = self.spec
+        kw = dict(sigmoid=spec.scoring_func == "sigmoid", correction_bias=correction_bias, n_group=spec.n_group,
+                  topk_group=spec.topk_group, renormalize=spec.norm_topk_prob,
+                  eps=renorm_epsilon(spec) if self.conv.renorm_eps is None else self.conv.renorm_eps,
+                  scale=spec.routed_scaling_factor if self.conv.apply_routed_scaling else 1.0)
+        if plan.reallocation is None:
+            from .fused_topk import fused_topk
+
+            w, ids = fused_topk(router_logits, plan.k, self.width, **kw)  # rows are independent
+            if row_mask is not None:
+                ids = ids.masked_fill(~row_mask.unsqueeze(-1), -1)
+                w = w.masked_fill(~row_mask.unsqueeze(-1), 0.0)
+        else:
+            from .alloc_t import alloc_t
+
+            r = plan.reallocation
+            w, ids = alloc_t(router_logits, plan.k, r.min_k, r.max_k, self.width, num_valid=num_valid, **kw)
+        return RouteOutput(w, ids)
+
+
+def compile_kernel_routers(ir: PolicyIR, conventions: Conventions = REFERENCE,
+                           backend: Backend = "auto") -> dict[int, KernelRouter]:
+    """One :class:`KernelRouter` per MoE layer (``backend``: auto | torch | triton)."""
+    return {layer: KernelRouter(ir, layer, conventions, backend) for layer in ir.spec.moe_layers}
