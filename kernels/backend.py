@@ -38,8 +38,8 @@ class KernelRouter(LayerRouter):
             return False
         if self.backend == "auto" and not router_logits.is_cuda:
             return False
-        if plan.reroute is not None or plan.piggyback is not None:
-            return False  # SERE / piggyback kernels: not yet (reference path)
+        if plan.piggyback is not None:
+            return False  # piggyback kernel: not yet (reference path)
         if self.conv.scores_in_logit_dtype and router_logits.dtype != torch.float32:
             return False  # the kernels score in float32
         return True
@@ -58,10 +58,13 @@ class KernelRouter(LayerRouter):
                   topk_group=spec.topk_group, renormalize=spec.norm_topk_prob,
                   eps=renorm_epsilon(spec) if self.conv.renorm_eps is None else self.conv.renorm_eps,
                   scale=spec.routed_scaling_factor if self.conv.apply_routed_scaling else 1.0)
+        rr = plan.reroute
+        stage = dict(kw, renormalize=False, scale=1.0) if rr is not None else kw  # SERE weighs after merging
         if plan.reallocation is None:
             from .fused_topk import fused_topk
 
-            w, ids = fused_topk(router_logits, plan.k, self.width, **kw)  # rows are independent
+            width = plan.k if rr is not None else self.width
+            w, ids = fused_topk(router_logits, plan.k, width, **stage)  # rows are independent
             if row_mask is not None:
                 ids = ids.masked_fill(~row_mask.unsqueeze(-1), -1)
                 w = w.masked_fill(~row_mask.unsqueeze(-1), 0.0)
@@ -69,7 +72,15 @@ class KernelRouter(LayerRouter):
             from .alloc_t import alloc_t
 
             r = plan.reallocation
-            w, ids = alloc_t(router_logits, plan.k, r.min_k, r.max_k, self.width, num_valid=num_valid, **kw)
+            width = r.max_k if rr is not None else self.width
+            w, ids = alloc_t(router_logits, plan.k, r.min_k, r.max_k, width, num_valid=num_valid, **stage)
+        if rr is not None:
+            from .sere import sere_reroute
+
+            tables = self._reroute_tables(plan, router_logits.device)
+            w, ids = sere_reroute(ids, w, tables.similarity, tables.critical, rr.primary.kind, rr.primary.value,
+                                  rr.min_similarity, self.width, renormalize=kw["renormalize"], eps=kw["eps"],
+                                  scale=kw["scale"])
         return RouteOutput(w, ids)
 
 

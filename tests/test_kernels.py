@@ -123,7 +123,7 @@ def test_backend_selection_and_equivalence(tmp_path) -> None:
         auto = KernelRouter(ir, 1)
         plan = tri.plan(RouteContext("decode", 12))
         assert not ref.kernel_applies(plan, x) and not auto.kernel_applies(plan, x)  # CPU tensors: reference
-        assert tri.kernel_applies(plan, x) == (plan.reroute is None)
+        assert tri.kernel_applies(plan, x)  # top-k, Alloc-T and SERE plans all have kernels
         rw, ri = ref(x.to(DEVICE), RouteContext("decode", 12), correction_bias=bias.to(DEVICE))
         tw, ti = tri(x.to(DEVICE), RouteContext("decode", 12), correction_bias=bias.to(DEVICE))
         assert torch.equal(ti.cpu(), ri.cpu()) and torch.allclose(tw.cpu(), rw.cpu(), rtol=1e-5, atol=1e-6), src
@@ -171,3 +171,28 @@ def test_kernels_leave_trailing_padded_rows_out() -> None:
                                                              row_mask=mask.to(DEVICE))
     assert int((ri[:5] >= 0).sum()) == 10 and (ri[5:] == -1).all()
     assert torch.equal(ti.cpu(), ri) and torch.allclose(tw.cpu(), rw, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("primary", ["primary top 1", "primary top 2", "primary coverage 60%", "primary count 5"])
+@pytest.mark.parametrize("variant", range(4))
+@pytest.mark.parametrize("tokens", ["", "tokens { reallocate by score; min_k 1; max_k 4 }"])
+def test_sere_kernel_matches_the_reference_router(tmp_path, primary, variant, tokens) -> None:
+    from conftest import write_similarity
+    from sgl_budget.kernels.backend import compile_kernel_routers
+    from sgl_budget.lang import compile_policy
+    from sgl_budget.lang.ir import RouteContext
+
+    spec = _spec_variants()[variant]
+    write_similarity(spec, tmp_path)
+    src = (f'policy "s" {{ budget 50%; {tokens} reroute {{ similarity "{spec.name}.sim.safetensors"; {primary}; '
+           f"min_similarity 0.55; preserve critical 2 }} }}")
+    ir = compile_policy(src, spec, base_dir=tmp_path)
+    g = torch.Generator().manual_seed(variant)
+    x = torch.randn(24, spec.num_experts, generator=g) * 2
+    bias = torch.randn(spec.num_experts, generator=g) * 0.1 if spec.has_correction_bias else None
+    ctx = RouteContext("decode", 24)
+    rw, ri = compile_kernel_routers(ir, backend="torch")[1](x, ctx, correction_bias=bias)
+    tw, ti = compile_kernel_routers(ir, backend="triton")[1](x.to(DEVICE), ctx,
+                                                             correction_bias=None if bias is None else bias.to(DEVICE))
+    assert torch.equal(ti.cpu(), ri), (spec.name, primary, tokens)
+    assert torch.allclose(tw.cpu(), rw, rtol=1e-5, atol=1e-6)
