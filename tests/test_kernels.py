@@ -196,3 +196,20 @@ def test_sere_kernel_matches_the_reference_router(tmp_path, primary, variant, to
                                                              correction_bias=None if bias is None else bias.to(DEVICE))
     assert torch.equal(ti.cpu(), ri), (spec.name, primary, tokens)
     assert torch.allclose(tw.cpu(), rw, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("t,k,e,pad", [(5, 2, 8, 0.0), (9, 4, 16, 0.4), (1, 4, 8, 0.5)])
+def test_grouped_gemm_moe_matches_reference(t, k, e, pad) -> None:
+    from sgl_budget.kernels.grouped_gemm import fused_moe, moe_reference
+
+    g = torch.Generator().manual_seed(t + e)
+    h, inter = 32, 16
+    x = torch.randn(t, h, generator=g)
+    w13 = torch.randn(e, 2 * inter, h, generator=g) * 0.2
+    w2 = torch.randn(e, h, inter, generator=g) * 0.2
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]).to(torch.int32)
+    ids[torch.rand(t, k, generator=g) < pad] = -1
+    w = torch.rand(t, k, generator=g) * (ids >= 0)
+    ref = moe_reference(x, w13, w2, w, ids)
+    got = fused_moe(x.to(DEVICE), w13.to(DEVICE), w2.to(DEVICE), w.to(DEVICE), ids.to(DEVICE))
+    assert torch.allclose(got.cpu(), ref, rtol=1e-4, atol=1e-4)

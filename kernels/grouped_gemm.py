@@ -1,0 +1,82 @@
+"""A Triton grouped-GEMM MoE layer over the aligned slots (the benchmark's "same kernel for both sides").
+
+Specification: :func:`moe_reference`. :func:`sgl_budget.kernels.moe_align.moe_align`
+groups the routed slots by expert; every block of ``BLOCK_M`` slots multiplies
+its tokens by one expert's weights (``w13`` then ``w2``), so the weights read are
+exactly those of the experts the batch uses — padded slots (id -1) launch nothing.
+Blocks past ``num_tokens_post_padded`` exit at once (static grid, CUDA-graph safe).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .moe_align import moe_align
+
+
+@triton.jit
+def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, sorted_ptr, expert_ptr, ntpp_ptr, w_ptr, num_slots, N, K,
+                     stride_am, stride_be, stride_bn, stride_cm, TOPK: tl.constexpr, A_BY_TOKEN: tl.constexpr,
+                     MUL_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if pid_m * BLOCK_M >= tl.load(ntpp_ptr):
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    slot = tl.load(sorted_ptr + offs_m)
+    valid = slot < num_slots
+    expert = tl.load(expert_ptr + pid_m)
+    row = slot // TOPK if A_BY_TOKEN else slot
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(a_ptr + row[:, None] * stride_am + offs_k[None, :],
+                    mask=valid[:, None] & (offs_k[None, :] < K), other=0.0)
+        b = tl.load(b_ptr + expert * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None],
+                    mask=(offs_n[None, :] < N) & (offs_k[:, None] < K), other=0.0)
+        acc += tl.dot(a, b)
+    if MUL_WEIGHT:
+        acc *= tl.load(w_ptr + slot, mask=valid, other=0.0)[:, None]
+    tl.store(c_ptr + slot[:, None] * stride_cm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty),
+             mask=valid[:, None] & (offs_n[None, :] < N))
+
+
+def _gemm(a, w, out, al, num_slots, topk, by_token, weights, block_m, block_n=64, block_k=64):
+    e, n, k = w.shape
+    grid = (al.sorted_token_ids.numel() // block_m, triton.cdiv(n, block_n))
+    _moe_gemm_kernel[grid](a, w, out, al.sorted_token_ids, al.expert_ids, al.num_tokens_post_padded,
+                           weights if weights is not None else a, num_slots, n, k, a.stride(0), w.stride(0),
+                           w.stride(1), out.stride(0), TOPK=topk, A_BY_TOKEN=by_token,
+                           MUL_WEIGHT=weights is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, block_m: int = 16) -> torch.Tensor:
+    """MoE layer output ``[T, H]`` for ``x [T, H]``, ``w13 [E, 2I, H]``, ``w2 [E, H, I]`` (SiLU-gated)."""
+    t, k = topk_ids.shape
+    e, two_i, h = w13.shape
+    al = moe_align(topk_ids, e, block_m)
+    slots = t * k
+    up = torch.zeros(slots, two_i, dtype=x.dtype, device=x.device)
+    _gemm(x, w13, up, al, slots, k, True, None, block_m)
+    act = F.silu(up[:, : two_i // 2]) * up[:, two_i // 2:]
+    down = torch.zeros(slots, h, dtype=x.dtype, device=x.device)
+    _gemm(act, w2, down, al, slots, k, False, topk_weights.reshape(-1).float(), block_m)
+    return down.view(t, k, h).sum(1)
+
+
+def moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor) -> torch.Tensor:
+    """Pure-torch MoE layer: each token's kept experts (id >= 0), weighted and summed."""
+    out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
+    inter = w2.shape[2]
+    for e in torch.unique(topk_ids[topk_ids >= 0]).tolist():
+        tok, slot = torch.nonzero(topk_ids == e, as_tuple=True)
+        gu = x[tok].float() @ w13[e].float().T
+        a = F.silu(gu[:, :inter]) * gu[:, inter:]
+        out.index_add_(0, tok, (a @ w2[e].float().T) * topk_weights[tok, slot, None].float())
+    return out.to(x.dtype)
