@@ -71,7 +71,6 @@ def _sere_kernel(ids_ptr, raw_ptr, sim_ptr, crit_ptr, scratch_ptr, w_out_ptr, id
 
     safe = tl.where(valid, ids, 0)
     new_ids = tl.where(valid, tl.load(scratch_ptr + safe), -1)
-    moved = valid & (tl.load(scratch_ptr + E_PAD + safe) != 0)
     # merge: a slot whose expert an earlier valid slot of the token also holds adds its weight there
     same = (new_ids[:, :, None] == new_ids[:, None, :]) & valid[:, None, :] & valid[:, :, None]
     earlier = ks[None, None, :] < ks[None, :, None]
