@@ -26,7 +26,7 @@ def test_checkpoint_is_small_and_stock_loadable() -> None:
     weights = MODEL / "model.safetensors"
     assert weights.stat().st_size < 50 * 2**20
     cfg = json.loads((MODEL / "config.json").read_text())
-    assert cfg["architectures"] == ["Qwen3MoeForCausalLM"] and cfg["num_experts"] == 64
+    assert cfg["architectures"] == ["Qwen3MoeForCausalLM"] and cfg["num_local_experts"] == 64
     assert cfg["num_experts_per_tok"] == 8 and cfg["num_hidden_layers"] == 8
     model = transformers.AutoModelForCausalLM.from_pretrained(MODEL, local_files_only=True)
     assert type(model).__name__ == "Qwen3MoeForCausalLM"

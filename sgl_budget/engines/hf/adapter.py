@@ -106,6 +106,13 @@ def apply_policy(model: nn.Module, ir: PolicyIR) -> PolicyHandle:
         raise UnsupportedModel(f"the model's MoE layers {sorted(blocks)} differ from the spec's {list(spec.moe_layers)}")
     conv = Conventions(sorted_selection=sorted_topk)
     handle = PolicyHandle(model, ir, {l: LayerRouter(ir, l, conv) for l in blocks})
+    # transformers' grouped_mm / batched_mm experts mishandle the padding index on CPU (NaN rows were seen
+    # with 5.19's fallback); a policy that pads runs the eager experts, which skip it. Own-k policies keep
+    # whatever the model uses, so they stay bit-exact.
+    impl = getattr(model.config, "_experts_implementation", None)
+    if not ir.is_stock and impl != "eager":
+        model.config._experts_implementation = "eager"
+        handle._restore.append(lambda: setattr(model.config, "_experts_implementation", impl))
 
     for layer, block in blocks.items():
         gate, router = block.gate, handle.routers[layer]

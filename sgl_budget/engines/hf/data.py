@@ -28,6 +28,9 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
     if not (d / "config.json").is_file():
         raise FileNotFoundError(f"{d}: not a model directory (no config.json)")
     model = AutoModelForCausalLM.from_pretrained(d, dtype=dtype, local_files_only=True).eval()
+    # the eager experts for every run, so full top-k and policies (which need eager: see adapter) compare
+    # like for like
+    model.config._experts_implementation = "eager"
     tok = AutoTokenizer.from_pretrained(d, local_files_only=True)
     return model, tok
 
