@@ -37,7 +37,9 @@ def test_checkpoint_is_small_and_stock_loadable() -> None:
 def test_bundled_policies_compile_for_the_model() -> None:
     spec = load_spec(MODEL)
     assert len(POLICIES) == 16
-    for p in POLICIES:
+    variants = sorted((bundled_dir() / "brown-moe" / "sere-variants").glob("*.policy"))
+    assert len(variants) == 4
+    for p in POLICIES + variants:
         ir = load_policy(p, spec)
         assert ir.spec.num_experts == 64
 
