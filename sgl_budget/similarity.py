@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError
 from torch import Tensor
 
+from .safetensors_meta import read_with_meta, save_with_meta
 from .spec import ModelSpec
 
 FORMAT = "sgl-budget-similarity/1"
@@ -92,10 +92,7 @@ def save_similarity(table: SimilarityTable, path: str | Path) -> Path:
             tensors[f"layer.{l}.critical"] = table.critical[l].to(torch.int64).contiguous()
     meta = {"format": FORMAT, "model": table.model, "method": table.method, "source": table.source,
             "synthetic": bool(table.synthetic)}
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out), metadata={META_KEY: json.dumps(meta)})
-    return out
+    return save_with_meta(tensors, path, META_KEY, meta)
 
 
 def load_similarity(path: str | Path) -> SimilarityTable:
@@ -104,9 +101,7 @@ def load_similarity(path: str | Path) -> SimilarityTable:
     if not p.is_file():
         raise SimilarityFileError("no such file", p)
     try:
-        with safe_open(str(p), framework="pt") as f:
-            raw = (f.metadata() or {}).get(META_KEY)
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors, raw = read_with_meta(p, META_KEY)
     except (SafetensorError, OSError, ValueError) as e:
         raise SimilarityFileError(f"not a safetensors file ({e})", p) from None
     if raw is None:

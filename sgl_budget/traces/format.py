@@ -17,10 +17,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError
 from torch import Tensor
 
+from ..safetensors_meta import read_with_meta, save_with_meta
 from ..spec import ModelSpec, SpecError
 
 FORMAT = "sgl-budget-trace/1"
@@ -125,10 +125,7 @@ def write_trace(trace: Trace, path: str | Path, dtype: torch.dtype | str = torch
     meta = {"format": FORMAT, "model_spec": trace.spec.to_dict(), "layers": list(trace.layers),
             "sequences": [list(s) for s in trace.sequences], "source": trace.source,
             "synthetic": bool(trace.synthetic), "created": trace.created}
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out), metadata={META_KEY: json.dumps(meta)})
-    return out
+    return save_with_meta(tensors, path, META_KEY, meta)
 
 
 def load_trace(path: str | Path) -> Trace:
@@ -137,9 +134,7 @@ def load_trace(path: str | Path) -> Trace:
     if not p.is_file():
         raise TraceError(f"{p}: no such trace file")
     try:
-        with safe_open(str(p), framework="pt") as f:
-            meta_raw = (f.metadata() or {}).get(META_KEY)
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors, meta_raw = read_with_meta(p, META_KEY)
     except (SafetensorError, OSError, ValueError) as e:
         raise TraceError(f"{p}: not a safetensors file ({e})") from None
     if meta_raw is None:
