@@ -145,12 +145,3 @@ def apply_policy(model: nn.Module, ir: PolicyIR) -> PolicyHandle:
         handle._restore.append(lambda gate=gate, original=original: setattr(gate, "forward", original))
     return handle
 
-
-def router_logits_of(model: nn.Module) -> dict[int, Tensor]:
-    """Hook that collects each MoE layer's router logits ``[tokens, E]`` (float32) during forwards."""
-    store: dict[int, Tensor] = {}
-    for layer, block in moe_blocks(model).items():
-        def hook(module, args, output, layer=layer):
-            store[layer] = output[0].detach().float()
-        block.gate.register_forward_hook(hook)
-    return store

@@ -47,7 +47,6 @@ class _RouterStats:
 
     def __init__(self, model) -> None:
         self.blocks = moe_blocks(model)
-        self.num_experts = None
         self.act = self.uniq = 0.0
         self.tokens = self.batches = 0
         self.hooks = [b.gate.register_forward_hook(self._hook) for b in self.blocks.values()]

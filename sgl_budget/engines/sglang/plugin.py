@@ -23,7 +23,6 @@ import sys
 from .settings import DEFAULT_RECORD_MAX_TOKENS, Settings
 
 log = logging.getLogger("sgl_budget")
-SUPPORTED_SGLANG = ("0.5.23",)
 _STATE: dict = {}
 
 
