@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from ...lang.ir import PolicyIR, RouteContext
 from ...routing import Conventions, LayerRouter
