@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from sgl_budget.engines.hf import spec_of
 from sgl_budget.engines.hf.data import load_model, read_text, token_windows
 from sgl_budget.engines.hf.evaluate import evaluate
 from sgl_budget.lang import load_policy
+from sgl_budget.replay import expert_load_entropy
 from sgl_budget.traces import load_trace
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,13 +63,7 @@ def main() -> None:
     for r in results:
         lines.append(f"| {r.name} | {r.activations_per_token:.2f} | {r.unique_per_batch:.1f} | {r.perplexity:.2f} | "
                      f"{r.perplexity - full.perplexity:+.2f} | {r.accuracy:.4f} | {r.kl_to_full:.4f} |")
-    trace = load_trace(bundled_dir() / "traces" / EMBEDDED_TRACE)
-    ent = []
-    for layer, x in trace.router_logits.items():
-        ids = torch.softmax(x.float(), -1).topk(spec.top_k, dim=-1).indices
-        p = torch.bincount(ids.flatten(), minlength=spec.num_experts).float()
-        p = p / p.sum()
-        ent.append((layer, float(-(p[p > 0] * p[p > 0].log()).sum()) / math.log(spec.num_experts)))
+    ent = sorted(expert_load_entropy(load_trace(bundled_dir() / "traces" / EMBEDDED_TRACE)).items())
     lines += ["", "Expert-load entropy per layer (top-8 routing on the shipped held-out trace, / log 64; "
               "1 = perfectly balanced):", "",
               "| layer | " + " | ".join(str(l) for l, _ in ent) + " |",

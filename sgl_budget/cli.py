@@ -198,28 +198,11 @@ def cmd_trace_info(args: argparse.Namespace) -> int:
         "num_experts": t.spec.num_experts,
         "top_k": t.spec.top_k,
     }
-    info["expert_load_entropy"] = _load_entropy(t)
+    from .replay import expert_load_entropy
+
+    info["expert_load_entropy"] = {str(l): round(h, 4) for l, h in expert_load_entropy(t).items()}
     print(json.dumps(info, indent=2, default=str))
     return 0
-
-
-def _load_entropy(trace) -> dict[str, float]:
-    """Per layer: entropy of the stock top-k expert load over the trace, / log(E) (1 = perfectly balanced)."""
-    import math
-
-    import torch
-
-    from .routing import stock_route
-
-    out = {}
-    for layer, x in trace.router_logits.items():
-        bias = trace.correction_bias.get(layer) if trace.correction_bias else None
-        ids = stock_route(trace.spec, x.float(), bias).topk_ids.long()
-        load = torch.bincount(ids.flatten(), minlength=trace.spec.num_experts).float()
-        p = load / load.sum()
-        h = float(-(p[p > 0] * p[p > 0].log()).sum())
-        out[str(layer)] = round(h / math.log(trace.spec.num_experts), 4)
-    return out
 
 
 # -- demo --------------------------------------------------------------------

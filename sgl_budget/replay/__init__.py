@@ -2,6 +2,6 @@
 
 from .plot import plot_report
 from .report import LayerStats, PolicyResult, Report
-from .run import replay
+from .run import expert_load_entropy, replay
 
-__all__ = ["LayerStats", "PolicyResult", "Report", "plot_report", "replay"]
+__all__ = ["LayerStats", "PolicyResult", "Report", "expert_load_entropy", "plot_report", "replay"]

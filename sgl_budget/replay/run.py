@@ -11,6 +11,7 @@ of a decode step: an MoE layer reads each distinct routed expert it uses once
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 
@@ -45,6 +46,19 @@ def _measure(ids: Tensor, probs: Tensor, num_experts: int, rerouted: Tensor | No
         rerouted=float(rerouted.sum()) / tokens if rerouted is not None else 0.0,
         piggybacked=float((piggybacked & valid).sum()) / tokens if piggybacked is not None else 0.0,
     )
+
+
+def expert_load_entropy(trace) -> dict[int, float]:
+    """Per MoE layer: entropy of the stock top-k expert load over the trace / log(E) (1 = perfectly balanced)."""
+    spec = trace.spec
+    out = {}
+    for layer, x in trace.router_logits.items():
+        bias = trace.correction_bias.get(layer) if trace.correction_bias else None
+        ids = stock_route(spec, x.float(), bias).topk_ids.long()
+        p = torch.bincount(ids.flatten(), minlength=spec.num_experts).float()
+        p = p[p > 0] / p.sum()
+        out[layer] = float(-(p * p.log()).sum()) / math.log(spec.num_experts)
+    return out
 
 
 def _max_k(ir: PolicyIR) -> int:
