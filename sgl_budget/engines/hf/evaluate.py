@@ -42,6 +42,11 @@ class EvalResult:
         return asdict(self)
 
 
+def kl_to_reference(ref_logp: Tensor, logp: Tensor) -> Tensor:
+    """Per-position KL(reference || other) from two next-token log-probability tensors ``[..., V]``."""
+    return (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+
+
 class _RouterStats:
     """Counts real experts per token and distinct experts per batch from the gates' outputs."""
 
@@ -95,8 +100,7 @@ def _score(name: str, logp: Tensor, full: Tensor | None, windows: Tensor, stats:
     acc = (lp.argmax(-1) == targets).float().mean()
     kl = 0.0
     if full is not None:
-        f = full.float()
-        kl = float((f.exp() * (f - lp)).sum(-1).mean())
+        kl = float(kl_to_reference(full.float(), lp).mean())
     return EvalResult(name=name, perplexity=math.exp(float(nll.mean())), accuracy=float(acc), kl_to_full=kl,
                       activations_per_token=stats[0], unique_per_batch=stats[1], tokens=int(targets.numel()),
                       seconds=seconds, budget=budget)

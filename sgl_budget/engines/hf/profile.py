@@ -16,6 +16,7 @@ from ...alloc.profile import Profile
 from ...lang import compile_policy
 from ...spec import ModelSpec
 from .adapter import apply_policy
+from .evaluate import kl_to_reference
 
 
 @torch.no_grad()
@@ -30,20 +31,18 @@ def profile_layers(model, spec: ModelSpec, windows: Tensor, batch_size: int = 8,
     from tqdm import tqdm
 
     full = _logp(model, windows, batch_size)
-    loss: dict[int, dict[int, float]] = {l: {spec.top_k: 0.0} for l in spec.moe_layers}
+    loss: dict[int, dict[int, float]] = {l: {} for l in spec.moe_layers}
     jobs = [(l, k) for l in spec.moe_layers for k in range(1, spec.top_k)]
     for layer, k in tqdm(jobs, desc="profiling (layer, k)", disable=not show_progress):
         ir = compile_policy(f'policy "profile-{layer}-{k}" {{ layers {{ layer {layer}: k = {k} }} }}', spec)
         total, count = 0.0, 0
         with apply_policy(model, ir):
             for f, q in zip(full, _logp(model, windows, batch_size)):
-                total += float((f.exp() * (f - q)).sum(-1).sum())
+                total += float(kl_to_reference(f, q).sum())
                 count += f.shape[0] * f.shape[1]
         loss[layer][k] = max(0.0, total / count)
     for row in loss.values():
-        row_sorted = dict(sorted(row.items()))
-        row.clear()
-        row.update(row_sorted)
+        row[spec.top_k] = 0.0  # the full model; jobs ran k in ascending order, so rows stay sorted
     return Profile(loss=loss, metric="kl",
                    model={"name": spec.name, "num_experts": spec.num_experts, "top_k": spec.top_k,
                           "moe_layers": list(spec.moe_layers)},
