@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from .fused_topk import fused_topk
+from .weights import finalize_weights
 
 
 @triton.jit
@@ -52,11 +53,7 @@ def _alloc_t_kernel(raw_ptr, ids_ptr, key_ptr, scratch_ptr, w_out_ptr, ids_out_p
                     mask=in_k & (cols[None, :] >= MIN_K), other=0)
     valid = in_k & ((cols[None, :] < MIN_K) | (extra != 0)) & (ids >= 0)
     w = tl.where(valid, raw, 0.0)
-    if RENORM:
-        den = tl.sum(w, 1) + EPS
-        den = tl.where(den > 0, den, 1.0)
-        w = w / den[:, None]
-    w = w * SCALE
+    w = finalize_weights(w, RENORM, EPS, SCALE)
     omask = rmask[:, None] & (cols[None, :] < WIDTH)
     tl.store(w_out_ptr + rows[:, None] * WIDTH + cols[None, :], w, mask=omask)
     tl.store(ids_out_ptr + rows[:, None] * WIDTH + cols[None, :], tl.where(valid, ids, -1), mask=omask)

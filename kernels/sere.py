@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .weights import finalize_weights
+
 NEG = -3.0e38
 KINDS = {"top": 0, "coverage": 1, "count": 2}
 
@@ -80,11 +82,7 @@ def _sere_kernel(ids_ptr, raw_ptr, sim_ptr, crit_ptr, scratch_ptr, w_out_ptr, id
     to_first = (first[:, :, None] == ks[None, None, :]) & valid[:, :, None]  # [T, src slot, dst slot]
     merged = tl.sum(tl.where(to_first, raw[:, :, None], 0.0), 1)
     w = tl.where(keep, merged, 0.0)
-    if RENORM:
-        den = tl.sum(w, 1) + EPS
-        den = tl.where(den > 0, den, 1.0)
-        w = w / den[:, None]
-    w = w * SCALE
+    w = finalize_weights(w, RENORM, EPS, SCALE)
     pos = tl.cumsum(keep.to(tl.int32), 1) - 1
     wo = tl.arange(0, WIDTH_PAD)
     place = keep[:, :, None] & (pos[:, :, None] == wo[None, None, :])  # [T, slot, out column]
