@@ -75,12 +75,7 @@ class SimilarityTable:
         problems = []
         if self.num_experts != spec.num_experts:
             problems.append(f"it has {self.num_experts} experts per layer, the model {spec.num_experts}")
-        missing = [l for l in spec.moe_layers if l not in self.matrices]
-        if missing:
-            problems.append(f"it lacks MoE layers {missing[:8]}{'...' if len(missing) > 8 else ''}")
-        extra = [l for l in self.matrices if not spec.is_moe_layer(l)]
-        if extra:
-            problems.append(f"its layers {extra[:8]} are not MoE layers of {spec.name}")
+        problems += spec.layer_coverage_problems(self.matrices)
         return problems
 
 

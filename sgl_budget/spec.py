@@ -99,6 +99,17 @@ class ModelSpec:
     def is_moe_layer(self, layer: int) -> bool:
         return layer in self.moe_layers
 
+    def layer_coverage_problems(self, layers) -> list[str]:
+        """What is wrong with a per-layer file covering ``layers``: MoE layers it lacks, layers that are not MoE."""
+        problems = []
+        missing = [l for l in self.moe_layers if l not in layers]
+        if missing:
+            problems.append(f"it lacks MoE layers {missing[:8]}{'...' if len(missing) > 8 else ''}")
+        extra = [l for l in layers if not self.is_moe_layer(l)]
+        if extra:
+            problems.append(f"its layers {extra[:8]} are not MoE layers of {self.name}")
+        return problems
+
     # -- (de)serialisation ---------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

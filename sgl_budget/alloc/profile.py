@@ -48,12 +48,7 @@ class Profile:
             problems.append(f"it was measured with {self.model['num_experts']} experts, the model has {spec.num_experts}")
         if int(self.model.get("top_k", spec.top_k)) != spec.top_k:
             problems.append(f"it was measured with top-{self.model['top_k']}, the model uses top-{spec.top_k}")
-        missing = [l for l in spec.moe_layers if l not in self.loss]
-        if missing:
-            problems.append(f"it lacks MoE layers {missing[:8]}{'...' if len(missing) > 8 else ''}")
-        extra = [l for l in self.loss if not spec.is_moe_layer(l)]
-        if extra:
-            problems.append(f"its layers {extra[:8]} are not MoE layers of {spec.name}")
+        problems += spec.layer_coverage_problems(self.loss)
         bad_k = sorted({k for ks in self.loss.values() for k in ks if not 1 <= k <= spec.top_k})
         if bad_k:
             problems.append(f"it has k values {bad_k} outside 1..{spec.top_k}")
