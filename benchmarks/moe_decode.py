@@ -1,142 +1,446 @@
-"""One MoE layer in decode, stock top-k vs budget policies, same grouped-GEMM kernel, under CUDA graphs (GPU).
+"""One MoE layer in decode: stock top-k vs budget policies, same grouped-GEMM kernel, under CUDA graphs.
 
     python benchmarks/moe_decode.py [--shapes deepseek-v2-lite qwen3-30b-a3b] [--batches 1 4 16 64 256]
+                                    [--json results.json]
+    python benchmarks/moe_decode.py --smoke      # tiny widths (CPU: Triton interpreter): checks the code path
 
-For each model shape and decode batch size: router logits from a SYNTHETIC
-skewed trace (seeded; no recorded trace of these models exists here), routing
-by each policy (kernel backend), then the layer = aligned grouped GEMM over the
-routed experts + the shared experts, in bf16, captured in one CUDA graph; median
-of ``--iters`` replays. Reports per row: latency, speedup vs stock, unique
-experts, the roofline ratio (weight bytes read vs stock: routed experts used +
-shared experts), achieved HBM bandwidth as % of the device's peak, and the
-routing share of the layer time. Not a test: prints a table and the device.
+For each model shape and decode batch size, one decode step through the
+model's MoE layers (all of them by default, so that Alloc-L's per-layer plan
+counts as a whole): router logits from a SYNTHETIC skewed trace (seeded; no
+recorded trace of these models exists here), routing by each policy with the
+kernel backend, then the layer = dispatch alignment + grouped GEMM over the
+routed experts + the shared experts, in bf16 (``--dtype``). The layers cycle through
+``--copies`` distinct copies of the weights, so no layer finds its weights in L2.
+The whole step is one CUDA graph; the reported latency is the median over
+``--iters`` replays divided by the number of layers. Both sides run the same
+grouped-GEMM kernel — SGLang's own Triton ``fused_moe_kernel`` when the sglang
+package imports (it needs no ``sgl_kernel``), else this package's — with the
+same tile configuration (the fastest for stock top-k at that shape and batch,
+from a small sweep), after the same dispatch alignment (padded slots skipped). One layer's output per
+policy is checked against the pure-torch MoE.
+
+Per row (per layer, mean over the step): latency, speedup vs stock, unique
+experts, the roofline ratio (weight bytes read by stock / by the policy: routed
+experts used + shared experts),
+achieved HBM bandwidth as % of the device's peak, and routing + dispatch time as
+% of the layer time. Then the issue's goals, met or missed. Not a test.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import os
 import statistics
 import sys
+import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-PEAK_TBPS = {"H100": 3.35, "H200": 4.8, "A100": 2.0}  # HBM peak, TB/s (SXM parts)
+# HBM peak of each part, TB/s (vendor specifications); matched in this order against the device name
+PEAK_TBPS = (("H100 PCIe", 2.0), ("H100 NVL", 3.9), ("H100", 3.35), ("H200", 4.8), ("H20", 4.0),
+             ("A100-SXM4-80GB", 2.039), ("A100", 1.555))
+POLICIES = ("stock top-k", "uniform-50", "alloc-l-50", "alloc-t-50", "sere", "alloc-moe-sere-50")
+GOAL_ROOFLINE_GAP, GOAL_OVERHEAD, GOAL_SPEEDUP = 0.05, 0.03, 1.34
 
 
-def policies_for(spec, tmp: Path) -> dict[str, str]:
+@dataclass
+class Row:
+    shape: str
+    batch: int
+    policy: str
+    layer_ms: float
+    overhead_ms: float  # routing + dispatch alignment
+    unique_experts: float  # per layer, mean over the layers run
+    weight_bytes: int  # per layer, mean
+    max_rel_err: float  # layer output vs the pure-torch MoE
+    speedup: float = 1.0
+    roofline: float = 1.0
+    hbm_pct: float = float("nan")
+    overhead_pct: float = float("nan")
+
+
+def policy_sources(spec, tmp: Path) -> dict[str, str]:
+    """The compared policies (bodies), with the profile and similarity they read written into ``tmp``."""
     from sgl_budget.alloc import save_profile, synthetic_profile
     from sgl_budget.similarity import save_similarity, synthetic_similarity
 
     save_profile(synthetic_profile(spec, seed=0), tmp / "p.yaml")
     save_similarity(synthetic_similarity(spec, seed=0), tmp / "s.safetensors")
     dp = 'layers { allocate dp from "p.yaml"\n k >= 1 }'
-    tok = f"tokens {{ reallocate by score; min_k 1; max_k {spec.top_k} }}"
+    tok = "tokens { reallocate by score; min_k 1 }"
     sere = 'reroute { similarity "s.safetensors"; primary top 1; min_similarity 0.5 }'
     return {
+        "stock top-k": "",
         "uniform-50": "budget 50%",
         "alloc-l-50": f"budget 50%\n{dp}",
         "alloc-t-50": f"budget 50%\n{tok}",
-        "sere-own-k": sere,
+        "sere": sere,
         "alloc-moe-sere-50": f"budget 50%\n{dp}\n{tok}\n{sere}",
     }
 
 
-def bench(fn, iters: int) -> float:
-    """Median milliseconds of a captured CUDA graph of ``fn``."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
+def shrink(spec):
+    """The smoke test's stand-in: the model's routing (experts, top-k, scoring) with tiny expert widths."""
+    return dataclasses.replace(spec, hidden_size=64, moe_intermediate_size=32,
+                               shared_expert_intermediate_size=64 if spec.shared_expert_intermediate_size else 0)
+
+
+def own_fused_moe():
+    """This package's Triton grouped GEMM (:func:`sgl_budget.kernels.grouped_gemm.fused_moe`)."""
+    from sgl_budget.kernels.grouped_gemm import fused_moe
+
+    return fused_moe
+
+
+def sglang_fused_moe():
+    """SGLang's own Triton fused-MoE GEMM kernel (importable from the sglang wheel without ``sgl_kernel``),
+    fed by this package's dispatch alignment (same format as SGLang's ``moe_align_block_size``), or None."""
+    try:
+        import triton.language as tl
+        from sglang.kernels.ops.moe.fused_moe_triton_kernels import invoke_fused_moe_kernel
+    except ImportError:
+        return None
+    import torch.nn.functional as F
+
+    from sgl_budget.kernels.moe_align import moe_align
+
+    compute = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+    def fused_moe(x, w13, w2, topk_weights, topk_ids, config):
+        t, k = topk_ids.shape
+        e, two_i, h = w13.shape
+        al = moe_align(topk_ids, e, config.block_m)
+        cfg = {"BLOCK_SIZE_M": config.block_m, "BLOCK_SIZE_N": config.block_n, "BLOCK_SIZE_K": config.block_k,
+               "GROUP_SIZE_M": 1, "num_warps": config.num_warps, "num_stages": config.num_stages}
+        common = dict(A_scale=None, B_scale=None, B_zp=None, topk_ids=topk_ids, sorted_token_ids=al.sorted_token_ids,
+                      expert_ids=al.expert_ids, num_tokens_post_padded=al.num_tokens_post_padded,
+                      compute_type=compute[x.dtype], use_fp8_w8a8=False, use_int8_w8a8=False,
+                      use_int8_w8a16=False, use_int4_w4a16=False, per_channel_quant=False)
+        w = topk_weights.float().contiguous()
+        up = torch.zeros(t * k, two_i, dtype=x.dtype, device=x.device)
+        invoke_fused_moe_kernel(x, w13, None, up, topk_weights=w, mul_routed_weight=False, top_k=k, config=cfg,
+                                **common)
+        act = F.silu(up[:, : two_i // 2]) * up[:, two_i // 2:]
+        down = torch.zeros(t * k, h, dtype=x.dtype, device=x.device)
+        invoke_fused_moe_kernel(act, w2, None, down, topk_weights=w, mul_routed_weight=True, top_k=1, config=cfg,
+                                **common)
+        return down.view(t, k, h).sum(1)
+
+    return fused_moe
+
+
+def pick_gemm(name: str):
+    """``(label, fused_moe)`` for ``--gemm`` auto | sglang | own (auto: SGLang's kernel when sglang imports)."""
+    if name in ("auto", "sglang"):
+        fn = sglang_fused_moe()
+        if fn is not None:
+            import sglang
+
+            return f"SGLang {sglang.__version__} Triton fused_moe_kernel", fn
+        if name == "sglang":
+            sys.exit("--gemm sglang: the sglang package is not importable here")
+    return "sgl_budget Triton grouped GEMM (kernels/grouped_gemm.py)", own_fused_moe()
+
+
+class MoELayers:
+    """``n`` copies of one MoE layer's weights (routed + shared experts) and its forward pass."""
+
+    def __init__(self, spec, n: int, device: str, gemm, dtype=torch.bfloat16, seed: int = 0) -> None:
+        g = torch.Generator(device=device).manual_seed(seed)
+        h, inter, e = spec.hidden_size, spec.moe_intermediate_size, spec.num_experts
+        sh = spec.shared_expert_intermediate_size
+
+        def rand(*shape):
+            return (torch.randn(*shape, generator=g, device=device) * 0.02).to(dtype)
+
+        self.w13 = [rand(e, 2 * inter, h) for _ in range(n)]
+        self.w2 = [rand(e, h, inter) for _ in range(n)]
+        self.shared = [(rand(2 * sh, h), rand(h, sh)) for _ in range(n)] if sh else None
+        self.sh = sh
+        self.gemm = gemm
+        self.dtype = dtype
+
+    def forward(self, i: int, x, w, ids, config):
+        import torch.nn.functional as F
+
+        out = self.gemm(x, self.w13[i], self.w2[i], w, ids, config)
+        if self.shared is not None:
+            s1, s2 = self.shared[i]
+            gu = x @ s1.T
+            out = out + (F.silu(gu[:, : self.sh]) * gu[:, self.sh:]) @ s2.T
+        return out
+
+    def reference(self, i: int, x, w, ids):
+        import torch.nn.functional as F
+
+        from sgl_budget.kernels.grouped_gemm import moe_reference
+
+        out = moe_reference(x, self.w13[i], self.w2[i], w, ids).float()
+        if self.shared is not None:
+            s1, s2 = self.shared[i]
+            gu = x.float() @ s1.float().T
+            out = out + (F.silu(gu[:, : self.sh]) * gu[:, self.sh:]) @ s2.float().T
+        return out
+
+
+def cuda_graph_timer(iters: int) -> Callable[..., float]:
+    """Median milliseconds of one replay of a CUDA graph that captured ``fn`` (warm-up outside).
+
+    ``sweep=True``: a quick measurement (a fifth of the replays) for choosing a tile configuration.
+    """
+    def run(fn, sweep: bool = False) -> float:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
             fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+        for _ in range(5):
+            g.replay()
+        times = []
+        for _ in range(max(5, iters // 5) if sweep else iters):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            g.replay()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        return statistics.median(times)
+
+    return run
+
+
+def wall_timer(iters: int) -> Callable[..., float]:
+    """Median wall-clock milliseconds of ``fn`` (the CPU smoke path: exercises the code, times nothing real)."""
+    def run(fn, sweep: bool = False) -> float:
         fn()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    return run
 
 
-def main() -> None:
+def sample_layers(spec, n: int | None) -> list[int]:
+    """``n`` of the model's MoE layers, evenly spaced (all of them when ``n`` is None)."""
+    layers = list(spec.moe_layers)
+    if n is None or n >= len(layers):
+        return layers
+    return [layers[round(i * (len(layers) - 1) / max(1, n - 1))] for i in range(n)]
+
+
+def measure_batch(spec, name: str, batch: int, irs: dict, weights: MoELayers, moe_layers: list[int], device: str,
+                  timer, configs) -> list[Row]:
+    """Every policy's row for one shape and batch size (stock first): one decode step through ``moe_layers``."""
+    from sgl_budget.kernels.backend import compile_kernel_routers
+    from sgl_budget.kernels.moe_align import moe_align
+    from sgl_budget.lang.ir import RouteContext
+    from sgl_budget.traces import synthetic_trace
+
+    trace = synthetic_trace(spec, num_sequences=batch, seq_len=2, seed=batch)
+    # each sequence's decode-step token, per layer
+    logits = {li: trace.router_logits[li][-batch:].float().to(device) for li in moe_layers}
+    bias = {li: trace.correction_bias[li].to(device) if trace.correction_bias else None for li in moe_layers}
+    x = (torch.randn(batch, spec.hidden_size, generator=torch.Generator().manual_seed(batch)) * 0.5).to(
+        device, weights.dtype)
+    ctx = RouteContext("decode", batch)
+    copies = len(weights.w13)
+
+    routers = {}
+    for pname, ir in irs.items():
+        rs = compile_kernel_routers(ir)
+        for li in moe_layers:
+            rs[li].prepare(device)
+        routers[pname] = rs
+
+    def step(rs, config):
+        def fn():
+            for i, li in enumerate(moe_layers):
+                w, ids = rs[li](logits[li], ctx, correction_bias=bias[li])
+                weights.forward(i % copies, x, w.to(weights.dtype), ids, config)
+        return fn
+
+    # the tile configuration: the fastest for stock top-k here, then used for every policy
+    config = configs[0]
+    if len(configs) > 1:
+        config = min(configs, key=lambda c: timer(step(routers["stock top-k"], c), sweep=True))
+
+    rows = []
+    n = len(moe_layers)
+    for pname, rs in routers.items():
+        unique, weight_bytes, err = 0, 0, 0.0
+        for i, li in enumerate(moe_layers):
+            w, ids = rs[li](logits[li], ctx, correction_bias=bias[li])
+            u = int(torch.unique(ids[ids >= 0]).numel())
+            unique += u
+            weight_bytes += u * spec.expert_bytes + spec.shared_expert_bytes
+            if i == len(moe_layers) // 2:  # one layer's output against the pure-torch MoE
+                got = weights.forward(i % copies, x, w.to(weights.dtype), ids, config).float()
+                ref = weights.reference(i % copies, x, w.to(weights.dtype), ids)
+                err = float((got - ref).norm() / ref.norm().clamp_min(1e-30))
+
+        def overhead(rs=rs):
+            for li in moe_layers:
+                _, ids_ = rs[li](logits[li], ctx, correction_bias=bias[li])
+                moe_align(ids_, spec.num_experts, config.block_m)
+
+        rows.append(Row(name, batch, pname, timer(step(rs, config)) / n, timer(overhead) / n, unique / n,
+                        weight_bytes // n, err))
+    return rows
+
+
+def finish(rows: list[Row], peak_tbps: float | None) -> None:
+    """Fill in the ratios of each row against its stock row (the same shape and batch, same run)."""
+    stock = {(r.shape, r.batch): r for r in rows if r.policy == "stock top-k"}
+    for r in rows:
+        s = stock[(r.shape, r.batch)]
+        r.speedup = s.layer_ms / r.layer_ms
+        r.roofline = s.weight_bytes / r.weight_bytes
+        r.overhead_pct = 100 * r.overhead_ms / r.layer_ms
+        if peak_tbps:
+            r.hbm_pct = 100 * r.weight_bytes / (r.layer_ms * 1e-3) / (peak_tbps * 1e12)
+
+
+def table(rows: list[Row]) -> list[str]:
+    out = ["| shape | batch | policy | latency ms | speedup | unique experts | roofline ratio | HBM % peak "
+           "| routing+dispatch % |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r.shape} | {r.batch} | {r.policy} | {r.layer_ms:.4f} | {r.speedup:.2f}x | "
+                   f"{r.unique_experts:.1f} | {r.roofline:.2f}x | {r.hbm_pct:.0f}% | {r.overhead_pct:.1f}% |")
+    return out
+
+
+def goals(rows: list[Row]) -> list[str]:
+    """The issue's targets, each met or missed, with the rows that decide it."""
+    budget = [r for r in rows if r.policy != "stock top-k"]
+    gap = [r for r in budget if r.batch >= 16]
+    worst_gap = max(gap, key=lambda r: 1 - r.speedup / r.roofline, default=None)
+    at64 = [r for r in rows if r.batch == 64]
+    worst_oh = max(at64, key=lambda r: r.overhead_pct, default=None)
+    dsv2 = [r for r in budget if r.shape.startswith("deepseek-v2-lite") and r.policy.endswith("-50")]
+    best = max(dsv2, key=lambda r: r.speedup, default=None)
+    lines = []
+    if worst_gap:
+        ok = sum(1 - r.speedup / r.roofline <= GOAL_ROOFLINE_GAP for r in gap)
+        lines.append(f"- speedup within {GOAL_ROOFLINE_GAP:.0%} of the roofline ratio (batch >= 16): {ok}/{len(gap)} "
+                     f"rows; worst {worst_gap.shape} b{worst_gap.batch} {worst_gap.policy}: {worst_gap.speedup:.2f}x "
+                     f"of {worst_gap.roofline:.2f}x")
+    if worst_oh:
+        ok = sum(r.overhead_pct <= 100 * GOAL_OVERHEAD for r in at64)
+        lines.append(f"- routing + dispatch <= {GOAL_OVERHEAD:.0%} of layer time at batch 64: {ok}/{len(at64)} rows; "
+                     f"worst {worst_oh.shape} {worst_oh.policy}: {worst_oh.overhead_pct:.1f}%")
+    if best:
+        lines.append(f"- >= {GOAL_SPEEDUP}x at 50% budget on deepseek-v2-lite: "
+                     f"{'met' if best.speedup >= GOAL_SPEEDUP else 'missed'} (best {best.policy} at batch "
+                     f"{best.batch}: {best.speedup:.2f}x; per batch: "
+                     + ", ".join(f"b{b} {max((r.speedup for r in dsv2 if r.batch == b), default=0):.2f}x"
+                                 for b in sorted({r.batch for r in dsv2})) + ")")
+    return lines
+
+
+def environment(device: str) -> dict:
+    import triton
+
+    env = {"torch": torch.__version__, "triton": triton.__version__, "device": "cpu (Triton interpreter)"}
+    if device == "cuda":
+        p = torch.cuda.get_device_properties(0)
+        env.update(device=p.name, cuda=torch.version.cuda, sms=p.multi_processor_count,
+                   memory_gib=round(p.total_memory / 2**30, 1))
+    return env
+
+
+def copy_bandwidth_tbps() -> float:
+    """Achievable HBM bandwidth on this device: a 2 GiB device-to-device copy (bytes read + written)."""
+    a = torch.empty(2**30, dtype=torch.bfloat16, device="cuda")
+    b = torch.empty_like(a)
+    ms = cuda_graph_timer(20)(lambda: b.copy_(a))
+    return 2 * a.numel() * a.element_size() / (ms * 1e-3) / 1e12
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="+", default=["deepseek-v2-lite", "qwen3-30b-a3b"])
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16, 64, 256])
-    ap.add_argument("--iters", type=int, default=200)
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("this benchmark needs a CUDA GPU")
-    import tempfile
-
-    import torch.nn.functional as F
-
-    from sgl_budget.kernels.backend import compile_kernel_routers
-    from sgl_budget.kernels.grouped_gemm import fused_moe
+    ap.add_argument("--iters", type=int, default=100, help="graph replays per measurement (median)")
+    ap.add_argument("--moe-layers", type=int, help="run this many of the model's MoE layers, evenly spaced "
+                    "(default: all, i.e. one whole decode step's MoE layers)")
+    ap.add_argument("--copies", type=int, default=8,
+                    help="distinct weight copies the layers cycle through (defeats L2 reuse)")
+    ap.add_argument("--no-sweep", action="store_true", help="use the default tile configuration")
+    ap.add_argument("--gemm", choices=["auto", "sglang", "own"], default="auto",
+                    help="the grouped GEMM both sides use (auto: SGLang's Triton kernel when sglang imports)")
+    ap.add_argument("--dtype", choices=["bf16", "fp16"],
+                    help="weights and activations (default bf16; fp16 for a CPU smoke run, since Triton's "
+                    "interpreter gets bf16 tl.dot wrong)")
+    ap.add_argument("--json", type=Path, help="also write the rows and the environment here")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny expert widths, two layers, batches <= 16 (on CPU under Triton's interpreter): "
+                    "a check of the code path, not a measurement")
+    args = ap.parse_args(argv)
+    if args.smoke:  # tiny widths, two layers: on the GPU if there is one, else CPU + Triton's interpreter
+        if torch.cuda.is_available():
+            device, timer = "cuda", cuda_graph_timer(5)
+        else:
+            device, timer = "cpu", wall_timer(1)
+            os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported
+        copies, args.moe_layers = 1, min(args.moe_layers or 2, 2)
+        batches = [b for b in args.batches if b <= 16] or [1]
+    elif torch.cuda.is_available():
+        device, timer, copies, batches = "cuda", cuda_graph_timer(args.iters), args.copies, args.batches
+    else:
+        sys.exit("this benchmark needs a CUDA GPU (or --smoke for a check of the code path)")
+    sys.path.insert(0, str(ROOT))
+    from sgl_budget.kernels.grouped_gemm import DECODE_CONFIGS, GemmConfig
     from sgl_budget.lang import compile_policy
-    from sgl_budget.lang.ir import RouteContext
     from sgl_budget.spec import PRESETS
-    from sgl_budget.traces import synthetic_trace
 
-    name = torch.cuda.get_device_name()
-    peak = next((v for k, v in PEAK_TBPS.items() if k in name), None)
-    print(f"device: {name}; torch {torch.__version__}; peak HBM {peak} TB/s; SYNTHETIC router logits")
-    print("| shape | batch | policy | latency ms | speedup | unique experts | roofline ratio | HBM % peak | routing % |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    dev = "cuda"
-    for shape in args.shapes:
-        spec = PRESETS[shape]
-        layer = spec.moe_layers[len(spec.moe_layers) // 2]
-        h, inter, e = spec.hidden_size, spec.moe_intermediate_size, spec.num_experts
-        w13 = torch.randn(e, 2 * inter, h, device=dev, dtype=torch.bfloat16) * 0.02
-        w2 = torch.randn(e, h, inter, device=dev, dtype=torch.bfloat16) * 0.02
-        sh_i = spec.shared_expert_intermediate_size
-        sw1 = torch.randn(2 * sh_i, h, device=dev, dtype=torch.bfloat16) * 0.02 if sh_i else None
-        sw2 = torch.randn(h, sh_i, device=dev, dtype=torch.bfloat16) * 0.02 if sh_i else None
+    env = environment(device)
+    env["gemm"], gemm = pick_gemm(args.gemm)
+    env["dtype"] = args.dtype or ("fp16" if device == "cpu" else "bf16")
+    dtype = torch.bfloat16 if env["dtype"] == "bf16" else torch.float16
+    peak = next((v for k, v in PEAK_TBPS if k in env["device"]), None) if device == "cuda" else None
+    configs = [GemmConfig()] if args.smoke or args.no_sweep else list(DECODE_CONFIGS)
+    label = "SMOKE RUN (tiny widths: timings mean nothing)" if args.smoke else "MoE decode benchmark"
+    print(f"{label}; " + "; ".join(f"{k} {v}" for k, v in env.items()) + f"; HBM peak {peak} TB/s; "
+          "router logits SYNTHETIC (seeded skewed trace)", flush=True)
+    if device == "cuda" and not args.smoke:
+        env["copy_tbps"] = round(copy_bandwidth_tbps(), 2)
+        print(f"device-to-device copy: {env['copy_tbps']} TB/s (read + written)", flush=True)
+    rows: list[Row] = []
+    for name in args.shapes:
+        spec = shrink(PRESETS[name]) if args.smoke else PRESETS[name]
+        weights = MoELayers(spec, copies, device, gemm, dtype)
+        moe_layers = sample_layers(spec, args.moe_layers)
         with tempfile.TemporaryDirectory() as tmp:
-            irs = {n: compile_policy(f'policy "{n}" {{ {body} }}', spec, base_dir=tmp)
-                   for n, body in policies_for(spec, Path(tmp)).items()}
-            for b in args.batches:
-                trace = synthetic_trace(spec, num_sequences=b, seq_len=2, seed=b)
-                logits = trace.router_logits[layer][-b:].float().to(dev)
-                bias = trace.correction_bias[layer].to(dev) if trace.correction_bias else None
-                x = torch.randn(b, h, device=dev, dtype=torch.bfloat16)
-                ctx = RouteContext("decode", b)
-                rows = []
-                for pname, ir in [("stock top-k", None), *irs.items()]:
-                    ir = ir or compile_policy('policy "stock" { }', spec)
-                    router = compile_kernel_routers(ir)[layer]
-                    router.prepare(dev)
-
-                    def route():
-                        return router(logits, ctx, correction_bias=bias)
-
-                    def layer_fn():
-                        w, ids = route()
-                        out = fused_moe(x, w13, w2, w.to(torch.bfloat16), ids)
-                        if sw1 is not None:
-                            gu = x @ sw1.T
-                            out = out + (F.silu(gu[:, :sh_i]) * gu[:, sh_i:]) @ sw2.T
-                        return out
-
-                    t_layer = bench(layer_fn, args.iters)
-                    t_route = bench(route, args.iters)
-                    _, ids = route()
-                    unique = int(torch.unique(ids[ids >= 0]).numel())
-                    bytes_read = unique * spec.expert_bytes + (spec.shared_expert_bytes if sh_i else 0)
-                    rows.append((pname, t_layer, unique, bytes_read, t_route))
-                stock = rows[0]
-                for pname, t_layer, unique, bytes_read, t_route in rows:
-                    bw = bytes_read / (t_layer * 1e-3) / 1e12
-                    print(f"| {shape} | {b} | {pname} | {t_layer:.3f} | {stock[1] / t_layer:.2f}x | {unique} | "
-                          f"{stock[3] / bytes_read:.2f}x | {100 * bw / peak if peak else float('nan'):.0f}% | "
-                          f"{100 * t_route / t_layer:.1f}% |", flush=True)
+            irs = {p: compile_policy(f'policy "{p}" {{ {body} }}', spec, base_dir=tmp)
+                   for p, body in policy_sources(spec, Path(tmp)).items()}
+            for b in batches:
+                new = measure_batch(spec, name, b, irs, weights, moe_layers, device, timer, configs)
+                finish(new, peak)
+                rows += new
+                print("\n".join(table(new)[0 if len(rows) == len(new) else 2:]), flush=True)
+        del weights
+    print("\nGoals" + (" (smoke run: timings mean nothing, shown to check the report)" if args.smoke else "")
+          + ":\n" + "\n".join(goals(rows)))
+    worst = max(r.max_rel_err for r in rows)
+    print(f"layer outputs vs the pure-torch MoE: max relative error {worst:.2e}")
+    if args.json:
+        args.json.write_text(json.dumps({"environment": env, "peak_tbps": peak, "command": sys.argv,
+                                         "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
-"""Triton Alloc-T: a layer's ``T*k`` slots go to the batch's best (token, expert) pairs, with per-token min/max k.
+"""Triton Alloc-T in one launch: scoring + top-k + the batch's slot reallocation, with per-token min/max k.
 
 Specification: :func:`sgl_budget.routing.reallocate.reallocate` followed by the
-router's weight rule. Two launches, no host sync: :func:`fused_topk` ranks every
-token's top ``max_k`` experts and writes their raw gate scores and cross-token keys;
-then one program takes the whole batch, sorts the candidates of rank
+router's weight rule. One program takes the whole batch (the reallocation needs
+every token): it ranks each block of ``BLOCK_T`` tokens' top ``max_k`` experts
+with :func:`~sgl_budget.kernels.fused_topk.route_rows` (raw gate scores, ids and
+cross-token keys into a scratch buffer), then sorts the candidates of rank
 ``min_k..max_k-1`` by (key descending, token, rank) as one 64-bit composite, keeps
 the best ``T*(k - min_k)`` and writes weights renormalised over each token's kept
 slots (padding id -1, weight 0). Each token keeps a prefix of its ranking, so the
-valid slots come first, as the contract requires.
+valid slots come first, as the contract requires. Static shapes, no host sync.
 """
 
 from __future__ import annotations
@@ -16,75 +17,112 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused_topk import fused_topk
+from .fused_topk import route_rows
 from .weights import finalize_weights
+
+MAX_SORT = 16384  # candidates one program sorts (T * (max_k - min_k), padded); larger batches use the reference
 
 
 @triton.jit
-def _alloc_t_kernel(raw_ptr, ids_ptr, key_ptr, scratch_ptr, w_out_ptr, ids_out_ptr, nv_ptr, T,
+def _alloc_t_kernel(logits_ptr, bias_ptr, raw_ptr, ids_ptr, key_ptr, scratch_ptr, w_out_ptr, ids_out_ptr, nv_ptr,
+                    T, E: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr, SIGMOID: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
                     MAXK: tl.constexpr, MIN_K: tl.constexpr, EXTRA: tl.constexpr, CANDS: tl.constexpr,
                     CANDS_PAD: tl.constexpr, T_PAD: tl.constexpr, WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr,
                     RENORM: tl.constexpr, EPS: tl.constexpr, SCALE: tl.constexpr, HAS_NV: tl.constexpr):
+    # 1. every token's top max_k: raw gate scores, ids and Alloc-T keys (block by block, into scratch)
+    wo = tl.arange(0, WIDTH_PAD)
+    for tb in range(0, tl.cdiv(T, BLOCK_T)):
+        rows_b = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+        raw_b, ids_b, key_b, _ = route_rows(logits_ptr, bias_ptr, rows_b, T, BLOCK_T, E, E_PAD, MAXK, WIDTH_PAD,
+                                            SIGMOID, HAS_BIAS, N_GROUP, TOPK_GROUP, CANDS > 0)
+        m_b = (rows_b < T)[:, None] & (wo[None, :] < MAXK)
+        at = rows_b[:, None] * MAXK + wo[None, :]
+        tl.store(raw_ptr + at, raw_b, mask=m_b)
+        tl.store(ids_ptr + at, ids_b, mask=m_b)
+        if CANDS > 0:
+            tl.store(key_ptr + at, key_b, mask=m_b)
+    tl.debug_barrier()
+
+    # 2. the best T*(k - min_k) candidates of rank min_k.. across the batch
     n_real = T
     if HAS_NV:  # trailing padded rows (a CUDA-graph batch): they get no slots and no share of the budget
         n_real = tl.load(nv_ptr).to(tl.int32)
-    offs = tl.arange(0, T_PAD * CANDS_PAD)
-    t = offs // CANDS_PAD
-    c = offs % CANDS_PAD
-    m = (t < n_real) & (c < CANDS)
-    key = tl.load(key_ptr + t * MAXK + MIN_K + c, mask=m, other=-1.0)
-    bits = key.to(tl.int32, bitcast=True).to(tl.int64)  # non-negative floats keep their order as integers
-    composite = (bits << 32) | (0x7FFFFFFF - offs).to(tl.int64)
-    composite = tl.where(m, composite, -(1 << 62))
-    ranked = tl.sort(composite, 0, descending=True)
-    n = n_real * EXTRA
-    thr = tl.sum(tl.where(offs == n - 1, ranked, 0), 0)
-    chosen = m & (key >= 0) & (composite >= thr) & (n > 0)
-    tl.store(scratch_ptr + t * MAXK + MIN_K + c, chosen.to(tl.int32), mask=m)
-    tl.debug_barrier()
+    if CANDS > 0:
+        offs = tl.arange(0, T_PAD * CANDS_PAD)
+        t = offs // CANDS_PAD
+        c = offs % CANDS_PAD
+        m = (t < n_real) & (c < CANDS)
+        key = tl.load(key_ptr + t * MAXK + MIN_K + c, mask=m, other=-1.0)
+        bits = key.to(tl.int32, bitcast=True).to(tl.int64)  # non-negative floats keep their order as integers
+        composite = (bits << 32) | (0x7FFFFFFF - offs).to(tl.int64)
+        composite = tl.where(m, composite, -(1 << 62))
+        ranked = tl.sort(composite, 0, descending=True)
+        n = n_real * EXTRA
+        thr = tl.sum(tl.where(offs == n - 1, ranked, 0), 0)
+        chosen = m & (key >= 0) & (composite >= thr) & (n > 0)
+        tl.store(scratch_ptr + t * MAXK + MIN_K + c, chosen.to(tl.int32), mask=m)
+        tl.debug_barrier()
 
+    # 3. each token's kept prefix, its weights renormalised over the kept slots
     rows = tl.arange(0, T_PAD)
-    cols = tl.arange(0, WIDTH_PAD)
     rmask = rows < T
-    in_k = (rows < n_real)[:, None] & (cols[None, :] < MAXK)
-    raw = tl.load(raw_ptr + rows[:, None] * MAXK + cols[None, :], mask=in_k, other=0.0)
-    ids = tl.load(ids_ptr + rows[:, None] * MAXK + cols[None, :], mask=in_k, other=-1)
-    extra = tl.load(scratch_ptr + rows[:, None] * MAXK + cols[None, :],
-                    mask=in_k & (cols[None, :] >= MIN_K), other=0)
-    valid = in_k & ((cols[None, :] < MIN_K) | (extra != 0)) & (ids >= 0)
+    in_k = (rows < n_real)[:, None] & (wo[None, :] < MAXK)
+    raw = tl.load(raw_ptr + rows[:, None] * MAXK + wo[None, :], mask=in_k, other=0.0)
+    ids = tl.load(ids_ptr + rows[:, None] * MAXK + wo[None, :], mask=in_k, other=-1)
+    valid = in_k & (wo[None, :] < MIN_K) & (ids >= 0)
+    if CANDS > 0:
+        extra = tl.load(scratch_ptr + rows[:, None] * MAXK + wo[None, :],
+                        mask=in_k & (wo[None, :] >= MIN_K), other=0)
+        valid = valid | (in_k & (extra != 0) & (ids >= 0))
     w = tl.where(valid, raw, 0.0)
     w = finalize_weights(w, RENORM, EPS, SCALE)
-    omask = rmask[:, None] & (cols[None, :] < WIDTH)
-    tl.store(w_out_ptr + rows[:, None] * WIDTH + cols[None, :], w, mask=omask)
-    tl.store(ids_out_ptr + rows[:, None] * WIDTH + cols[None, :], tl.where(valid, ids, -1), mask=omask)
+    omask = rmask[:, None] & (wo[None, :] < WIDTH)
+    tl.store(w_out_ptr + rows[:, None] * WIDTH + wo[None, :], w, mask=omask)
+    tl.store(ids_out_ptr + rows[:, None] * WIDTH + wo[None, :], tl.where(valid, ids, -1), mask=omask)
+
+
+def _ranking(k: int, min_k: int, max_k: int) -> tuple[int, int, int]:
+    """``(min_k, extra, candidates)`` the kernel ranks: none when every candidate fits or none is asked for."""
+    cands = max_k - min_k
+    extra = min(k, max_k) - min_k
+    if extra >= cands:
+        return (max_k if cands > 0 else min_k), 0, 0
+    return min_k, max(0, extra), cands if extra > 0 else 0
+
+
+def alloc_t_fits(num_tokens: int, k: int, min_k: int, max_k: int) -> bool:
+    """Whether one program can rank this batch's candidates (decode batches can; large prefills go to torch)."""
+    _, _, cands = _ranking(k, min_k, max_k)
+    t_pad = max(2, triton.next_power_of_2(max(num_tokens, 1)))
+    return cands == 0 or t_pad * triton.next_power_of_2(cands) <= MAX_SORT
 
 
 def alloc_t(router_logits: torch.Tensor, k: int, min_k: int, max_k: int, width: int, *, sigmoid: bool = False,
             correction_bias: torch.Tensor | None = None, n_group: int = 1, topk_group: int = 1,
             renormalize: bool = True, eps: float = 0.0, scale: float = 1.0,
-            num_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            num_valid: torch.Tensor | None = None, block_t: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """``(weights [T, width] float32, ids [T, width] int32)`` of Alloc-T for one batch of ``T`` tokens.
 
     ``num_valid`` (a device scalar): only the first ``num_valid`` rows are real tokens.
     """
-    t = router_logits.shape[0]
-    dev = router_logits.device
-    keys = torch.empty(t, max_k, dtype=torch.float32, device=dev)
-    raw, ids = fused_topk(router_logits, max_k, max_k, sigmoid=sigmoid, correction_bias=correction_bias,
-                          n_group=n_group, topk_group=topk_group, renormalize=False, scale=1.0, keys=keys)
-    cands = max_k - min_k
-    extra = min(k, max_k) - min_k
-    if extra >= cands:  # every candidate fits (or none is asked for): no ranking across tokens needed
-        extra, min_k_eff = 0, (max_k if extra >= cands > 0 else min_k)
-    else:
-        min_k_eff = min_k
+    x = router_logits.contiguous()
+    t, e = x.shape
+    dev = x.device
+    min_k_eff, extra, cands = _ranking(k, min_k, max_k)
+    raw = torch.empty(t, max_k, dtype=torch.float32, device=dev)
+    ids = torch.empty(t, max_k, dtype=torch.int32, device=dev)
+    keys = torch.empty(t, max_k, dtype=torch.float32, device=dev) if cands else raw
+    scratch = torch.zeros(t, max_k, dtype=torch.int32, device=dev) if cands else ids
     w = torch.empty(t, width, dtype=torch.float32, device=dev)
     out_ids = torch.empty(t, width, dtype=torch.int32, device=dev)
-    scratch = torch.zeros(t, max_k, dtype=torch.int32, device=dev)
-    cands_eff = max_k - min_k_eff  # 0: nothing to rank across tokens (the kernel then loads no key)
-    nv = num_valid.reshape(1).to(device=dev, dtype=torch.int32) if num_valid is not None else scratch
-    _alloc_t_kernel[(1,)](raw, ids, keys, scratch, w, out_ids, nv, t, MAXK=max_k, MIN_K=min_k_eff,
-                          EXTRA=max(0, extra), CANDS=cands_eff, CANDS_PAD=max(1, triton.next_power_of_2(cands_eff)),
+    bias = correction_bias.contiguous().float() if correction_bias is not None else x
+    nv = num_valid.reshape(1).to(device=dev, dtype=torch.int32) if num_valid is not None else ids
+    _alloc_t_kernel[(1,)](x, bias, raw, ids, keys, scratch, w, out_ids, nv, t, E=e,
+                          E_PAD=triton.next_power_of_2(e), BLOCK_T=block_t, SIGMOID=sigmoid,
+                          HAS_BIAS=correction_bias is not None, N_GROUP=n_group, TOPK_GROUP=topk_group,
+                          MAXK=max_k, MIN_K=min_k_eff, EXTRA=extra, CANDS=cands,
+                          CANDS_PAD=max(1, triton.next_power_of_2(cands)),
                           T_PAD=max(2, triton.next_power_of_2(max(t, 1))), WIDTH=width,
                           WIDTH_PAD=triton.next_power_of_2(max(width, max_k)), RENORM=renormalize, EPS=eps,
                           SCALE=scale, HAS_NV=num_valid is not None)

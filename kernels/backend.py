@@ -2,9 +2,10 @@
 
 :class:`KernelRouter` is a :class:`~sgl_budget.routing.LayerRouter` whose
 ``route_scores``-level work runs in Triton for the plans the kernels cover —
-per-layer top-k and Alloc-T (without re-routing or piggybacking) — on a single
-``[T, E]`` batch on a CUDA device; every other case, and ``backend="torch"``,
-takes the reference path. ``backend="triton"`` also runs the kernels on CPU
+per-layer top-k, Alloc-T and SERE re-routing, alone or chained — on a single
+``[T, E]`` batch on a CUDA device; every other case (piggybacking, batches too
+large for the one-program batch stages, i.e. big prefills) and
+``backend="torch"`` take the reference path. ``backend="triton"`` also runs the kernels on CPU
 tensors (under ``TRITON_INTERPRET=1``), which is how CI tests the selection.
 The choice depends only on host facts (plan, device, shapes): no host sync.
 """
@@ -19,6 +20,9 @@ from torch import Tensor
 from sgl_budget.lang.ir import LayerPlan, PolicyIR, RouteContext
 from sgl_budget.routing import Conventions, LayerRouter, RouteOutput
 from sgl_budget.routing.scoring import REFERENCE, renorm_epsilon
+
+from .alloc_t import alloc_t_fits
+from .sere import sere_fits
 
 Backend = Literal["auto", "torch", "triton"]
 
@@ -42,6 +46,15 @@ class KernelRouter(LayerRouter):
             return False  # piggyback kernel: not yet (reference path)
         if self.conv.scores_in_logit_dtype and router_logits.dtype != torch.float32:
             return False  # the kernels score in float32
+        # whole-batch stages run in one program: decode-sized batches (large prefills take the reference)
+        t = router_logits.shape[0]
+        r = plan.reallocation
+        if r is not None and not alloc_t_fits(t, plan.k, r.min_k, r.max_k):
+            return False
+        if plan.reroute is not None:
+            k_in = r.max_k if r is not None else plan.k
+            if not sere_fits(t, k_in, self.width):
+                return False
         return True
 
     def __call__(self, router_logits: Tensor, ctx: RouteContext | None = None,

@@ -18,12 +18,13 @@ NEG = -3.0e38
 
 
 @triton.jit
-def _fused_topk_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, key_ptr, T, E: tl.constexpr, E_PAD: tl.constexpr,
-                       K: tl.constexpr, WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-                       SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
-                       RENORM: tl.constexpr, EPS: tl.constexpr, SCALE: tl.constexpr, WRITE_KEY: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+def route_rows(logits_ptr, bias_ptr, rows, T, BLOCK_T: tl.constexpr, E: tl.constexpr, E_PAD: tl.constexpr,
+               K: tl.constexpr, WIDTH_PAD: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr,
+               TOPK_GROUP: tl.constexpr, WRITE_KEY: tl.constexpr):
+    """Score and rank the ``BLOCK_T`` tokens ``rows``: ``(raw gate scores, ids, Alloc-T keys, sum of raw)`` of their top-K.
+
+    Columns ``K..WIDTH_PAD-1`` are padding (id -1, score 0); keys are zero unless ``WRITE_KEY``.
+    """
     cols = tl.arange(0, E_PAD)
     rmask = rows < T
     cmask = cols < E
@@ -46,7 +47,6 @@ def _fused_topk_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, key_ptr, T, E: tl.c
         GS: tl.constexpr = E // N_GROUP
         group_of = cols // GS
         # group score: sum of the top-2 (with a bias) or the max (without) selection scores of each group
-        keep = tl.zeros([BLOCK_T, E_PAD], dtype=tl.int1)
         gscore = tl.zeros([BLOCK_T, E_PAD], dtype=tl.float32) + NEG  # per column: its group's score
         for gi in tl.static_range(N_GROUP):
             in_g = group_of == gi
@@ -68,11 +68,10 @@ def _fused_topk_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, key_ptr, T, E: tl.c
             hit = group_of[None, :] == g_best[:, None]
             chosen = chosen | hit
             cand = tl.where(hit, NEG, cand)
-        keep = chosen
         if HAS_BIAS:
-            select = tl.where(keep, select, NEG)
+            select = tl.where(chosen, select, NEG)
         else:
-            select = tl.where(keep, select, tl.where(cmask[None, :], 0.0, NEG))
+            select = tl.where(chosen, select, tl.where(cmask[None, :], 0.0, NEG))
 
     if SIGMOID:  # Alloc-T's cross-token key: the token's normalised (clamped) selection score
         key_den = tl.sum(tl.where(select > 0, select, 0.0), 1)
@@ -98,33 +97,39 @@ def _fused_topk_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, key_ptr, T, E: tl.c
         out_i = tl.where(wo[None, :] == j, arg[:, None], out_i)
         total += raw
         cur = tl.where(pick, NEG, cur)
+    return out_w, out_i, out_k, total
+
+
+@triton.jit
+def _fused_topk_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, E: tl.constexpr, E_PAD: tl.constexpr,
+                       K: tl.constexpr, WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+                       SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
+                       RENORM: tl.constexpr, EPS: tl.constexpr, SCALE: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    out_w, out_i, out_k, total = route_rows(logits_ptr, bias_ptr, rows, T, BLOCK_T, E, E_PAD, K, WIDTH_PAD, SIGMOID,
+                                            HAS_BIAS, N_GROUP, TOPK_GROUP, False)
     if RENORM:
         out_w = out_w / (total + EPS)[:, None]
     out_w = out_w * SCALE
-    omask = rmask[:, None] & (wo[None, :] < WIDTH)
+    wo = tl.arange(0, WIDTH_PAD)
+    omask = (rows < T)[:, None] & (wo[None, :] < WIDTH)
     tl.store(w_ptr + rows[:, None] * WIDTH + wo[None, :], out_w, mask=omask)
     tl.store(ids_ptr + rows[:, None] * WIDTH + wo[None, :], out_i, mask=omask)
-    if WRITE_KEY:
-        tl.store(key_ptr + rows[:, None] * WIDTH + wo[None, :], out_k, mask=omask)
 
 
 def fused_topk(router_logits: torch.Tensor, k: int, width: int, *, sigmoid: bool = False,
                correction_bias: torch.Tensor | None = None, n_group: int = 1, topk_group: int = 1,
-               renormalize: bool = True, eps: float = 0.0, scale: float = 1.0, keys: torch.Tensor | None = None,
+               renormalize: bool = True, eps: float = 0.0, scale: float = 1.0,
                block_t: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(weights [T, width] float32, ids [T, width] int32)``; slots ``k..width-1`` padded (-1, 0).
-
-    With ``keys`` (a ``[T, width]`` float32 buffer) also writes Alloc-T's cross-token ranking key of
-    each selected slot (see :func:`sgl_budget.routing.reallocate.ranking_key`).
-    """
+    """``(weights [T, width] float32, ids [T, width] int32)``; slots ``k..width-1`` padded (-1, 0)."""
     x = router_logits.contiguous()
     t, e = x.shape
     w = torch.empty(t, width, dtype=torch.float32, device=x.device)
     ids = torch.empty(t, width, dtype=torch.int32, device=x.device)
     bias = correction_bias.contiguous().float() if correction_bias is not None else x
     grid = (triton.cdiv(max(t, 1), block_t),)
-    _fused_topk_kernel[grid](x, bias, w, ids, keys if keys is not None else w, t, E=e, E_PAD=triton.next_power_of_2(e), K=k, WIDTH=width,
+    _fused_topk_kernel[grid](x, bias, w, ids, t, E=e, E_PAD=triton.next_power_of_2(e), K=k, WIDTH=width,
                              WIDTH_PAD=triton.next_power_of_2(width), BLOCK_T=block_t, SIGMOID=sigmoid,
                              HAS_BIAS=correction_bias is not None, N_GROUP=n_group, TOPK_GROUP=topk_group,
-                             RENORM=renormalize, EPS=eps, SCALE=scale, WRITE_KEY=keys is not None)
+                             RENORM=renormalize, EPS=eps, SCALE=scale)
     return w, ids

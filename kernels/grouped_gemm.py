@@ -9,6 +9,9 @@ Blocks past ``num_tokens_post_padded`` exit at once (static grid, CUDA-graph saf
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -16,11 +19,31 @@ import triton.language as tl
 
 from .moe_align import moe_align
 
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tile sizes and launch options of the grouped GEMM (``block_m`` is also the alignment block)."""
+
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+# decode candidates the benchmark tries (memory-bound: wide K tiles, deep pipelines)
+DECODE_CONFIGS = tuple(GemmConfig(16, n, k, w, s) for n, k, w, s in
+                       [(64, 64, 4, 3), (64, 128, 4, 4), (128, 128, 4, 3), (64, 256, 4, 3), (128, 64, 4, 4),
+                        (32, 256, 4, 4), (128, 128, 8, 4), (64, 128, 4, 5)])
+
 
 @triton.jit
 def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, sorted_ptr, expert_ptr, ntpp_ptr, w_ptr, num_slots, N, K,
                      stride_am, stride_be, stride_bn, stride_cm, TOPK: tl.constexpr, A_BY_TOKEN: tl.constexpr,
-                     MUL_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     MUL_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     DOT_F32: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(ntpp_ptr):
@@ -38,34 +61,39 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, sorted_ptr, expert_ptr, ntpp_ptr, w_pt
                     mask=valid[:, None] & (offs_k[None, :] < K), other=0.0)
         b = tl.load(b_ptr + expert * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None],
                     mask=(offs_n[None, :] < N) & (offs_k[:, None] < K), other=0.0)
-        acc += tl.dot(a, b)
+        if DOT_F32:  # Triton's interpreter gets bf16 tl.dot wrong (3.8: garbage); float32 is exact there
+            acc += tl.dot(a.to(tl.float32), b.to(tl.float32))
+        else:
+            acc += tl.dot(a, b)
     if MUL_WEIGHT:
         acc *= tl.load(w_ptr + slot, mask=valid, other=0.0)[:, None]
     tl.store(c_ptr + slot[:, None] * stride_cm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty),
              mask=valid[:, None] & (offs_n[None, :] < N))
 
 
-def _gemm(a, w, out, al, num_slots, topk, by_token, weights, block_m, block_n=64, block_k=64):
+def _gemm(a, w, out, al, num_slots, topk, by_token, weights, cfg: GemmConfig):
     e, n, k = w.shape
-    grid = (al.sorted_token_ids.numel() // block_m, triton.cdiv(n, block_n))
+    grid = (al.sorted_token_ids.numel() // cfg.block_m, triton.cdiv(n, cfg.block_n))
     _moe_gemm_kernel[grid](a, w, out, al.sorted_token_ids, al.expert_ids, al.num_tokens_post_padded,
                            weights if weights is not None else a, num_slots, n, k, a.stride(0), w.stride(0),
                            w.stride(1), out.stride(0), TOPK=topk, A_BY_TOKEN=by_token,
-                           MUL_WEIGHT=weights is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+                           MUL_WEIGHT=weights is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                           BLOCK_K=cfg.block_k, DOT_F32=INTERPRET, num_warps=cfg.num_warps,
+                           num_stages=cfg.num_stages)
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, block_m: int = 16) -> torch.Tensor:
+              topk_ids: torch.Tensor, config: GemmConfig = GemmConfig()) -> torch.Tensor:
     """MoE layer output ``[T, H]`` for ``x [T, H]``, ``w13 [E, 2I, H]``, ``w2 [E, H, I]`` (SiLU-gated)."""
     t, k = topk_ids.shape
     e, two_i, h = w13.shape
-    al = moe_align(topk_ids, e, block_m)
+    al = moe_align(topk_ids, e, config.block_m)
     slots = t * k
     up = torch.zeros(slots, two_i, dtype=x.dtype, device=x.device)
-    _gemm(x, w13, up, al, slots, k, True, None, block_m)
+    _gemm(x, w13, up, al, slots, k, True, None, config)
     act = F.silu(up[:, : two_i // 2]) * up[:, two_i // 2:]
     down = torch.zeros(slots, h, dtype=x.dtype, device=x.device)
-    _gemm(act, w2, down, al, slots, k, False, topk_weights.reshape(-1).float(), block_m)
+    _gemm(act, w2, down, al, slots, k, False, topk_weights.reshape(-1).float(), config)
     return down.view(t, k, h).sum(1)
 
 

@@ -14,7 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from sgl_budget.routing.dispatch import Alignment, max_padded
+from sgl_budget.routing.dispatch import Alignment, align_reference, max_padded
+
+MAX_SLOTS = 16384  # slots one program sorts; larger (prefill) batches use the sync-free torch reference
 
 
 @triton.jit
@@ -64,6 +66,8 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_size: int) -> Alig
     """Kernel version of :func:`~sgl_budget.routing.dispatch.align_reference` (same outputs)."""
     flat = topk_ids.reshape(-1).to(torch.int32).contiguous()
     n = flat.numel()
+    if n > MAX_SLOTS:
+        return align_reference(topk_ids, num_experts, block_size)
     cap = max_padded(n, num_experts, block_size)
     blocks = cap // block_size
     dev = flat.device

@@ -21,6 +21,14 @@ from .weights import finalize_weights
 
 NEG = -3.0e38
 KINDS = {"top": 0, "coverage": 1, "count": 2}
+MAX_ELEMENTS = 65536  # the per-token merge works on [T, K, K] tiles in one program; larger batches use torch
+
+
+def sere_fits(num_tokens: int, k: int, width: int) -> bool:
+    """Whether one program can re-route this batch (decode batches can; large prefills go to torch)."""
+    t_pad = max(2, triton.next_power_of_2(max(num_tokens, 1)))
+    k_pad = triton.next_power_of_2(k)
+    return t_pad * k_pad * max(k_pad, triton.next_power_of_2(max(width, k))) <= MAX_ELEMENTS
 
 
 @triton.jit

@@ -198,9 +198,11 @@ def test_sere_kernel_matches_the_reference_router(tmp_path, primary, variant, to
     assert torch.allclose(tw.cpu(), rw, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("t,k,e,pad", [(5, 2, 8, 0.0), (9, 4, 16, 0.4), (1, 4, 8, 0.5)])
-def test_grouped_gemm_moe_matches_reference(t, k, e, pad) -> None:
-    from sgl_budget.kernels.grouped_gemm import fused_moe, moe_reference
+def test_grouped_gemm_moe_matches_reference(t, k, e, pad, dtype, tol) -> None:
+    """float32 and the benchmark's bf16 (intermediates rounded to bf16, as in SGLang's fused_moe)."""
+    from sgl_budget.kernels.grouped_gemm import GemmConfig, fused_moe, moe_reference
 
     g = torch.Generator().manual_seed(t + e)
     h, inter = 32, 16
@@ -210,6 +212,84 @@ def test_grouped_gemm_moe_matches_reference(t, k, e, pad) -> None:
     ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]).to(torch.int32)
     ids[torch.rand(t, k, generator=g) < pad] = -1
     w = torch.rand(t, k, generator=g) * (ids >= 0)
-    ref = moe_reference(x, w13, w2, w, ids)
-    got = fused_moe(x.to(DEVICE), w13.to(DEVICE), w2.to(DEVICE), w.to(DEVICE), ids.to(DEVICE))
-    assert torch.allclose(got.cpu(), ref, rtol=1e-4, atol=1e-4)
+    x, w13, w2 = x.to(dtype), w13.to(dtype), w2.to(dtype)
+    ref = moe_reference(x.float(), w13.float(), w2.float(), w, ids)
+    for cfg in (GemmConfig(), GemmConfig(16, 32, 16, 4, 2)):
+        got = fused_moe(x.to(DEVICE), w13.to(DEVICE), w2.to(DEVICE), w.to(DEVICE), ids.to(DEVICE), cfg)
+        assert got.dtype == dtype
+        assert torch.allclose(got.cpu().float(), ref, rtol=tol, atol=tol * ref.abs().max().item()), cfg
+
+
+SERVING_POLICIES = {
+    "uniform-50": "budget 50%",
+    "alloc-t-50": "budget 50%; tokens { reallocate by score; min_k 1 }",
+    "sere": 'reroute { similarity "SIM"; primary top 1; min_similarity 0.5; preserve critical 4 }',
+    "alloc-t-sere-50": ('budget 50%; tokens { reallocate by score; min_k 1 } '
+                        'reroute { similarity "SIM"; primary coverage 70%; min_similarity 0.3 }'),
+}
+
+
+@pytest.mark.parametrize("shape", ["deepseek-v2-lite", "qwen3-30b-a3b", "deepseek-v3"])
+@pytest.mark.parametrize("batch", [64, 256])
+def test_kernels_match_the_reference_at_serving_shapes(tmp_path, shape, batch) -> None:
+    """Real model shapes and decode batch sizes (the benchmark's), every kernel-backed plan, skewed logits."""
+    from conftest import write_similarity
+    from sgl_budget.kernels.backend import compile_kernel_routers
+    from sgl_budget.kernels.moe_align import moe_align
+    from sgl_budget.lang import compile_policy
+    from sgl_budget.lang.ir import RouteContext
+    from sgl_budget.spec import PRESETS
+    from sgl_budget.traces import synthetic_trace
+
+    spec = PRESETS[shape]
+    sim = write_similarity(spec, tmp_path).name
+    layer = spec.moe_layers[len(spec.moe_layers) // 2]
+    trace = synthetic_trace(spec, num_sequences=batch, seq_len=2, seed=batch)
+    x = trace.router_logits[layer][-batch:].float()
+    bias = trace.correction_bias[layer] if trace.correction_bias else None
+    ctx = RouteContext("decode", batch)
+    for name, body in SERVING_POLICIES.items():
+        ir = compile_policy(f'policy "{name}" {{ {body.replace("SIM", sim)} }}', spec, base_dir=tmp_path)
+        ref_router = compile_kernel_routers(ir, backend="torch")[layer]
+        tri_router = compile_kernel_routers(ir, backend="triton")[layer]
+        assert tri_router.kernel_applies(tri_router.plan(ctx), x), name
+        rw, ri = ref_router(x, ctx, correction_bias=bias)
+        tri_router.prepare(DEVICE)
+        tw, ti = tri_router(x.to(DEVICE), ctx, correction_bias=None if bias is None else bias.to(DEVICE))
+        assert torch.equal(ti.cpu(), ri), (shape, batch, name)
+        assert torch.allclose(tw.cpu(), rw, rtol=1e-5, atol=1e-6), (shape, batch, name)
+        ref_al = align_reference(ri, spec.num_experts, 16)
+        al = moe_align(ti, spec.num_experts, 16)
+        assert torch.equal(al.sorted_token_ids.cpu(), ref_al.sorted_token_ids), (shape, batch, name)
+        assert torch.equal(al.expert_ids.cpu(), ref_al.expert_ids)
+        # padded slots launch nothing: the blocks in use are exactly those the used experts need
+        used = torch.bincount(ri[ri >= 0].long(), minlength=spec.num_experts)
+        assert int(al.num_tokens_post_padded) == int(((used + 15) // 16 * 16).sum())
+
+
+def test_batches_too_large_for_one_program_take_the_reference_path(tmp_path) -> None:
+    from conftest import TINY_SOFTMAX, write_similarity
+    from sgl_budget.kernels import moe_align as moe_align_mod
+    from sgl_budget.kernels.alloc_t import alloc_t_fits
+    from sgl_budget.kernels.backend import compile_kernel_routers
+    from sgl_budget.kernels.sere import sere_fits
+    from sgl_budget.lang import compile_policy
+    from sgl_budget.lang.ir import RouteContext
+
+    assert alloc_t_fits(256, 3, 1, 8) and not alloc_t_fits(8192, 3, 1, 8) and alloc_t_fits(8192, 3, 3, 3)
+    assert sere_fits(256, 8, 8) and not sere_fits(4096, 8, 8)
+    spec = TINY_SOFTMAX
+    write_similarity(spec, tmp_path)
+    ir = compile_policy(f'policy "p" {{ budget 50%; tokens {{ reallocate by score; min_k 1; max_k 4 }} '
+                        f'reroute {{ similarity "{spec.name}.sim.safetensors"; primary top 1 }} }}', spec,
+                        base_dir=tmp_path)
+    router = compile_kernel_routers(ir, backend="triton")[1]
+    big = torch.randn(8192, spec.num_experts, generator=torch.Generator().manual_seed(0))
+    ctx = RouteContext("prefill", 1, 8192)
+    assert not router.kernel_applies(router.plan(ctx), big)
+    rw, ri = compile_kernel_routers(ir, backend="torch")[1](big, ctx)
+    tw, ti = router(big, ctx)  # reference path: same result, no kernel compiled for this size
+    assert torch.equal(ti, ri) and torch.equal(tw, rw)
+    ids = torch.randint(-1, spec.num_experts, (moe_align_mod.MAX_SLOTS // 4 + 1, 4), dtype=torch.int32)
+    got, ref = moe_align_mod.moe_align(ids, spec.num_experts, 16), align_reference(ids, spec.num_experts, 16)
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))
