@@ -78,7 +78,8 @@ class KernelRouter(LayerRouter):
 
             width = plan.k if rr is not None else self.width
             w, ids = fused_topk(router_logits, plan.k, width, **stage)  # rows are independent
-            if row_mask is not None:
+            if row_mask is not None and rr is not None:  # as the reference: a plain top-k routes padded rows
+                # too (the engine masks them); re-routing must not count them
                 ids = ids.masked_fill(~row_mask.unsqueeze(-1), -1)
                 w = w.masked_fill(~row_mask.unsqueeze(-1), 0.0)
         else:

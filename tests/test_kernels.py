@@ -131,29 +131,82 @@ def test_backend_selection_and_equivalence(tmp_path) -> None:
         KernelRouter(ir, 1, backend="cuda")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")
-def test_kernels_capture_in_a_cuda_graph() -> None:
-    from conftest import TINY_SOFTMAX
-    from sgl_budget.kernels.backend import compile_kernel_routers
-    from sgl_budget.kernels.moe_align import moe_align
-    from sgl_budget.lang import compile_policy
-    from sgl_budget.lang.ir import RouteContext
+LAYER_BODIES = [
+    "layers { k = 2 }",
+    "budget 50%; tokens { reallocate by score; min_k 1; max_k 4 }",
+    'budget 50%; tokens { reallocate by score; min_k 1 } reroute { similarity "SIM"; primary top 1 }',
+]
 
-    ir = compile_policy('policy "t" { budget 50%; tokens { reallocate by score; min_k 1; max_k 4 } }', TINY_SOFTMAX)
-    router = compile_kernel_routers(ir)[1]
-    ctx = RouteContext("decode", 16)
-    x = torch.randn(16, 16, device="cuda")
-    router(x, ctx)  # warm up (compile) outside the capture
-    moe_align(router(x, ctx)[1], 16, 16)
+
+class _LayerCase:
+    """One tiny MoE layer: kernel routing + dispatch + grouped GEMM, and the torch references to check it."""
+
+    def __init__(self, tmp_path, body: str) -> None:
+        from conftest import TINY_SOFTMAX, write_similarity
+        from sgl_budget.kernels.backend import compile_kernel_routers
+        from sgl_budget.lang import compile_policy
+        from sgl_budget.lang.ir import RouteContext
+
+        self.spec = spec = TINY_SOFTMAX
+        sim = write_similarity(spec, tmp_path).name
+        self.ir = compile_policy(f'policy "g" {{ {body.replace("SIM", sim)} }}', spec, base_dir=tmp_path)
+        self.batch_stage = "tokens" in body  # padded rows get no slots (a plain top-k routes them too)
+        self.router = compile_kernel_routers(self.ir, backend="triton")[1]
+        self.router.prepare(DEVICE)
+        self.ctx = RouteContext("decode", 16)
+        g = torch.Generator().manual_seed(0)
+        e, h, i = spec.num_experts, spec.hidden_size, spec.moe_intermediate_size
+        self.x = torch.randn(16, e, generator=g).to(DEVICE)
+        self.h = torch.randn(16, h, generator=g).to(DEVICE)
+        self.w13 = (torch.randn(e, 2 * i, h, generator=g) * 0.1).to(DEVICE)
+        self.w2 = (torch.randn(e, h, i, generator=g) * 0.1).to(DEVICE)
+        self.mask = (torch.arange(16) < 16).to(DEVICE)
+
+    def run(self):
+        from sgl_budget.kernels.grouped_gemm import fused_moe
+        from sgl_budget.kernels.moe_align import moe_align
+
+        w, ids = self.router(self.x, self.ctx, row_mask=self.mask)
+        return w, ids, moe_align(ids, self.spec.num_experts, 16), fused_moe(self.h, self.w13, self.w2, w, ids)
+
+    def set_inputs(self, seed: int, n_real: int) -> None:
+        self.x.copy_(torch.randn(16, self.spec.num_experts, generator=torch.Generator().manual_seed(seed)))
+        self.mask.copy_(torch.arange(16) < n_real)
+
+    def check(self, w, ids, al, out, n_real: int) -> None:
+        from sgl_budget.kernels.backend import compile_kernel_routers
+        from sgl_budget.kernels.grouped_gemm import moe_reference
+
+        rw, ri = compile_kernel_routers(self.ir, backend="torch")[1](self.x, self.ctx, row_mask=self.mask)
+        assert torch.equal(ids, ri) and torch.allclose(w, rw, rtol=1e-5, atol=1e-6), n_real
+        if self.batch_stage:
+            assert (ids[n_real:] == -1).all()
+        ref = align_reference(ri, self.spec.num_experts, 16)
+        assert torch.equal(al.sorted_token_ids, ref.sorted_token_ids.to(DEVICE))
+        assert torch.allclose(out, moe_reference(self.h, self.w13, self.w2, rw, ri), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("body", LAYER_BODIES)
+def test_kernel_layer_matches_the_references_with_padded_rows(tmp_path, body) -> None:
+    case = _LayerCase(tmp_path, body)
+    for seed, n_real in ((1, 16), (2, 11)):
+        case.set_inputs(seed, n_real)
+        case.check(*case.run(), n_real)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")
+@pytest.mark.parametrize("body", LAYER_BODIES)
+def test_kernels_capture_in_a_cuda_graph(tmp_path, body) -> None:
+    """Routing + dispatch + grouped GEMM captured once, replayed on new logits and padded-row counts."""
+    case = _LayerCase(tmp_path, body)
+    case.run()  # warm up (compile) outside the capture
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        w, ids = router(x, ctx)
-        al = moe_align(ids, 16, 16)
-    x.copy_(torch.randn(16, 16, device="cuda"))
-    g.replay()
-    rw, ri = compile_kernel_routers(ir, backend="torch")[1](x, ctx)
-    assert torch.equal(ids, ri) and torch.allclose(w, rw, rtol=1e-5, atol=1e-6)
-    assert int(al.num_tokens_post_padded) % 16 == 0
+        outputs = case.run()
+    for seed, n_real in ((1, 16), (2, 11)):
+        case.set_inputs(seed, n_real)
+        g.replay()
+        case.check(*outputs, n_real)
 
 
 def test_kernels_leave_trailing_padded_rows_out() -> None:
