@@ -402,7 +402,6 @@ def main(argv: list[str] | None = None) -> list[Row]:
         device, timer, copies, batches = "cuda", cuda_graph_timer(args.iters), args.copies, args.batches
     else:
         sys.exit("this benchmark needs a CUDA GPU (or --smoke for a check of the code path)")
-    sys.path.insert(0, str(ROOT))
     from sgl_budget.kernels.grouped_gemm import DECODE_CONFIGS, GemmConfig
     from sgl_budget.lang import compile_policy
     from sgl_budget.spec import PRESETS
