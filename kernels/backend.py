@@ -2,8 +2,8 @@
 
 :class:`KernelRouter` is a :class:`~sgl_budget.routing.LayerRouter` whose
 ``route_scores``-level work runs in Triton for the plans the kernels cover —
-per-layer top-k, Alloc-T and SERE re-routing, alone or chained — on a single
-``[T, E]`` batch on a CUDA device; every other case (piggybacking, batches too
+per-layer top-k, Alloc-T, SERE re-routing and piggybacking, alone or chained —
+on a single ``[T, E]`` batch on a CUDA device; every other case (batches too
 large for the one-program batch stages, i.e. big prefills) and
 ``backend="torch"`` take the reference path. ``backend="triton"`` also runs the kernels on CPU
 tensors (under ``TRITON_INTERPRET=1``), which is how CI tests the selection.
@@ -22,6 +22,7 @@ from sgl_budget.routing import Conventions, LayerRouter, RouteOutput
 from sgl_budget.routing.scoring import REFERENCE, renorm_epsilon
 
 from .alloc_t import alloc_t_fits
+from .piggyback import piggyback_fits
 from .sere import sere_fits
 
 Backend = Literal["auto", "torch", "triton"]
@@ -42,8 +43,6 @@ class KernelRouter(LayerRouter):
             return False
         if self.backend == "auto" and not router_logits.is_cuda:
             return False
-        if plan.piggyback is not None:
-            return False  # piggyback kernel: not yet (reference path)
         if self.conv.scores_in_logit_dtype and router_logits.dtype != torch.float32:
             return False  # the kernels score in float32
         # whole-batch stages run in one program: decode-sized batches (large prefills take the reference)
@@ -55,7 +54,7 @@ class KernelRouter(LayerRouter):
             k_in = r.max_k if r is not None else plan.k
             if not sere_fits(t, k_in, self.width):
                 return False
-        return True
+        return plan.piggyback is None or piggyback_fits(t)
 
     def __call__(self, router_logits: Tensor, ctx: RouteContext | None = None,
                  correction_bias: Tensor | None = None, row_mask: Tensor | None = None) -> RouteOutput:
@@ -71,30 +70,37 @@ class KernelRouter(LayerRouter):
                   topk_group=spec.topk_group, renormalize=spec.norm_topk_prob,
                   eps=renorm_epsilon(spec) if self.conv.renorm_eps is None else self.conv.renorm_eps,
                   scale=spec.routed_scaling_factor if self.conv.apply_routed_scaling else 1.0)
-        rr = plan.reroute
-        stage = dict(kw, renormalize=False, scale=1.0) if rr is not None else kw  # SERE weighs after merging
+        rr, pig = plan.reroute, plan.piggyback
+        later = rr is not None or pig is not None  # a batch stage follows: it weighs the raw gate scores
+        stage = dict(kw, renormalize=False, scale=1.0) if later else kw
         if plan.reallocation is None:
             from .fused_topk import fused_topk
 
-            width = plan.k if rr is not None else self.width
+            width = plan.k if later else self.width
             w, ids = fused_topk(router_logits, plan.k, width, **stage)  # rows are independent
-            if row_mask is not None and rr is not None:  # as the reference: a plain top-k routes padded rows
-                # too (the engine masks them); re-routing must not count them
+            if row_mask is not None and later:  # as the reference: a plain top-k routes padded rows
+                # too (the engine masks them); the batch stages must not count them
                 ids = ids.masked_fill(~row_mask.unsqueeze(-1), -1)
                 w = w.masked_fill(~row_mask.unsqueeze(-1), 0.0)
         else:
             from .alloc_t import alloc_t
 
             r = plan.reallocation
-            width = r.max_k if rr is not None else self.width
+            width = r.max_k if later else self.width
             w, ids = alloc_t(router_logits, plan.k, r.min_k, r.max_k, width, num_valid=num_valid, **stage)
         if rr is not None:
             from .sere import sere_reroute
 
             tables = self._reroute_tables(plan, router_logits.device)
+            last = stage if pig is not None else kw  # piggybacking weighs after adding its slots
             w, ids = sere_reroute(ids, w, tables.similarity, tables.critical, rr.primary.kind, rr.primary.value,
-                                  rr.min_similarity, self.width, renormalize=kw["renormalize"], eps=kw["eps"],
-                                  scale=kw["scale"])
+                                  rr.min_similarity, width if pig is not None else self.width,
+                                  renormalize=last["renormalize"], eps=kw["eps"], scale=last["scale"])
+        if pig is not None:
+            from .piggyback import piggyback
+
+            w, ids = piggyback(router_logits, ids, w, pig.max_k, pig.min_score, self.width, num_valid=num_valid,
+                               **kw)
         return RouteOutput(w, ids)
 
 

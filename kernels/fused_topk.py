@@ -18,12 +18,13 @@ NEG = -3.0e38
 
 
 @triton.jit
-def route_rows(logits_ptr, bias_ptr, rows, T, BLOCK_T: tl.constexpr, E: tl.constexpr, E_PAD: tl.constexpr,
-               K: tl.constexpr, WIDTH_PAD: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr,
-               TOPK_GROUP: tl.constexpr, WRITE_KEY: tl.constexpr):
-    """Score and rank the ``BLOCK_T`` tokens ``rows``: ``(raw gate scores, ids, Alloc-T keys, sum of raw)`` of their top-K.
+def score_rows(logits_ptr, bias_ptr, rows, T, BLOCK_T: tl.constexpr, E: tl.constexpr, E_PAD: tl.constexpr,
+               SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr):
+    """``(scores, select, eligible)`` ``[BLOCK_T, E_PAD]`` of the tokens ``rows`` (the reference's GateScores).
 
-    Columns ``K..WIDTH_PAD-1`` are padding (id -1, score 0); keys are zero unless ``WRITE_KEY``.
+    ``scores``: softmax / sigmoid gate scores in float32; ``select``: what top-k ranks (plus the correction
+    bias; the group limit applied: -inf, or 0 without a bias, as the model does); ``eligible``: inside the
+    token's kept groups (every real expert on ungrouped models).
     """
     cols = tl.arange(0, E_PAD)
     rmask = rows < T
@@ -42,6 +43,7 @@ def route_rows(logits_ptr, bias_ptr, rows, T, BLOCK_T: tl.constexpr, E: tl.const
         b = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
         select = scores + b[None, :]
     select = tl.where(cmask[None, :], select, NEG)
+    eligible = tl.broadcast_to(cmask[None, :], [BLOCK_T, E_PAD])
 
     if N_GROUP > 1:
         GS: tl.constexpr = E // N_GROUP
@@ -72,7 +74,20 @@ def route_rows(logits_ptr, bias_ptr, rows, T, BLOCK_T: tl.constexpr, E: tl.const
             select = tl.where(chosen, select, NEG)
         else:
             select = tl.where(chosen, select, tl.where(cmask[None, :], 0.0, NEG))
+        eligible = chosen & cmask[None, :]
+    return scores, select, eligible
 
+
+@triton.jit
+def route_rows(logits_ptr, bias_ptr, rows, T, BLOCK_T: tl.constexpr, E: tl.constexpr, E_PAD: tl.constexpr,
+               K: tl.constexpr, WIDTH_PAD: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
+               N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, WRITE_KEY: tl.constexpr):
+    """Score and rank the ``BLOCK_T`` tokens ``rows``: ``(raw gate scores, ids, Alloc-T keys, sum of raw)`` of
+    their top-K. Columns ``K..WIDTH_PAD-1`` are padding (id -1, score 0); keys are zero unless ``WRITE_KEY``.
+    """
+    cols = tl.arange(0, E_PAD)
+    scores, select, _ = score_rows(logits_ptr, bias_ptr, rows, T, BLOCK_T, E, E_PAD, SIGMOID, HAS_BIAS, N_GROUP,
+                                   TOPK_GROUP)
     if SIGMOID:  # Alloc-T's cross-token key: the token's normalised (clamped) selection score
         key_den = tl.sum(tl.where(select > 0, select, 0.0), 1)
         key_den = tl.where(key_den > 0, key_den, 1.0)

@@ -135,6 +135,8 @@ LAYER_BODIES = [
     "layers { k = 2 }",
     "budget 50%; tokens { reallocate by score; min_k 1; max_k 4 }",
     'budget 50%; tokens { reallocate by score; min_k 1 } reroute { similarity "SIM"; primary top 1 }',
+    'budget 50%; tokens { reallocate by score; min_k 1 } reroute { similarity "SIM"; primary top 1 } '
+    "piggyback { max_k 4 }",
 ]
 
 
@@ -150,7 +152,8 @@ class _LayerCase:
         self.spec = spec = TINY_SOFTMAX
         sim = write_similarity(spec, tmp_path).name
         self.ir = compile_policy(f'policy "g" {{ {body.replace("SIM", sim)} }}', spec, base_dir=tmp_path)
-        self.batch_stage = "tokens" in body  # padded rows get no slots (a plain top-k routes them too)
+        self.batch_stage = "tokens" in body or "piggyback" in body  # padded rows get no slots
+        # (a plain top-k routes them too)
         self.router = compile_kernel_routers(self.ir, backend="triton")[1]
         self.router.prepare(DEVICE)
         self.ctx = RouteContext("decode", 16)
@@ -273,12 +276,49 @@ def test_grouped_gemm_moe_matches_reference(t, k, e, pad, dtype, tol) -> None:
         assert torch.allclose(got.cpu().float(), ref, rtol=tol, atol=tol * ref.abs().max().item()), cfg
 
 
+@pytest.mark.parametrize("variant", range(4))
+@pytest.mark.parametrize("before", ["budget 50%",
+                                    "budget 50%; tokens { reallocate by score; min_k 1; max_k 4 }",
+                                    'budget 50%; reroute { similarity "SIM"; primary top 1; min_similarity 0.4 }'])
+@pytest.mark.parametrize("pig", ["piggyback { max_k 4 }", "piggyback { max_k 3; min_score 0.05 }"])
+def test_piggyback_kernel_matches_the_reference_router(tmp_path, variant, before, pig) -> None:
+    from conftest import write_similarity
+    from sgl_budget.kernels.backend import compile_kernel_routers
+    from sgl_budget.lang import compile_policy
+    from sgl_budget.lang.ir import RouteContext
+
+    spec = _spec_variants()[variant]
+    sim = write_similarity(spec, tmp_path).name
+    ir = compile_policy(f'policy "p" {{ {before.replace("SIM", sim)}; {pig} }}', spec, base_dir=tmp_path)
+    g = torch.Generator().manual_seed(variant + 7)
+    x = torch.randn(20, spec.num_experts, generator=g) * 2
+    bias = torch.randn(spec.num_experts, generator=g) * 0.1 if spec.has_correction_bias else None
+    mask = torch.arange(20) < 17  # three padded rows: no slots, no part in the batch's expert set
+    ctx = RouteContext("decode", 20)
+    ref = compile_kernel_routers(ir, backend="torch")[1]
+    tri = compile_kernel_routers(ir, backend="triton")[1]
+    assert tri.kernel_applies(tri.plan(ctx), x)
+    rw, ri = ref(x, ctx, correction_bias=bias, row_mask=mask)
+    tri.prepare(DEVICE)
+    tw, ti = tri(x.to(DEVICE), ctx, correction_bias=None if bias is None else bias.to(DEVICE),
+                 row_mask=mask.to(DEVICE))
+    assert torch.equal(ti.cpu(), ri), (spec.name, before, pig)
+    assert torch.allclose(tw.cpu(), rw, rtol=1e-5, atol=1e-6), (spec.name, before, pig)
+    base = compile_policy(f'policy "b" {{ {before.replace("SIM", sim)} }}', spec, base_dir=tmp_path)
+    _, bi = compile_kernel_routers(base, backend="torch")[1](x, ctx, correction_bias=bias, row_mask=mask)
+    ri, bi = ri[:17], bi[:17]  # real rows (a plain top-k also routes padded rows)
+    assert int((ri >= 0).sum()) > int((bi >= 0).sum()), "the case must piggyback something"
+    assert set(ri[ri >= 0].tolist()) == set(bi[bi >= 0].tolist())  # no expert beyond the batch's set
+
+
 SERVING_POLICIES = {
     "uniform-50": "budget 50%",
     "alloc-t-50": "budget 50%; tokens { reallocate by score; min_k 1 }",
     "sere": 'reroute { similarity "SIM"; primary top 1; min_similarity 0.5; preserve critical 4 }',
     "alloc-t-sere-50": ('budget 50%; tokens { reallocate by score; min_k 1 } '
                         'reroute { similarity "SIM"; primary coverage 70%; min_similarity 0.3 }'),
+    "sere-piggyback-50": ('budget 50%; reroute { similarity "SIM"; primary top 1; min_similarity 0.5 } '
+                          "piggyback { max_k 6; min_score 0.01 }"),
 }
 
 
