@@ -22,7 +22,8 @@ MAX_SLOTS = 16384  # slots one program sorts; larger (prefill) batches use the s
 @triton.jit
 def _moe_align_kernel(ids_ptr, sorted_ptr, expert_ids_ptr, total_ptr, scratch_ptr, n,
                       E: tl.constexpr, BS: tl.constexpr, N_PAD: tl.constexpr, E_PAD: tl.constexpr,
-                      CAP: tl.constexpr, CAP_PAD: tl.constexpr, BLOCKS: tl.constexpr, BLOCKS_PAD: tl.constexpr):
+                      CAP: tl.constexpr, CAP_PAD: tl.constexpr, BLOCKS: tl.constexpr, BLOCKS_PAD: tl.constexpr,
+                      BB: tl.constexpr, EB: tl.constexpr):
     offs = tl.arange(0, N_PAD)
     in_range = offs < n
     ids = tl.load(ids_ptr + offs, mask=in_range, other=-1)
@@ -54,12 +55,19 @@ def _moe_align_kernel(ids_ptr, sorted_ptr, expert_ids_ptr, total_ptr, scratch_pt
     dest = tl.load(scratch_ptr + safe_e) + rank
     tl.store(sorted_ptr + dest, slot, mask=ok)
 
-    bo = tl.arange(0, BLOCKS_PAD)
-    block_start = bo * BS
-    covered = (ends[None, :] <= block_start[:, None]) & (eo[None, :] < E)
-    expert = tl.sum(covered.to(tl.int32), 1)
-    expert = tl.where(block_start < total, expert, -1)
-    tl.store(expert_ids_ptr + bo, expert, mask=bo < BLOCKS)
+    # the expert of each block: how many experts' padded segments end at or before the block's start,
+    # counted in [BB, EB] tiles (a [blocks, experts] tile would not fit one program for 256 experts)
+    tl.store(scratch_ptr + 2 * E_PAD + eo, tl.where(eo < E, ends, 1 << 30))
+    tl.debug_barrier()
+    for b0 in range(0, BLOCKS_PAD, BB):
+        bo = b0 + tl.arange(0, BB)
+        block_start = bo * BS
+        expert = tl.zeros([BB], dtype=tl.int32)
+        for e0 in range(0, E_PAD, EB):
+            e_ends = tl.load(scratch_ptr + 2 * E_PAD + e0 + tl.arange(0, EB))
+            expert += tl.sum((e_ends[None, :] <= block_start[:, None]).to(tl.int32), 1)
+        expert = tl.where(block_start < total, expert, -1)
+        tl.store(expert_ids_ptr + bo, expert, mask=bo < BLOCKS)
 
 
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_size: int) -> Alignment:
@@ -75,9 +83,10 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_size: int) -> Alig
     expert_ids = torch.empty(blocks, dtype=torch.int32, device=dev)
     total = torch.empty(1, dtype=torch.int32, device=dev)
     e_pad = triton.next_power_of_2(num_experts + 1)
-    scratch = torch.empty(2 * e_pad, dtype=torch.int32, device=dev)
+    scratch = torch.empty(3 * e_pad, dtype=torch.int32, device=dev)
+    blocks_pad = max(16, triton.next_power_of_2(blocks))
     _moe_align_kernel[(1,)](flat, sorted_ids, expert_ids, total, scratch, n, E=num_experts, BS=block_size,
                             N_PAD=max(16, triton.next_power_of_2(n)), E_PAD=e_pad, CAP=cap,
                             CAP_PAD=triton.next_power_of_2(cap), BLOCKS=blocks,
-                            BLOCKS_PAD=max(16, triton.next_power_of_2(blocks)))
+                            BLOCKS_PAD=blocks_pad, BB=min(128, blocks_pad), EB=min(64, e_pad))
     return Alignment(sorted_ids, expert_ids, total)

@@ -36,7 +36,7 @@ def _sere_kernel(ids_ptr, raw_ptr, sim_ptr, crit_ptr, scratch_ptr, w_out_ptr, id
                  E: tl.constexpr, E_PAD: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, T_PAD: tl.constexpr,
                  WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr, KIND: tl.constexpr, S: tl.constexpr,
                  COVERAGE: tl.constexpr, COUNT: tl.constexpr, MIN_SIM: tl.constexpr,
-                 RENORM: tl.constexpr, EPS: tl.constexpr, SCALE: tl.constexpr):
+                 RENORM: tl.constexpr, EPS: tl.constexpr, SCALE: tl.constexpr, BLOCK_E: tl.constexpr):
     rows = tl.arange(0, T_PAD)
     ks = tl.arange(0, K_PAD)
     eo = tl.arange(0, E_PAD)
@@ -70,13 +70,20 @@ def _sere_kernel(ids_ptr, raw_ptr, sim_ptr, crit_ptr, scratch_ptr, w_out_ptr, id
     crit = tl.load(crit_ptr + eo, mask=eo < E, other=0) != 0
     primary = (primary | crit) & present
 
-    sim = tl.load(sim_ptr + eo[:, None] * E + eo[None, :], mask=(eo < E)[:, None] & (eo < E)[None, :], other=NEG)
-    cand = tl.where(primary[None, :], sim, NEG)
-    best = tl.max(cand, 1)
-    dest = tl.argmax(cand, 1)
-    moves = (~primary) & (best >= MIN_SIM) & (best > NEG)
-    tl.store(scratch_ptr + eo, tl.where(moves, dest, eo).to(tl.int32))
-    tl.store(scratch_ptr + E_PAD + eo, moves.to(tl.int32))
+    # each secondary expert's most similar primary, BLOCK_E similarity rows at a time (an [E, E] tile would
+    # not fit one program's registers for 256 experts): scratch[e] = where expert e's slots go
+    tl.store(scratch_ptr + E_PAD + eo, primary.to(tl.int32))
+    tl.debug_barrier()
+    for eb in range(0, E_PAD, BLOCK_E):
+        er = eb + tl.arange(0, BLOCK_E)
+        sim = tl.load(sim_ptr + er[:, None] * E + eo[None, :], mask=(er < E)[:, None] & (eo < E)[None, :],
+                      other=NEG)
+        cand = tl.where(primary[None, :], sim, NEG)
+        best = tl.max(cand, 1)
+        dest = tl.argmax(cand, 1)  # the first maximum, as the reference
+        row_primary = tl.load(scratch_ptr + E_PAD + er) != 0
+        moves = (~row_primary) & (best >= MIN_SIM) & (best > NEG) & (er < E)
+        tl.store(scratch_ptr + er, tl.where(moves, dest, er).to(tl.int32))
     tl.debug_barrier()
 
     safe = tl.where(valid, ids, 0)
@@ -119,5 +126,5 @@ def sere_reroute(ids: torch.Tensor, raw: torch.Tensor, similarity: torch.Tensor,
                        S=int(primary_value) if primary_kind == "top" else 0,
                        COVERAGE=float(primary_value) if primary_kind == "coverage" else 0.0,
                        COUNT=int(primary_value) if primary_kind == "count" else 0, MIN_SIM=float(min_similarity),
-                       RENORM=renormalize, EPS=eps, SCALE=scale)
+                       RENORM=renormalize, EPS=eps, SCALE=scale, BLOCK_E=min(16, e_pad))
     return w, out
