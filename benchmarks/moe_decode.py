@@ -14,7 +14,8 @@ routed experts + the shared experts, in bf16 (``--dtype``). The layers cycle thr
 The whole step is one CUDA graph; the reported latency is the median over
 ``--iters`` replays divided by the number of layers. Both sides run the same
 grouped-GEMM kernel — SGLang's own Triton ``fused_moe_kernel`` when the sglang
-package imports (it needs no ``sgl_kernel``), else this package's — with the
+package imports (it needs no ``sgl_kernel``) or its source was extracted by
+``scripts/extract_sglang_moe_kernel.py``, else this package's — with the
 same tile configuration (the fastest for stock top-k at that shape and batch,
 from a small sweep), after the same dispatch alignment (padded slots skipped). One layer's output per
 policy is checked against the pure-torch MoE.
@@ -102,15 +103,64 @@ def own_fused_moe():
     return fused_moe
 
 
-def sglang_fused_moe():
-    """SGLang's own Triton fused-MoE GEMM kernel (importable from the sglang wheel without ``sgl_kernel``),
-    fed by this package's dispatch alignment (same format as SGLang's ``moe_align_block_size``), or None."""
+def _sglang_gemm_from_package():
+    """SGLang's own launcher of its Triton ``fused_moe_kernel`` (the sglang package imports without
+    ``sgl_kernel``), or None."""
     try:
-        import triton.language as tl
+        import sglang
         from sglang.kernels.ops.moe.fused_moe_triton_kernels import invoke_fused_moe_kernel
     except ImportError:
         return None
+
+    def gemm(a, b, c, al, topk_ids, weights, mul_weight, top_k, cfg, compute_type):
+        invoke_fused_moe_kernel(a, b, None, c, None, None, None, weights, topk_ids, al.sorted_token_ids,
+                                al.expert_ids, al.num_tokens_post_padded, mul_weight, top_k, cfg, compute_type,
+                                use_fp8_w8a8=False, use_int8_w8a8=False, use_int8_w8a16=False,
+                                use_int4_w4a16=False, per_channel_quant=False)
+
+    return f"SGLang {sglang.__version__} Triton fused_moe_kernel", gemm
+
+
+def _sglang_gemm_from_file(path: Path):
+    """The same kernel from the file ``scripts/extract_sglang_moe_kernel.py`` wrote (machines without
+    sglang), launched with the arguments ``invoke_fused_moe_kernel`` passes for unquantised weights."""
+    import importlib.util
+
+    import triton
+
+    spec = importlib.util.spec_from_file_location("sglang_fused_moe", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def gemm(a, b, c, al, topk_ids, weights, mul_weight, top_k, cfg, compute_type):
+        n, k = b.shape[1], b.shape[2]
+        em = al.sorted_token_ids.shape[0]
+        grid = (triton.cdiv(em, cfg["BLOCK_SIZE_M"]) * triton.cdiv(n, cfg["BLOCK_SIZE_N"]),)
+        mod.fused_moe_kernel[grid](
+            a, None, b, None, None, c, None, None, weights, al.sorted_token_ids, al.expert_ids,
+            al.num_tokens_post_padded, None, n, k, em, topk_ids.numel(), a.stride(0), a.stride(1), b.stride(0),
+            b.stride(2), b.stride(1), 0, 0, c.stride(-2), c.stride(-1), 0, 0, 0, 0, 0, 0, 0,
+            MUL_ROUTED_WEIGHT=mul_weight, top_k=top_k, compute_type=compute_type, use_fp8_w8a8=False,
+            use_int8_w8a8=False, use_int8_w8a16=False, per_channel_quant=False,
+            even_Ks=k % cfg["BLOCK_SIZE_K"] == 0, c_sorted=False, swap_ab=False, FUSE_ADD_TO_OUTPUT=False,
+            A_OUTPUT_SLICES=1, A_OUTPUT_SLICE_WIDTH=0, A_OUTPUT_SLICE_K=0, MASK_OUTPUT=False,
+            FUSE_SUM_ALL_REDUCE=False, ROUTER_TOPK=1, FUSE_SWIGLU=False, **cfg)
+
+    return f"SGLang {mod.SGLANG_VERSION} Triton fused_moe_kernel (extracted source)", gemm
+
+
+def sglang_fused_moe(kernel_file: Path | None = None, prefer_package: bool = True):
+    """``(label, fused_moe)`` on SGLang's own Triton ``fused_moe_kernel`` — from the sglang package, else from
+    ``kernel_file`` — fed by this package's dispatch alignment (the format of SGLang's
+    ``moe_align_block_size``, padded slots skipped); None if neither is there."""
+    found = _sglang_gemm_from_package() if prefer_package else None
+    if found is None and kernel_file is not None and kernel_file.is_file():
+        found = _sglang_gemm_from_file(kernel_file)
+    if found is None:
+        return None
+    label, gemm = found
     import torch.nn.functional as F
+    import triton.language as tl
 
     from sgl_budget.kernels.moe_align import moe_align
 
@@ -122,33 +172,26 @@ def sglang_fused_moe():
         al = moe_align(topk_ids, e, config.block_m)
         cfg = {"BLOCK_SIZE_M": config.block_m, "BLOCK_SIZE_N": config.block_n, "BLOCK_SIZE_K": config.block_k,
                "GROUP_SIZE_M": 1, "num_warps": config.num_warps, "num_stages": config.num_stages}
-        common = dict(A_scale=None, B_scale=None, B_zp=None, topk_ids=topk_ids, sorted_token_ids=al.sorted_token_ids,
-                      expert_ids=al.expert_ids, num_tokens_post_padded=al.num_tokens_post_padded,
-                      compute_type=compute[x.dtype], use_fp8_w8a8=False, use_int8_w8a8=False,
-                      use_int8_w8a16=False, use_int4_w4a16=False, per_channel_quant=False)
         w = topk_weights.float().contiguous()
         up = torch.zeros(t * k, two_i, dtype=x.dtype, device=x.device)
-        invoke_fused_moe_kernel(x, w13, None, up, topk_weights=w, mul_routed_weight=False, top_k=k, config=cfg,
-                                **common)
+        gemm(x, w13, up, al, topk_ids, w, False, k, cfg, compute[x.dtype])
         act = F.silu(up[:, : two_i // 2]) * up[:, two_i // 2:]
         down = torch.zeros(t * k, h, dtype=x.dtype, device=x.device)
-        invoke_fused_moe_kernel(act, w2, None, down, topk_weights=w, mul_routed_weight=True, top_k=1, config=cfg,
-                                **common)
+        gemm(act, w2, down, al, topk_ids, w, True, 1, cfg, compute[x.dtype])
         return down.view(t, k, h).sum(1)
 
-    return fused_moe
+    return label, fused_moe
 
 
-def pick_gemm(name: str):
-    """``(label, fused_moe)`` for ``--gemm`` auto | sglang | own (auto: SGLang's kernel when sglang imports)."""
+def pick_gemm(name: str, kernel_file: Path | None = None):
+    """``(label, fused_moe)`` for ``--gemm`` auto | sglang | own (auto: SGLang's kernel when it can be had)."""
     if name in ("auto", "sglang"):
-        fn = sglang_fused_moe()
-        if fn is not None:
-            import sglang
-
-            return f"SGLang {sglang.__version__} Triton fused_moe_kernel", fn
+        found = sglang_fused_moe(kernel_file)
+        if found is not None:
+            return found
         if name == "sglang":
-            sys.exit("--gemm sglang: the sglang package is not importable here")
+            sys.exit("--gemm sglang: neither the sglang package nor an extracted kernel file "
+                     "(scripts/extract_sglang_moe_kernel.py) is here")
     return "sgl_budget Triton grouped GEMM (kernels/grouped_gemm.py)", own_fused_moe()
 
 
@@ -385,6 +428,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
     ap.add_argument("--no-sweep", action="store_true", help="use the default tile configuration")
     ap.add_argument("--gemm", choices=["auto", "sglang", "own"], default="auto",
                     help="the grouped GEMM both sides use (auto: SGLang's Triton kernel when sglang imports)")
+    ap.add_argument("--sglang-kernel", type=Path,
+                    default=Path(os.environ.get("SGL_BUDGET_SGLANG_KERNEL", ROOT / ".gpu" / "sglang_fused_moe.py")),
+                    help="SGLang's kernel extracted by scripts/extract_sglang_moe_kernel.py, used where the "
+                    "sglang package is absent")
     ap.add_argument("--dtype", choices=["bf16", "fp16"],
                     help="weights and activations (default bf16; fp16 for a CPU smoke run, since Triton's "
                     "interpreter gets bf16 tl.dot wrong)")
@@ -410,7 +457,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     from sgl_budget.spec import PRESETS
 
     env = environment(device)
-    env["gemm"], gemm = pick_gemm(args.gemm)
+    env["gemm"], gemm = pick_gemm(args.gemm, args.sglang_kernel)
     env["dtype"] = args.dtype or ("fp16" if device == "cpu" else "bf16")
     dtype = torch.bfloat16 if env["dtype"] == "bf16" else torch.float16
     peak = next((v for k, v in PEAK_TBPS if k in env["device"]), None) if device == "cuda" else None

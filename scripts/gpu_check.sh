@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Everything this project owes a GPU, in one command for a device machine (torch + triton there, no internet):
 # the kernel tests on CUDA (serving shapes, CUDA-graph capture) and the MoE decode benchmark.
-#   here:  bash scripts/gpu_wheels.sh            (once: the missing pure-Python wheels into .whl/)
-#   there: bash scripts/gpu_check.sh [all|tests|bench] [benchmark args]   (carry .whl; results in $OUT or out/gpu)
+#   here:  bash scripts/gpu_prepare.sh   (once: missing wheels + SGLang's extracted GEMM kernel into .gpu/)
+#   there: bash scripts/gpu_check.sh [all|tests|bench] [benchmark args]   (carry .gpu; results in $OUT or out/gpu)
 # Each part prints as it goes and tees into the results folder, so a run cut off by a time limit keeps what it did;
 # split into `tests` and `bench` calls where one call's limit is short (kernel compiles take a few minutes).
 set -uo pipefail
@@ -17,9 +17,10 @@ PY="${PYTHON:-python3}"
 # sgl_budget laid out as the wheel installs it (sgl_budget.kernels is kernels/, ...), without pip or a build
 SITE=/tmp/sgl_budget_site
 rm -rf "$SITE" && mkdir -p "$SITE"
-if compgen -G ".whl/*.whl" >/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl || exit 1
+if compgen -G ".gpu/wheels/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .gpu/wheels/*.whl || exit 1
 fi
+if [ -f .gpu/sglang_fused_moe.py ]; then export SGL_BUDGET_SGLANG_KERNEL="$PWD/.gpu/sglang_fused_moe.py"; fi
 cp -r sgl_budget "$SITE/" && cp -r kernels "$SITE/sgl_budget/kernels" && cp -r grammar "$SITE/sgl_budget/grammar"
 cp -r policies "$SITE/sgl_budget/policies"
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
