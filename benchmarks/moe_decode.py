@@ -288,9 +288,32 @@ def sample_layers(spec, n: int | None) -> list[int]:
     return [layers[round(i * (len(layers) - 1) / max(1, n - 1))] for i in range(n)]
 
 
+def kernel_profile(fn, device: str, top: int = 12) -> list[str]:
+    """Where one eager run of ``fn`` spends its time: the ``top`` kernels (GPU) or ops (CPU) by self time,
+    summed over calls, as markdown table rows ``| name | calls | ms | % |``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()  # compiled and warm
+    act = ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU
+    with profile(activities=[act]) as prof:
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    attr = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
+    total = sum(getattr(e, attr) for e in events) or 1.0
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
+    return [f"| {e.key[:70]} | {e.count} | {getattr(e, attr) / 1e3:.3f} | {100 * getattr(e, attr) / total:.1f}% |"
+            for e in events[:top]]
+
+
 def measure_batch(spec, name: str, batch: int, irs: dict, weights: MoELayers, moe_layers: list[int], device: str,
-                  timer, configs) -> list[Row]:
-    """Every policy's row for one shape and batch size (stock first): one decode step through ``moe_layers``."""
+                  timer, configs, profile: tuple[str, ...] = (), routing: str = "triton") -> list[Row]:
+    """Every policy's row for one shape and batch size (stock first): one decode step through ``moe_layers``.
+
+    ``profile``: policies whose step is also profiled kernel by kernel (printed), to say where time goes.
+    ``routing``: the routing backend (``triton`` kernels, or the ``torch`` reference for comparison).
+    """
     from sgl_budget.kernels.backend import compile_kernel_routers
     from sgl_budget.kernels.moe_align import moe_align
     from sgl_budget.lang.ir import RouteContext
@@ -307,7 +330,7 @@ def measure_batch(spec, name: str, batch: int, irs: dict, weights: MoELayers, mo
 
     routers = {}
     for pname, ir in irs.items():
-        rs = compile_kernel_routers(ir)
+        rs = compile_kernel_routers(ir, backend=routing)
         for li in moe_layers:
             rs[li].prepare(device)
         routers[pname] = rs
@@ -345,6 +368,10 @@ def measure_batch(spec, name: str, batch: int, irs: dict, weights: MoELayers, mo
 
         rows.append(Row(name, batch, pname, timer(step(rs, config)) / n, timer(overhead) / n, unique / n,
                         weight_bytes // n, err))
+    for pname in profile:
+        print(f"\nprofile: {name}, batch {batch}, {pname}, one decode step of {n} MoE layers ({config})\n"
+              "| kernel | calls | ms | share |\n|---|---|---|---|\n"
+              + "\n".join(kernel_profile(step(routers[pname], config), device)) + "\n", flush=True)
     return rows
 
 
@@ -435,6 +462,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
     ap.add_argument("--dtype", choices=["bf16", "fp16"],
                     help="weights and activations (default bf16; fp16 for a CPU smoke run, since Triton's "
                     "interpreter gets bf16 tl.dot wrong)")
+    ap.add_argument("--routing", choices=["triton", "torch"], default="triton",
+                    help="routing backend: the Triton kernels, or the torch reference (to see what the kernels buy)")
+    ap.add_argument("--profile", nargs="*", type=int, metavar="BATCH",
+                    help="also profile, kernel by kernel, stock top-k and the combined policy at these batch sizes "
+                    "(default with no value: 64)")
     ap.add_argument("--json", type=Path, help="also write the rows and the environment here")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny expert widths, two layers, batches <= 16 (on CPU under Triton's interpreter): "
@@ -459,6 +491,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     env = environment(device)
     env["gemm"], gemm = pick_gemm(args.gemm, args.sglang_kernel)
     env["dtype"] = args.dtype or ("fp16" if device == "cpu" else "bf16")
+    env["routing"] = args.routing
     dtype = torch.bfloat16 if env["dtype"] == "bf16" else torch.float16
     peak = next((v for k, v in PEAK_TBPS if k in env["device"]), None) if device == "cuda" else None
     configs = [GemmConfig()] if args.smoke or args.no_sweep else list(DECODE_CONFIGS)
@@ -477,7 +510,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
             irs = {p: compile_policy(f'policy "{p}" {{ {body} }}', spec, base_dir=tmp)
                    for p, body in policy_sources(spec, Path(tmp)).items()}
             for b in batches:
-                new = measure_batch(spec, name, b, irs, weights, moe_layers, device, timer, configs)
+                prof = ("stock top-k", "alloc-moe-sere-50") if args.profile is not None and b in (
+                    args.profile or [64]) else ()
+                new = measure_batch(spec, name, b, irs, weights, moe_layers, device, timer, configs, prof,
+                                    args.routing)
                 finish(new, peak)
                 rows += new
                 print("\n".join(table(new)[0 if len(rows) == len(new) else 2:]), flush=True)

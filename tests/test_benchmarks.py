@@ -36,9 +36,10 @@ def test_moe_decode_smoke_run_produces_checked_rows(tmp_path, capsys, gemm) -> N
     bench = _bench()
     out = tmp_path / "r.json"
     rows = bench.main(["--smoke", "--shapes", "deepseek-v2-lite", "--batches", "1", "--gemm", gemm,
-                       "--json", str(out)])
+                       "--json", str(out), "--profile", "1"])
     printed = capsys.readouterr().out
-    assert "SMOKE RUN" in printed and "SYNTHETIC" in printed
+    assert "SMOKE RUN" in printed and "SYNTHETIC" in printed and "routing triton" in printed
+    assert printed.count("| kernel | calls | ms | share |") == 2  # stock and the combined policy profiled
     assert "at 50% budget on deepseek-v2-lite" in printed.split("Goals")[1]
     assert [r.policy for r in rows] == list(bench.POLICIES)
     by = {r.policy: r for r in rows}
