@@ -345,7 +345,13 @@ def measure_batch(spec, name: str, batch: int, irs: dict, weights: MoELayers, mo
     # the tile configuration: the fastest for stock top-k here, then used for every policy
     config = configs[0]
     if len(configs) > 1:
-        config = min(configs, key=lambda c: timer(step(routers["stock top-k"], c), sweep=True))
+        swept = {}
+        for c in configs:
+            try:
+                swept[c] = timer(step(routers["stock top-k"], c), sweep=True)
+            except Exception as exc:  # e.g. a tile that needs more shared memory than this device has
+                print(f"  (tile {c} skipped: {type(exc).__name__}: {str(exc)[:120]})", flush=True)
+        config = min(swept, key=swept.get)
 
     rows = []
     n = len(moe_layers)
