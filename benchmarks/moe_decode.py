@@ -203,8 +203,8 @@ class MoELayers:
         h, inter, e = spec.hidden_size, spec.moe_intermediate_size, spec.num_experts
         sh = spec.shared_expert_intermediate_size
 
-        def rand(*shape):
-            return (torch.randn(*shape, generator=g, device=device) * 0.02).to(dtype)
+        def rand(*shape):  # drawn in the target dtype: no float32 copy of a whole layer
+            return torch.empty(*shape, device=device, dtype=dtype).normal_(0.0, 0.02, generator=g)
 
         self.w13 = [rand(e, 2 * inter, h) for _ in range(n)]
         self.w2 = [rand(e, h, inter) for _ in range(n)]
@@ -510,7 +510,13 @@ def main(argv: list[str] | None = None) -> list[Row]:
     rows: list[Row] = []
     for name in args.shapes:
         spec = shrink(PRESETS[name]) if args.smoke else PRESETS[name]
-        weights = MoELayers(spec, copies, device, gemm, dtype)
+        n_copies = copies
+        if device == "cuda":  # as many distinct copies as fit (DeepSeek-V3: 22.5 GB of experts per layer)
+            copy_bytes = spec.num_experts * spec.expert_bytes + spec.shared_expert_bytes
+            n_copies = max(1, min(copies, int(0.6 * torch.cuda.mem_get_info()[0] // copy_bytes)))
+            if n_copies < copies:
+                print(f"{name}: {n_copies} weight copies fit in memory (asked for {copies})", flush=True)
+        weights = MoELayers(spec, n_copies, device, gemm, dtype)
         moe_layers = sample_layers(spec, args.moe_layers)
         with tempfile.TemporaryDirectory() as tmp:
             irs = {p: compile_policy(f'policy "{p}" {{ {body} }}', spec, base_dir=tmp)

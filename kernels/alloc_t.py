@@ -18,12 +18,13 @@ import triton
 import triton.language as tl
 
 from .fused_topk import route_rows
+from .launch import whole_batch_warps
 from .weights import finalize_weights
 
-MAX_SORT = 16384  # candidates one program sorts (T * (max_k - min_k), padded); larger batches use the reference
+MAX_SORT = 8192  # candidates one program sorts (T * (max_k - min_k), padded); larger batches use the reference
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _alloc_t_kernel(logits_ptr, bias_ptr, raw_ptr, ids_ptr, key_ptr, scratch_ptr, w_out_ptr, ids_out_ptr, nv_ptr,
                     T, E: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr, SIGMOID: tl.constexpr,
                     HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
@@ -118,12 +119,14 @@ def alloc_t(router_logits: torch.Tensor, k: int, min_k: int, max_k: int, width: 
     out_ids = torch.empty(t, width, dtype=torch.int32, device=dev)
     bias = correction_bias.contiguous().float() if correction_bias is not None else x
     nv = num_valid.reshape(1).to(device=dev, dtype=torch.int32) if num_valid is not None else ids
-    _alloc_t_kernel[(1,)](x, bias, raw, ids, keys, scratch, w, out_ids, nv, t, E=e,
-                          E_PAD=triton.next_power_of_2(e), BLOCK_T=block_t, SIGMOID=sigmoid,
-                          HAS_BIAS=correction_bias is not None, N_GROUP=n_group, TOPK_GROUP=topk_group,
-                          MAXK=max_k, MIN_K=min_k_eff, EXTRA=extra, CANDS=cands,
-                          CANDS_PAD=max(1, triton.next_power_of_2(cands)),
-                          T_PAD=max(2, triton.next_power_of_2(max(t, 1))), WIDTH=width,
-                          WIDTH_PAD=triton.next_power_of_2(max(width, max_k)), RENORM=renormalize, EPS=eps,
-                          SCALE=scale, HAS_NV=num_valid is not None)
+    e_pad = triton.next_power_of_2(e)
+    t_pad = max(2, triton.next_power_of_2(max(t, 1)))
+    cands_pad = max(1, triton.next_power_of_2(cands))
+    width_pad = triton.next_power_of_2(max(width, max_k))
+    _alloc_t_kernel[(1,)](x, bias, raw, ids, keys, scratch, w, out_ids, nv, t, E=e, E_PAD=e_pad, BLOCK_T=block_t,
+                          SIGMOID=sigmoid, HAS_BIAS=correction_bias is not None, N_GROUP=n_group,
+                          TOPK_GROUP=topk_group, MAXK=max_k, MIN_K=min_k_eff, EXTRA=extra, CANDS=cands,
+                          CANDS_PAD=cands_pad, T_PAD=t_pad, WIDTH=width, WIDTH_PAD=width_pad, RENORM=renormalize,
+                          EPS=eps, SCALE=scale, HAS_NV=num_valid is not None,
+                          num_warps=whole_batch_warps(max(block_t * e_pad, t_pad * cands_pad, t_pad * width_pad)))
     return w, out_ids

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-NEG = -3.0e38
+NEG = tl.constexpr(-3.0e38)  # a global a @triton.jit function reads must be a constexpr
 
 
 @triton.jit

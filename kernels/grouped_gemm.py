@@ -59,7 +59,7 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, sorted_ptr, expert_ptr, ntpp_ptr, w_pt
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(a_ptr + row[:, None] * stride_am + offs_k[None, :],
                     mask=valid[:, None] & (offs_k[None, :] < K), other=0.0)
-        b = tl.load(b_ptr + expert * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None],
+        b = tl.load(b_ptr + expert.to(tl.int64) * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None],
                     mask=(offs_n[None, :] < N) & (offs_k[:, None] < K), other=0.0)
         if DOT_F32:  # Triton's interpreter gets bf16 tl.dot wrong (3.8: garbage); float32 is exact there
             acc += tl.dot(a.to(tl.float32), b.to(tl.float32))

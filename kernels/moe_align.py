@@ -16,10 +16,12 @@ import triton.language as tl
 
 from sgl_budget.routing.dispatch import Alignment, align_reference, max_padded
 
-MAX_SLOTS = 16384  # slots one program sorts; larger (prefill) batches use the sync-free torch reference
+from .launch import whole_batch_warps
+
+MAX_SLOTS = 8192  # slots one program sorts; larger (prefill) batches use the sync-free torch reference
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def _moe_align_kernel(ids_ptr, sorted_ptr, expert_ids_ptr, total_ptr, scratch_ptr, n,
                       E: tl.constexpr, BS: tl.constexpr, N_PAD: tl.constexpr, E_PAD: tl.constexpr,
                       CAP: tl.constexpr, CAP_PAD: tl.constexpr, BLOCKS: tl.constexpr, BLOCKS_PAD: tl.constexpr,
@@ -85,8 +87,11 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_size: int) -> Alig
     e_pad = triton.next_power_of_2(num_experts + 1)
     scratch = torch.empty(3 * e_pad, dtype=torch.int32, device=dev)
     blocks_pad = max(16, triton.next_power_of_2(blocks))
+    n_pad = max(16, triton.next_power_of_2(n))
+    cap_pad = triton.next_power_of_2(cap)
+    bb, eb = min(128, blocks_pad), min(64, e_pad)
     _moe_align_kernel[(1,)](flat, sorted_ids, expert_ids, total, scratch, n, E=num_experts, BS=block_size,
-                            N_PAD=max(16, triton.next_power_of_2(n)), E_PAD=e_pad, CAP=cap,
-                            CAP_PAD=triton.next_power_of_2(cap), BLOCKS=blocks,
-                            BLOCKS_PAD=blocks_pad, BB=min(128, blocks_pad), EB=min(64, e_pad))
+                            N_PAD=n_pad, E_PAD=e_pad, CAP=cap, CAP_PAD=cap_pad, BLOCKS=blocks,
+                            BLOCKS_PAD=blocks_pad, BB=bb, EB=eb,
+                            num_warps=whole_batch_warps(max(n_pad, cap_pad, bb * eb)))
     return Alignment(sorted_ids, expert_ids, total)

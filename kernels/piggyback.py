@@ -19,12 +19,13 @@ import triton
 import triton.language as tl
 
 from .fused_topk import NEG, score_rows
+from .launch import whole_batch_warps
 from .weights import finalize_weights
 
-MAX_TOKENS = 4096  # one program; larger (prefill) batches take the reference
+MAX_TOKENS = 1024  # one program; larger (prefill) batches take the reference
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _piggyback_kernel(logits_ptr, bias_ptr, ids_ptr, raw_ptr, nv_ptr, w_out_ptr, ids_out_ptr, T,
                       E: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr, T_PAD: tl.constexpr,
                       W_IN: tl.constexpr, W_IN_PAD: tl.constexpr, WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr,
@@ -105,12 +106,16 @@ def piggyback(router_logits: torch.Tensor, ids: torch.Tensor, raw: torch.Tensor,
     ids = ids.to(torch.int32).contiguous()
     bias = correction_bias.contiguous().float() if correction_bias is not None else x
     nv = num_valid.reshape(1).to(device=dev, dtype=torch.int32) if num_valid is not None else ids
-    _piggyback_kernel[(1,)](x, bias, ids, raw.float().contiguous(), nv, w, out, t, E=e,
-                            E_PAD=triton.next_power_of_2(e + 1), BLOCK_T=block_t,
-                            T_PAD=max(2, triton.next_power_of_2(max(t, 1))), W_IN=w_in,
-                            W_IN_PAD=triton.next_power_of_2(w_in), WIDTH=width,
-                            WIDTH_PAD=triton.next_power_of_2(max(width, max_k, w_in)), MAX_K=max_k,
-                            ADD=min(max_k, e), MIN_SCORE=float(min_score), SIGMOID=sigmoid,
-                            HAS_BIAS=correction_bias is not None, N_GROUP=n_group, TOPK_GROUP=topk_group,
-                            RENORM=renormalize, EPS=eps, SCALE=scale, HAS_NV=num_valid is not None)
+    e_pad = triton.next_power_of_2(e + 1)
+    t_pad = max(2, triton.next_power_of_2(max(t, 1)))
+    w_in_pad = triton.next_power_of_2(w_in)
+    width_pad = triton.next_power_of_2(max(width, max_k, w_in))
+    _piggyback_kernel[(1,)](x, bias, ids, raw.float().contiguous(), nv, w, out, t, E=e, E_PAD=e_pad,
+                            BLOCK_T=block_t, T_PAD=t_pad, W_IN=w_in, W_IN_PAD=w_in_pad, WIDTH=width,
+                            WIDTH_PAD=width_pad, MAX_K=max_k, ADD=min(max_k, e), MIN_SCORE=float(min_score),
+                            SIGMOID=sigmoid, HAS_BIAS=correction_bias is not None, N_GROUP=n_group,
+                            TOPK_GROUP=topk_group, RENORM=renormalize, EPS=eps, SCALE=scale,
+                            HAS_NV=num_valid is not None,
+                            num_warps=whole_batch_warps(max(block_t * e_pad, t_pad * w_in_pad,
+                                                            block_t * w_in_pad * width_pad)))
     return w, out

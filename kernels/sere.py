@@ -17,11 +17,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import whole_batch_warps
 from .weights import finalize_weights
 
-NEG = -3.0e38
+NEG = tl.constexpr(-3.0e38)
 KINDS = {"top": 0, "coverage": 1, "count": 2}
-MAX_ELEMENTS = 65536  # the per-token merge works on [T, K, K] tiles in one program; larger batches use torch
+MAX_ELEMENTS = 32768  # the per-token merge works on [T, K, K] tiles in one program; larger batches use torch
 
 
 def sere_fits(num_tokens: int, k: int, width: int) -> bool:
@@ -31,7 +32,7 @@ def sere_fits(num_tokens: int, k: int, width: int) -> bool:
     return t_pad * k_pad * max(k_pad, triton.next_power_of_2(max(width, k))) <= MAX_ELEMENTS
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _sere_kernel(ids_ptr, raw_ptr, sim_ptr, crit_ptr, scratch_ptr, w_out_ptr, ids_out_ptr, T,
                  E: tl.constexpr, E_PAD: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, T_PAD: tl.constexpr,
                  WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr, KIND: tl.constexpr, S: tl.constexpr,
@@ -119,12 +120,16 @@ def sere_reroute(ids: torch.Tensor, raw: torch.Tensor, similarity: torch.Tensor,
     w = torch.empty(t, width, dtype=torch.float32, device=dev)
     out = torch.empty(t, width, dtype=torch.int32, device=dev)
     scratch = torch.zeros(2 * e_pad, dtype=torch.int32, device=dev)
+    t_pad = max(2, triton.next_power_of_2(max(t, 1)))
+    k_pad = triton.next_power_of_2(k)
+    width_pad = triton.next_power_of_2(max(width, k))
+    block_e = min(16, e_pad)
     _sere_kernel[(1,)](ids.to(torch.int32).contiguous(), raw.float().contiguous(), similarity.float().contiguous(),
                        critical.to(torch.int32).contiguous(), scratch, w, out, t, E=e, E_PAD=e_pad, K=k,
-                       K_PAD=triton.next_power_of_2(k), T_PAD=max(2, triton.next_power_of_2(max(t, 1))),
-                       WIDTH=width, WIDTH_PAD=triton.next_power_of_2(max(width, k)), KIND=KINDS[primary_kind],
+                       K_PAD=k_pad, T_PAD=t_pad, WIDTH=width, WIDTH_PAD=width_pad, KIND=KINDS[primary_kind],
                        S=int(primary_value) if primary_kind == "top" else 0,
                        COVERAGE=float(primary_value) if primary_kind == "coverage" else 0.0,
                        COUNT=int(primary_value) if primary_kind == "count" else 0, MIN_SIM=float(min_similarity),
-                       RENORM=renormalize, EPS=eps, SCALE=scale, BLOCK_E=min(16, e_pad))
+                       RENORM=renormalize, EPS=eps, SCALE=scale, BLOCK_E=block_e,
+                       num_warps=whole_batch_warps(max(t_pad * k_pad * max(k_pad, width_pad), block_e * e_pad)))
     return w, out

@@ -1,0 +1,7 @@
+"""Launch settings shared by the one-program kernels (the whole batch in one Triton program)."""
+
+
+def whole_batch_warps(elements: int) -> int:
+    """Warps for one program whose largest tile holds ``elements`` values: enough threads that the tiles stay
+    in registers (at 4 warps ptxas spills from a few thousand values on; checked for sm_90)."""
+    return 4 if elements <= 2048 else 8 if elements <= 8192 else 16
