@@ -5,7 +5,8 @@ rejects — e.g. a plain Python global read inside a @triton.jit function — so
 also compiles every kernel through Triton's real pipeline (TTIR -> TTGIR -> LLVM ->
 PTX -> ptxas cubin) for an sm_90 target. A stand-in driver reports that target and
 turns each launch into a compile-only warm-up: nothing runs. Prints one JSON line
-per compiled kernel variant, then ``{"done": N}``.
+per compiled kernel variant, then ``{"done": N}``. Arguments: a folder holding
+``sim.safetensors`` for the policy case, and optionally SGLang's extracted kernel file.
 """
 
 from __future__ import annotations
@@ -114,6 +115,21 @@ def main() -> None:
     router = compile_kernel_routers(ir, backend="triton")[spec.moe_layers[0]]
     router(torch.empty(64, spec.num_experts), RouteContext("decode", 64), row_mask=torch.ones(64, dtype=torch.bool))
     n += 1
+    # SGLang's fused_moe_kernel as the benchmark launches it from an extracted file (the device has no sglang)
+    if len(sys.argv) > 2:
+        import importlib.util
+        from pathlib import Path
+
+        spec_b = importlib.util.spec_from_file_location("moe_decode", Path(__file__).parent.parent / "benchmarks"
+                                                        / "moe_decode.py")
+        bench = importlib.util.module_from_spec(spec_b)
+        sys.modules["moe_decode"] = bench
+        spec_b.loader.exec_module(bench)
+        _, fused = bench.sglang_fused_moe(Path(sys.argv[2]), prefer_package=False)
+        fused(torch.empty(16, 256, dtype=torch.bfloat16), torch.empty(8, 128, 256, dtype=torch.bfloat16),
+              torch.empty(8, 256, 64, dtype=torch.bfloat16), torch.empty(16, 4), torch.zeros(16, 4, dtype=torch.int32),
+              GemmConfig(16, 64, 128, 4, 4))
+        n += 1
     print(json.dumps({"done": n}), flush=True)
 
 
