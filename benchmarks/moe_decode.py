@@ -112,8 +112,8 @@ def _sglang_gemm_from_package():
     except ImportError:
         return None
 
-    def gemm(a, b, c, al, topk_ids, weights, mul_weight, top_k, cfg, compute_type):
-        invoke_fused_moe_kernel(a, b, None, c, None, None, None, weights, topk_ids, al.sorted_token_ids,
+    def gemm(a, b, c, al, topk_ids, topk_weights, top_k, mul_weight, cfg, compute_type):
+        invoke_fused_moe_kernel(a, b, None, c, None, None, None, topk_weights, topk_ids, al.sorted_token_ids,
                                 al.expert_ids, al.num_tokens_post_padded, mul_weight, top_k, cfg, compute_type,
                                 use_fp8_w8a8=False, use_int8_w8a8=False, use_int8_w8a16=False,
                                 use_int4_w4a16=False, per_channel_quant=False)
@@ -132,12 +132,12 @@ def _sglang_gemm_from_file(path: Path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
 
-    def gemm(a, b, c, al, topk_ids, weights, mul_weight, top_k, cfg, compute_type):
+    def gemm(a, b, c, al, topk_ids, topk_weights, top_k, mul_weight, cfg, compute_type):
         n, k = b.shape[1], b.shape[2]
         em = al.sorted_token_ids.shape[0]
         grid = (triton.cdiv(em, cfg["BLOCK_SIZE_M"]) * triton.cdiv(n, cfg["BLOCK_SIZE_N"]),)
         mod.fused_moe_kernel[grid](
-            a, None, b, None, None, c, None, None, weights, al.sorted_token_ids, al.expert_ids,
+            a, None, b, None, None, c, None, None, topk_weights, al.sorted_token_ids, al.expert_ids,
             al.num_tokens_post_padded, None, n, k, em, topk_ids.numel(), a.stride(0), a.stride(1), b.stride(0),
             b.stride(2), b.stride(1), 0, 0, c.stride(-2), c.stride(-1), 0, 0, 0, 0, 0, 0, 0,
             MUL_ROUTED_WEIGHT=mul_weight, top_k=top_k, compute_type=compute_type, use_fp8_w8a8=False,
@@ -151,34 +151,29 @@ def _sglang_gemm_from_file(path: Path):
 
 def sglang_fused_moe(kernel_file: Path | None = None, prefer_package: bool = True):
     """``(label, fused_moe)`` on SGLang's own Triton ``fused_moe_kernel`` — from the sglang package, else from
-    ``kernel_file`` — fed by this package's dispatch alignment (the format of SGLang's
-    ``moe_align_block_size``, padded slots skipped); None if neither is there."""
+    ``kernel_file`` — inside the same layer as this package's GEMM (:func:`moe_layer`: this package's
+    dispatch alignment, in the format of SGLang's ``moe_align_block_size``, padded slots skipped); None if
+    neither is there."""
     found = _sglang_gemm_from_package() if prefer_package else None
     if found is None and kernel_file is not None and kernel_file.is_file():
         found = _sglang_gemm_from_file(kernel_file)
     if found is None:
         return None
     label, gemm = found
-    import torch.nn.functional as F
     import triton.language as tl
 
-    from sgl_budget.kernels.moe_align import moe_align
+    from sgl_budget.kernels.grouped_gemm import moe_layer
 
     compute = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
-    def fused_moe(x, w13, w2, topk_weights, topk_ids, config):
-        t, k = topk_ids.shape
-        e, two_i, h = w13.shape
-        al = moe_align(topk_ids, e, config.block_m)
+    def sglang_gemm(a, w, out, al, topk_ids, topk_weights, top_k, mul_weight, config):
         cfg = {"BLOCK_SIZE_M": config.block_m, "BLOCK_SIZE_N": config.block_n, "BLOCK_SIZE_K": config.block_k,
                "GROUP_SIZE_M": 1, "num_warps": config.num_warps, "num_stages": config.num_stages}
-        w = topk_weights.float().contiguous()
-        up = torch.zeros(t * k, two_i, dtype=x.dtype, device=x.device)
-        gemm(x, w13, up, al, topk_ids, w, False, k, cfg, compute[x.dtype])
-        act = F.silu(up[:, : two_i // 2]) * up[:, two_i // 2:]
-        down = torch.zeros(t * k, h, dtype=x.dtype, device=x.device)
-        gemm(act, w2, down, al, topk_ids, w, True, 1, cfg, compute[x.dtype])
-        return down.view(t, k, h).sum(1)
+        weights = topk_weights.float().contiguous() if mul_weight else topk_weights  # read only when multiplied
+        gemm(a, w, out, al, topk_ids, weights, top_k, mul_weight, cfg, compute[a.dtype])
+
+    def fused_moe(x, w13, w2, topk_weights, topk_ids, config):
+        return moe_layer(x, w13, w2, topk_weights, topk_ids, config, sglang_gemm)
 
     return label, fused_moe
 

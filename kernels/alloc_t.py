@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .fused_topk import route_rows
-from .launch import whole_batch_warps
+from .launch import token_tile, whole_batch_warps
 from .weights import finalize_weights
 
 MAX_SORT = 8192  # candidates one program sorts (T * (max_k - min_k), padded); larger batches use the reference
@@ -95,7 +95,7 @@ def _ranking(k: int, min_k: int, max_k: int) -> tuple[int, int, int]:
 def alloc_t_fits(num_tokens: int, k: int, min_k: int, max_k: int) -> bool:
     """Whether one program can rank this batch's candidates (decode batches can; large prefills go to torch)."""
     _, _, cands = _ranking(k, min_k, max_k)
-    t_pad = max(2, triton.next_power_of_2(max(num_tokens, 1)))
+    t_pad = token_tile(num_tokens)
     return cands == 0 or t_pad * triton.next_power_of_2(cands) <= MAX_SORT
 
 
@@ -120,7 +120,7 @@ def alloc_t(router_logits: torch.Tensor, k: int, min_k: int, max_k: int, width: 
     bias = correction_bias.contiguous().float() if correction_bias is not None else x
     nv = num_valid.reshape(1).to(device=dev, dtype=torch.int32) if num_valid is not None else ids
     e_pad = triton.next_power_of_2(e)
-    t_pad = max(2, triton.next_power_of_2(max(t, 1)))
+    t_pad = token_tile(t)
     cands_pad = max(1, triton.next_power_of_2(cands))
     width_pad = triton.next_power_of_2(max(width, max_k))
     _alloc_t_kernel[(1,)](x, bias, raw, ids, keys, scratch, w, out_ids, nv, t, E=e, E_PAD=e_pad, BLOCK_T=block_t,

@@ -41,9 +41,8 @@ DECODE_CONFIGS = tuple(GemmConfig(16, n, k, w, s) for n, k, w, s in
 
 @triton.jit
 def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, sorted_ptr, expert_ptr, ntpp_ptr, w_ptr, num_slots, N, K,
-                     stride_am, stride_be, stride_bn, stride_cm, TOPK: tl.constexpr, A_BY_TOKEN: tl.constexpr,
-                     MUL_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     DOT_F32: tl.constexpr):
+                     stride_am, stride_be, stride_bn, stride_cm, TOPK: tl.constexpr, MUL_WEIGHT: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(ntpp_ptr):
@@ -52,7 +51,7 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, sorted_ptr, expert_ptr, ntpp_ptr, w_pt
     slot = tl.load(sorted_ptr + offs_m)
     valid = slot < num_slots
     expert = tl.load(expert_ptr + pid_m)
-    row = slot // TOPK if A_BY_TOKEN else slot
+    row = slot // TOPK  # A's row: the slot's token (TOPK = k), or the slot itself (TOPK = 1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -71,30 +70,37 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, sorted_ptr, expert_ptr, ntpp_ptr, w_pt
              mask=valid[:, None] & (offs_n[None, :] < N))
 
 
-def _gemm(a, w, out, al, num_slots, topk, by_token, weights, cfg: GemmConfig):
+def triton_gemm(a, w, out, al, topk_ids, topk_weights, top_k: int, mul_weight: bool, cfg: GemmConfig) -> None:
+    """``out[slot] = a[slot // top_k] @ w[expert].T`` (times the slot's weight if ``mul_weight``) for every
+    aligned slot: this package's grouped GEMM, in the calling convention of :func:`moe_layer`."""
     e, n, k = w.shape
     grid = (al.sorted_token_ids.numel() // cfg.block_m, triton.cdiv(n, cfg.block_n))
     _moe_gemm_kernel[grid](a, w, out, al.sorted_token_ids, al.expert_ids, al.num_tokens_post_padded,
-                           weights if weights is not None else a, num_slots, n, k, a.stride(0), w.stride(0),
-                           w.stride(1), out.stride(0), TOPK=topk, A_BY_TOKEN=by_token,
-                           MUL_WEIGHT=weights is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                           BLOCK_K=cfg.block_k, DOT_F32=INTERPRET, num_warps=cfg.num_warps,
-                           num_stages=cfg.num_stages)
+                           topk_weights.reshape(-1).float() if mul_weight else a, topk_ids.numel(), n, k,
+                           a.stride(0), w.stride(0), w.stride(1), out.stride(0), TOPK=top_k, MUL_WEIGHT=mul_weight,
+                           BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT_F32=INTERPRET,
+                           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def moe_layer(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, config: GemmConfig, gemm=triton_gemm) -> torch.Tensor:
+    """SiLU-gated MoE layer over the aligned slots with a given grouped GEMM (the benchmark swaps in
+    SGLang's): alignment, up-projection per slot, SiLU-and-multiply, weighted down-projection, sum."""
+    t, k = topk_ids.shape
+    e, two_i, h = w13.shape
+    al = moe_align(topk_ids, e, config.block_m)
+    up = torch.zeros(t * k, two_i, dtype=x.dtype, device=x.device)
+    gemm(x, w13, up, al, topk_ids, topk_weights, k, False, config)
+    act = F.silu(up[:, : two_i // 2]) * up[:, two_i // 2:]
+    down = torch.zeros(t * k, h, dtype=x.dtype, device=x.device)
+    gemm(act, w2, down, al, topk_ids, topk_weights, 1, True, config)
+    return down.view(t, k, h).sum(1)
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, config: GemmConfig = GemmConfig()) -> torch.Tensor:
     """MoE layer output ``[T, H]`` for ``x [T, H]``, ``w13 [E, 2I, H]``, ``w2 [E, H, I]`` (SiLU-gated)."""
-    t, k = topk_ids.shape
-    e, two_i, h = w13.shape
-    al = moe_align(topk_ids, e, config.block_m)
-    slots = t * k
-    up = torch.zeros(slots, two_i, dtype=x.dtype, device=x.device)
-    _gemm(x, w13, up, al, slots, k, True, None, config)
-    act = F.silu(up[:, : two_i // 2]) * up[:, two_i // 2:]
-    down = torch.zeros(slots, h, dtype=x.dtype, device=x.device)
-    _gemm(act, w2, down, al, slots, k, False, topk_weights.reshape(-1).float(), config)
-    return down.view(t, k, h).sum(1)
+    return moe_layer(x, w13, w2, topk_weights, topk_ids, config)
 
 
 def moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,

@@ -1,5 +1,12 @@
 """Launch settings shared by the one-program kernels (the whole batch in one Triton program)."""
 
+import triton
+
+
+def token_tile(num_tokens: int) -> int:
+    """The power-of-two token extent of a whole-batch tile (at least 2, so that 1-token batches reduce too)."""
+    return max(2, triton.next_power_of_2(max(num_tokens, 1)))
+
 
 def whole_batch_warps(elements: int) -> int:
     """Warps for one program whose largest tile holds ``elements`` values: enough threads that the tiles stay

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .fused_topk import NEG, score_rows
-from .launch import whole_batch_warps
+from .launch import token_tile, whole_batch_warps
 from .weights import finalize_weights
 
 MAX_TOKENS = 1024  # one program; larger (prefill) batches take the reference
@@ -107,7 +107,7 @@ def piggyback(router_logits: torch.Tensor, ids: torch.Tensor, raw: torch.Tensor,
     bias = correction_bias.contiguous().float() if correction_bias is not None else x
     nv = num_valid.reshape(1).to(device=dev, dtype=torch.int32) if num_valid is not None else ids
     e_pad = triton.next_power_of_2(e + 1)
-    t_pad = max(2, triton.next_power_of_2(max(t, 1)))
+    t_pad = token_tile(t)
     w_in_pad = triton.next_power_of_2(w_in)
     width_pad = triton.next_power_of_2(max(width, max_k, w_in))
     _piggyback_kernel[(1,)](x, bias, ids, raw.float().contiguous(), nv, w, out, t, E=e, E_PAD=e_pad,

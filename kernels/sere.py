@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import whole_batch_warps
+from .launch import token_tile, whole_batch_warps
 from .weights import finalize_weights
 
 NEG = tl.constexpr(-3.0e38)
@@ -27,7 +27,7 @@ MAX_ELEMENTS = 32768  # the per-token merge works on [T, K, K] tiles in one prog
 
 def sere_fits(num_tokens: int, k: int, width: int) -> bool:
     """Whether one program can re-route this batch (decode batches can; large prefills go to torch)."""
-    t_pad = max(2, triton.next_power_of_2(max(num_tokens, 1)))
+    t_pad = token_tile(num_tokens)
     k_pad = triton.next_power_of_2(k)
     return t_pad * k_pad * max(k_pad, triton.next_power_of_2(max(width, k))) <= MAX_ELEMENTS
 
@@ -120,7 +120,7 @@ def sere_reroute(ids: torch.Tensor, raw: torch.Tensor, similarity: torch.Tensor,
     w = torch.empty(t, width, dtype=torch.float32, device=dev)
     out = torch.empty(t, width, dtype=torch.int32, device=dev)
     scratch = torch.zeros(2 * e_pad, dtype=torch.int32, device=dev)
-    t_pad = max(2, triton.next_power_of_2(max(t, 1)))
+    t_pad = token_tile(t)
     k_pad = triton.next_power_of_2(k)
     width_pad = triton.next_power_of_2(max(width, k))
     block_e = min(16, e_pad)
