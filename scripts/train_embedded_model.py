@@ -5,7 +5,8 @@
 Fixed seed. Shape chosen like the models the papers study (many small experts,
 top-k well above 1): 8 layers, hidden 192, 64 experts, top-8, expert
 intermediate 64, vocab 8192 (byte-level BPE trained on the train split), tied
-embeddings, load-balancing auxiliary loss 0.01 so experts specialise. Trains on
+embeddings while training (saved untied, with an explicit ``lm_head.weight``: SGLang's
+Qwen3-MoE class never ties its output layer and would serve an untrained head), load-balancing auxiliary loss 0.01 so experts specialise. Trains on
 random 256-token windows of data/brown/train.txt.xz with AdamW (warm-up, cosine
 decay) until the time budget is spent, using transformers' own ``grouped_mm``
 experts implementation (same parameters as the eager one, so the saved
@@ -26,6 +27,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data" / "brown"
+# A base LM has no chat format: the OpenAI chat endpoint continues the messages' text (blank-line separated).
+CHAT_TEMPLATE = "{% for m in messages %}{% if not loop.first %}{{ '\\n\\n' }}{% endif %}{{ m['content'] }}{% endfor %}"
 
 
 def read(split: str) -> str:
@@ -148,9 +151,12 @@ def main() -> None:
     tokens_seen = step * args.batch * args.seq
     print(f"done: {step} steps, {tokens_seen} tokens, held-out perplexity {ppl:.2f}", flush=True)
     model.config._experts_implementation = "eager"
+    model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach().clone())
+    model.config.tie_word_embeddings = False
     model.half().save_pretrained(out, safe_serialization=True)
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
                                      pad_token="<|endoftext|>")
+    hf_tok.chat_template = CHAT_TEMPLATE
     hf_tok.save_pretrained(out)
     (out / "train_log.json").write_text(json.dumps({
         "command": "python scripts/train_embedded_model.py " + " ".join(

@@ -35,6 +35,7 @@ def test_wheel_contents(tmp_path) -> None:
     if r.returncode != 0 and "No module named" in r.stderr:
         pytest.skip(f"cannot build a wheel here: {r.stderr.strip().splitlines()[-1]}")
     assert r.returncode == 0, r.stderr
+    assert "Warning" not in r.stderr, r.stderr  # e.g. a data directory missing from `packages`
     (wheel,) = tmp_path.glob("sgl_budget-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "sgl_budget/grammar/policy.lark" in names
@@ -45,4 +46,7 @@ def test_wheel_contents(tmp_path) -> None:
         for p in (ROOT / "policies" / sub).glob("*"):
             assert f"sgl_budget/policies/{sub}/{p.name}" in names
     assert any(n.startswith("sgl_budget/replay/") for n in names)
+    # CPU serving's sgl_kernel stand-in, and the .pth that makes `sglang serve --help` list the flags
+    assert "sgl_budget/engines/sglang/cpu_stand_in/sgl_kernel/__init__.py" in names
+    assert "sgl_budget_sglang_serve.pth" in names
     assert any(n.endswith("entry_points.txt") for n in names)

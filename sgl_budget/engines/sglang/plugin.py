@@ -81,7 +81,28 @@ def _add_cli_args_hook(original, parser, *args, **kwargs):
     return result
 
 
+def before_server_args(model_path: str | None, device: str | None, max_total_tokens: int | None,
+                       sleep_on_idle: bool | None) -> dict:
+    """Launch-time work that must happen before SGLang resolves its arguments (both entry points).
+
+    Warns about a checkpoint SGLang would mis-load, and prepares CPU serving for ``--device cpu``
+    (:mod:`.cpu`); returns server-argument values to use instead of the defaults.
+    """
+    from .checkpoint import untied_head_problem
+    from .cpu import prepare
+
+    problem = untied_head_problem(model_path)
+    if problem:
+        log.warning("sgl_budget: %s", problem)
+        print(f"sgl_budget: warning: {problem}", file=sys.stderr)
+    return prepare(device, max_total_tokens, sleep_on_idle).overrides
+
+
 def _from_cli_args_hook(original, cls, args, *rest, **kwargs):
+    overrides = before_server_args(getattr(args, "model_path", None), getattr(args, "device", None),
+                                   getattr(args, "max_total_tokens", None), getattr(args, "sleep_on_idle", None))
+    for name, value in overrides.items():
+        setattr(args, name, value)
     server_args = original(cls, args, *rest, **kwargs)
     settings = settings_from_namespace(args)
     if settings.active:
@@ -101,6 +122,8 @@ def build_server_args(**kwargs):
 
     settings = Settings(policy=kwargs.pop("moe_policy", None), record_dir=kwargs.pop("moe_record_trace", None),
                         record_max_tokens=kwargs.pop("moe_record_max_tokens", DEFAULT_RECORD_MAX_TOKENS))
+    kwargs.update(before_server_args(kwargs.get("model_path"), kwargs.get("device"), kwargs.get("max_total_tokens"),
+                                     kwargs.get("sleep_on_idle")))
     server_args = ServerArgs(**kwargs)
     if settings.active:
         apply_settings(settings, kwargs.get("model_path"), bool(kwargs.get("trust_remote_code", False)),

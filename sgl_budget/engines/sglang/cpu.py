@@ -1,0 +1,114 @@
+"""CPU serving mode: the stock SGLang server on a machine without a GPU, for trying policies (laptops, CI).
+
+SGLang 0.5.23 serves on CPU with its own switch (``SGLANG_USE_CPU_ENGINE=1``: torch-native
+attention, PyTorch sampling and the native MoE path where the CPU has no AMX), but its CPU
+engine imports ops from ``sgl_kernel``, whose PyPI wheel is the CUDA build. When a launch asks
+for ``--device cpu`` (and only then), :func:`prepare` runs in the launcher before SGLang
+resolves its arguments and:
+
+* refuses nothing and changes nothing on a machine where CUDA is available;
+* sets ``SGLANG_USE_CPU_ENGINE=1`` unless the user set it (``--device cpu`` needs it);
+* if the real ``sgl_kernel`` cannot be imported here, puts sgl_budget's pure-torch stand-in
+  (:mod:`.cpu_ops`) first on ``sys.path`` — spawned workers inherit ``sys.path`` — and says so;
+* sets ``OMP_NUM_THREADS`` if unset (the workers read it when torch starts), a bounded KV
+  cache (``--max-total-tokens``) if unset, since the default reserves memory for a GPU-sized pool,
+  and ``--sleep-on-idle`` (an idle scheduler otherwise spins a whole core, which on a 2-core
+  machine halves what every other process gets).
+
+Every choice is logged; an explicit user setting always wins.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("sgl_budget")
+
+STAND_IN_DIR = Path(__file__).resolve().parent / "cpu_stand_in"
+DEFAULT_MAX_TOTAL_TOKENS = 65536
+
+
+@dataclass
+class CpuServing:
+    """What :func:`prepare` did (for the log and for tests)."""
+
+    active: bool = False
+    stand_in: bool = False
+    changes: list[str] = field(default_factory=list)
+    overrides: dict[str, object] = field(default_factory=dict)
+
+
+def default_threads() -> int:
+    """Intra-op threads for the model worker: the cores left after the tokenizer/detokenizer/HTTP processes.
+
+    On 2 cores, 2 threads were 5–40x slower than 1 for this engine's small ops (the other processes
+    compete for the second core); more cores give the worker all but one.
+    """
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, n - 1) if n > 2 else 1
+
+
+def real_sgl_kernel_loads() -> bool:
+    """Whether the installed ``sgl_kernel`` imports here (a CPU build does; PyPI's CUDA build does not)."""
+    if "sgl_kernel" in sys.modules:
+        return not getattr(sys.modules["sgl_kernel"], "SGL_BUDGET_STAND_IN", False)
+    try:
+        importlib.import_module("sgl_kernel")
+        return True
+    except Exception:  # OSError (libcuda.so.1), ImportError, RuntimeError: all mean "cannot load here"
+        for name in [m for m in sys.modules if m == "sgl_kernel" or m.startswith("sgl_kernel.")]:
+            del sys.modules[name]
+        return False
+
+
+def install_stand_in() -> None:
+    """Make ``import sgl_kernel`` find the stand-in in this process and in every worker it spawns."""
+    path = str(STAND_IN_DIR)
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    importlib.invalidate_caches()
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # pragma: no cover - torch is a dependency
+        return False
+
+
+def prepare(device: str | None, max_total_tokens: int | None, sleep_on_idle: bool | None) -> CpuServing:
+    """Set up CPU serving for a launch with ``device``; ``state.overrides`` are server-argument values to use."""
+    state = CpuServing()
+    if device != "cpu":
+        return state
+    if cuda_available():
+        log.info("sgl_budget: --device cpu on a machine with CUDA: CPU serving left entirely to SGLang")
+        return state
+    state.active = True
+    if "SGLANG_USE_CPU_ENGINE" not in os.environ:
+        os.environ["SGLANG_USE_CPU_ENGINE"] = "1"
+        state.changes.append("SGLANG_USE_CPU_ENGINE=1 (SGLang's CPU engine; needed by --device cpu)")
+    if "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(default_threads())
+        state.changes.append(f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} (set it to override)")
+    if max_total_tokens is None:
+        state.overrides["max_total_tokens"] = DEFAULT_MAX_TOTAL_TOKENS
+        state.changes.append(f"--max-total-tokens {DEFAULT_MAX_TOTAL_TOKENS} (KV cache size; pass it to override)")
+    if not sleep_on_idle:
+        state.overrides["sleep_on_idle"] = True
+        state.changes.append("--sleep-on-idle (an idle scheduler would otherwise spin a whole core)")
+    if not real_sgl_kernel_loads():
+        install_stand_in()
+        state.stand_in = True
+        state.changes.append(f"sgl_kernel: the installed package cannot load on this machine (CUDA build); using "
+                             f"sgl_budget's pure-torch stand-in for its CPU ops ({STAND_IN_DIR})")
+    for change in state.changes:
+        log.warning("sgl_budget CPU serving: %s", change)
+    return state

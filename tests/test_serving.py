@@ -1,0 +1,307 @@
+"""End to end: the stock SGLang server (``python -m sglang.launch_server``) serving the embedded model on CPU.
+
+One server per policy kind (stock, uniform k, Alloc-L, Alloc-T, SERE, piggyback, a mix with
+``when decode and batch >= 4``), started as a user starts it, asked over HTTP; greedy fp32
+outputs are compared token for token with the transformers adapter running the same policy:
+
+* alone: one request at a time = the adapter on that one sequence;
+* a batch: one ``/generate`` call with 4 prompts of equal length, which SGLang prefills
+  together and decodes in lock-step = the adapter decoding the same 4 sequences as one batch
+  (so batch-level rules — Alloc-T's slot pool, SERE's primaries, piggybacking, ``batch >= 4`` —
+  see the same batches on both sides);
+* concurrent clients, for per-token policies (whose result cannot depend on batching).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+if os.environ.get("SGL_BUDGET_REQUIRE_SGLANG"):
+    import sglang  # noqa: F401
+    import transformers  # noqa: F401
+pytest.importorskip("sglang", reason="install the sglang extra: pip install -e '.[sglang]'")
+pytest.importorskip("transformers", reason="install the hf extra")
+
+import torch  # noqa: E402
+
+from sgl_budget.cli import bundled_dir, default_model_dir  # noqa: E402
+from sgl_budget.engines.hf.adapter import apply_policy, moe_blocks, spec_of  # noqa: E402
+from sgl_budget.engines.hf.data import load_model  # noqa: E402
+from sgl_budget.engines.hf.generate import greedy  # noqa: E402
+from sgl_budget.engines.sglang.server import HTTPError, Server  # noqa: E402
+from sgl_budget.lang import load_policy  # noqa: E402
+from sgl_budget.traces import load_trace  # noqa: E402
+
+MODEL = default_model_dir()
+BROWN = bundled_dir() / "brown-moe"
+HERE = Path(__file__).resolve().parent
+NEW = 12  # tokens generated per request
+SERVER_ENV = {"TRITON_INTERPRET": None}  # the test process's Triton interpreter setting is not the server's
+
+CASES = {  # name -> (policy file, per-token?)
+    "stock": (None, True),
+    "uniform-50": (BROWN / "uniform-50.policy", True),
+    "alloc-l-50": (BROWN / "alloc-l-50.policy", True),
+    "alloc-t": (BROWN / "alloc-lt-50.policy", False),
+    "sere": (BROWN / "sere-50.policy", False),
+    "piggyback": (HERE / "policies" / "brown-moe-piggyback.policy", False),
+    "mix-batch4": (HERE / "policies" / "brown-moe-mix.policy", False),
+}
+# Distinct first words everywhere (and none shared with SGLang's warm-up prompt "The capital city ..."),
+# so the radix cache never turns part of a prompt into cached tokens: a prefill computes what the
+# reference computes.
+ALONE = ["In the morning the city council met to", "It was a long time before anyone", "Mr. Johnson told the "
+         "committee that"]
+BATCH = ["After the war the government began", "She said that the new school would", "When they arrived at the "
+         "house", "Most of the people in the town"]
+CONCURRENT = ["Yesterday the governor announced that", "A new law was passed by the", "Some of the older members of",
+              "During the summer the children played", "His father had been a farmer", "We do not know whether",
+              "For many years the church had", "On Sunday morning the family went"]
+OPENAI = "Our purpose in this study is to"
+
+
+@pytest.fixture(scope="module")
+def hf():
+    model, tok = load_model(MODEL)  # fp32, eager experts
+    return model, tok
+
+
+def _ids(tok, text: str) -> list[int]:
+    return tok(text)["input_ids"]
+
+
+_REFS: dict = {}
+
+
+def _reference(hf, policy: Path | None, prompts: list[list[int]]) -> list[list[int]]:
+    """The transformers adapter's greedy continuation of ``prompts`` decoded as one batch (cached)."""
+    key = (str(policy), tuple(map(tuple, prompts)))
+    if key not in _REFS:
+        model, _ = hf
+        handle = apply_policy(model, load_policy(policy, spec_of(model))) if policy else None
+        try:
+            _REFS[key] = greedy(model, prompts, NEW)
+        finally:
+            if handle is not None:
+                handle.remove()
+    return _REFS[key]
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def served(request, tmp_path_factory):
+    name = request.param
+    policy, per_token = CASES[name]
+    extra = []
+    record = None
+    if name == "uniform-50":  # this server also records its router logits
+        record = tmp_path_factory.mktemp("trace")
+        extra = ["--moe-record-trace", str(record), "--moe-record-max-tokens", "48"]
+    server = Server(MODEL, policy=policy, extra_args=extra, env=SERVER_ENV)
+    server.start()
+    server.case = name
+    server.per_token = per_token
+    server.record_dir = record
+    yield server
+    server.stop()
+    errors = [l for l in server.log().splitlines() if "Traceback" in l or " ERROR " in l]
+    assert not errors, f"{name}: the server logged errors:\n{server.log_tail(80)}"
+
+
+def test_alone_equals_transformers(served, hf) -> None:
+    _, tok = hf
+    for text in ALONE:
+        ids = _ids(tok, text)
+        got = served.generate(ids, NEW)["output_ids"]
+        assert got == _reference(hf, CASES[served.case][0], [ids])[0], f"{served.case}: {text!r}"
+
+
+def test_lockstep_batch_equals_transformers(served, hf) -> None:
+    _, tok = hf
+    prompts = [_ids(tok, t)[:5] for t in BATCH]
+    assert all(len(p) == 5 for p in prompts)
+    n_prefill = served.log().count("Prefill batch, #new-seq: 4,")
+    got = served.post("/generate", {"input_ids": prompts, "sampling_params": {
+        "max_new_tokens": NEW, "temperature": 0.0, "ignore_eos": True}})
+    assert served.log().count("Prefill batch, #new-seq: 4,") == n_prefill + 1, "the 4 requests were not prefilled together"
+    assert [g["output_ids"] for g in got] == _reference(hf, CASES[served.case][0], prompts), served.case
+
+
+def test_concurrent_clients_per_token_policy(served, hf) -> None:
+    if not served.per_token:
+        pytest.skip("batch-level rule: concurrent batches are timing-dependent (see the lock-step batch test)")
+    _, tok = hf
+    prompts = [_ids(tok, t) for t in CONCURRENT]
+    with cf.ThreadPoolExecutor(len(prompts)) as ex:
+        got = list(ex.map(lambda p: served.generate(p, NEW)["output_ids"], prompts))
+    for p, g in zip(prompts, got):
+        assert g == _reference(hf, CASES[served.case][0], [p])[0], served.case
+
+
+def test_openai_endpoints(served, hf) -> None:
+    if served.case not in ("stock", "alloc-l-50"):
+        pytest.skip("the OpenAI-compatible endpoints are checked on the stock server and one policy")
+    import openai
+
+    _, tok = hf
+    ref = tok.decode(_reference(hf, CASES[served.case][0], [_ids(tok, OPENAI)])[0])
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key="none")
+    comp = client.completions.create(model="default", prompt=OPENAI, max_tokens=NEW, temperature=0.0,
+                                      extra_body={"ignore_eos": True})
+    assert comp.choices[0].text == ref and comp.usage.completion_tokens == NEW
+    chat = client.chat.completions.create(model="default", messages=[{"role": "user", "content": OPENAI}],
+                                          max_tokens=NEW, temperature=0.0, extra_body={"ignore_eos": True})
+    assert chat.choices[0].message.content == ref  # the model's chat template is the plain text
+
+
+def test_recorded_trace_replays_and_equals_transformers_logits(served, hf, capsys) -> None:
+    if served.record_dir is None:
+        pytest.skip("recording is checked on the uniform-50 server")
+    from sgl_budget.cli import main
+
+    files = sorted(served.record_dir.glob("*.trace.safetensors"))
+    assert len(files) == 1, f"expected one trace after --moe-record-max-tokens was reached: {files}"
+    trace = load_trace(files[0])
+    assert not trace.synthetic and trace.spec.num_experts == 64
+    # the router logits of each ALONE prompt's prefill, as the transformers model computes them
+    model, tok = hf
+    found = 0
+    for text in ALONE:
+        ids = _ids(tok, text)
+        logits = _hf_router_logits(model, ids)
+        for start, end in trace.sequences:
+            if end - start == len(ids) and int(trace.phase[start]) == 0:
+                rec = {l: trace.router_logits[l][start:end].float() for l in logits}
+                if all(torch.allclose(rec[l], logits[l].half().float(), atol=2e-3, rtol=2e-3) for l in logits):
+                    found += 1
+                    break
+    assert found >= 1, "no recorded prefill matches the transformers router logits of an ALONE prompt"
+    assert main(["replay", str(BROWN / "uniform-50.policy"), "--trace", str(files[0]), "--batch-size", "1"]) == 0
+    assert "uniform-50" in capsys.readouterr().out
+
+
+def _hf_router_logits(model, ids: list[int]) -> dict[int, torch.Tensor]:
+    out: dict[int, torch.Tensor] = {}
+    hooks = [block.gate.register_forward_hook(lambda m, a, o, l=l: out.__setitem__(l, o[0].detach().float()))
+             for l, block in moe_blocks(model).items()]
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.tensor([ids]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
+
+
+def test_load_many_concurrent_clients(served, hf) -> None:
+    if served.case != "sere":
+        pytest.skip("the load check runs once, on the SERE server")
+    _, tok = hf
+    words = ("Now", "Then", "Later", "Here", "Soon", "Still", "Once", "Perhaps")
+    prompts = [f"{words[i % len(words)]} the {i} men said" for i in range(240)]
+
+    def ask(p: str) -> int:
+        r = served.post("/generate", {"text": p, "sampling_params": {"max_new_tokens": 6, "temperature": 0.7}})
+        return r["meta_info"]["completion_tokens"]
+
+    with cf.ThreadPoolExecutor(24) as ex:
+        counts = list(ex.map(ask, prompts))
+    assert len(counts) == 240 and all(1 <= c <= 6 for c in counts)
+    assert served.healthy()
+    assert served.generate(_ids(tok, ALONE[0]), 4)["meta_info"]["completion_tokens"] == 4
+
+
+# -- launch paths that need no serving ------------------------------------------------------------
+
+BAD = 'policy "bad" {\n  budget 50%\n  tokens { reallocate by score; min_k 3; max_k 2 }\n}\n'
+
+
+@pytest.mark.parametrize("entry", ["launch_server", "serve"])
+def test_bad_policy_ends_the_launch_with_the_compiler_message(entry, tmp_path) -> None:
+    bad = tmp_path / "bad.policy"
+    bad.write_text(BAD)
+    s = Server(MODEL, policy=bad, entry=entry, env=SERVER_ENV)
+    r = subprocess.run(s.command(), capture_output=True, text=True, timeout=300,
+                       env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"{bad}:3:" in r.stderr and "min_k 3 is above max_k 2" in r.stderr and "^" in r.stderr
+    assert "Traceback" not in r.stderr and "sglang::scheduler" not in r.stderr
+
+
+def test_sglang_serve_help_lists_the_flags() -> None:
+    r = subprocess.run([str(Path(sys.executable).parent / "sglang"), "serve", "--help"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for flag in ("--moe-policy PATH", "--moe-record-trace DIR", "--moe-record-max-tokens N"):
+        assert flag in r.stdout
+
+
+ENGINE = """
+import json, sys
+import sglang
+if __name__ == "__main__":
+    llm = sglang.Engine(model_path={model!r}, device="cpu", dtype="float32", moe_policy={policy!r})
+    outs = llm.generate(input_ids={ids!r}, sampling_params={{"max_new_tokens": {new}, "temperature": 0.0,
+                                                             "ignore_eos": True}})
+    llm.shutdown()
+    print("RESULT " + json.dumps([o["output_ids"] for o in outs]))
+"""
+
+
+def test_engine_in_process_with_a_policy(hf, tmp_path) -> None:
+    _, tok = hf
+    policy = BROWN / "alloc-lt-50.policy"
+    prompts = [_ids(tok, t)[:5] for t in BATCH]
+    script = tmp_path / "engine.py"
+    script.write_text(ENGINE.format(model=str(MODEL), policy=str(policy), ids=prompts, new=NEW))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")][-1]
+    assert json.loads(line[len("RESULT "):]) == _reference(hf, policy, prompts)
+
+
+def test_untied_head_warning(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    from sgl_budget.engines.sglang.checkpoint import untied_head_problem
+
+    cfg = json.loads((MODEL / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] is False  # the embedded model ships its head (SGLang never ties Qwen3-MoE)
+    assert untied_head_problem(str(MODEL)) is None
+    d = tmp_path / "tied"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    save_file({"model.embed_tokens.weight": torch.zeros(4, 2)}, str(d / "model.safetensors"))
+    msg = untied_head_problem(str(d))
+    assert msg and "UNTRAINED output head" in msg and "lm_head.weight" in msg
+    save_file({"model.embed_tokens.weight": torch.zeros(4, 2), "lm_head.weight": torch.zeros(4, 2)},
+              str(d / "model.safetensors"))
+    assert untied_head_problem(str(d)) is None
+    (d / "config.json").write_text(json.dumps({**cfg, "model_type": "deepseek_v2", "tie_word_embeddings": True}))
+    assert untied_head_problem(str(d)) is None  # SGLang's DeepSeek-V2 ties
+
+
+def test_untied_head_warning_at_launch(tmp_path) -> None:
+    """The launcher warns before loading; the launch itself is ended by an invalid port to stay fast."""
+    import shutil
+
+    d = tmp_path / "tied"
+    shutil.copytree(MODEL, d, ignore=shutil.ignore_patterns("*.safetensors"))
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    from safetensors.torch import save_file
+
+    save_file({"model.embed_tokens.weight": torch.zeros(4, 2)}, str(d / "model.safetensors"))
+    pol = tmp_path / "bad.policy"
+    pol.write_text(BAD)
+    r = subprocess.run(Server(d, policy=pol).command(), capture_output=True, text=True, timeout=300,
+                       env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    assert r.returncode == 2 and re.search(r"warning: .*UNTRAINED output head", r.stderr), r.stderr[-2000:]
