@@ -1,4 +1,4 @@
-"""The ``sgl-budget`` command line: check, explain, allocate, replay, trace, demo.
+"""The ``sgl-budget`` command line: check, explain, allocate, replay, trace, demo, serve-demo.
 
 Bad input of any kind (policy, model spec, profile, trace) ends with a
 compiler-style message on stderr and exit status 2 — never a traceback.
@@ -326,12 +326,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--windows", type=int, default=32, help="held-out sequences to evaluate (default %(default)s)")
     d.add_argument("--seq-len", type=int, default=96, help="tokens per sequence (default %(default)s)")
     d.set_defaults(func=cmd_demo)
+
+    from .cli_serve import add_serve_demo
+
+    add_serve_demo(sub)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("batch_size", "max_batches", "sequences", "seq_len"):
+    for name in ("batch_size", "max_batches", "sequences", "seq_len", "max_new_tokens"):
         v = getattr(args, name, None)
         if v is not None and v < 1:
             print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)

@@ -44,7 +44,7 @@ def test_series_exists() -> None:
 
 
 def _run(python_path: Path, code: str, extra_env: dict | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SGL_BUDGET_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SGLBUDGET_")}
     env["PYTHONPATH"] = str(python_path)
     env.update(extra_env or {})
     return subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, env=env,
@@ -103,5 +103,5 @@ t = T.TopK(top_k=4, layer_id=1, renormalize=True)
 out = t.forward_native(torch.zeros(5, 8), torch.randn(5, 16))
 print(T._SELECT_EXPERTS_HOOK is not None, int((out.topk_weights > 0).sum()))
 """
-    r = _run(patched_sglang, code, {"SGL_BUDGET_MOE_POLICY": str(pol), "SGL_BUDGET_MOE_SPEC": json.dumps(spec.to_dict())})
+    r = _run(patched_sglang, code, {"SGLBUDGET_MOE_POLICY": str(pol), "SGLBUDGET_MOE_SPEC": json.dumps(spec.to_dict())})
     assert r.stdout.split()[-2:] == ["True", "5"], r.stderr[-3000:]

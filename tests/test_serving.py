@@ -98,7 +98,7 @@ def _reference(hf, policy: Path | None, prompts: list[list[int]]) -> list[list[i
 @pytest.fixture(scope="module", params=list(CASES))
 def served(request, tmp_path_factory):
     name = request.param
-    policy, per_token = CASES[name]
+    policy, _ = CASES[name]
     extra = []
     record = None
     if name == "uniform-50":  # this server also records its router logits
@@ -107,12 +107,14 @@ def served(request, tmp_path_factory):
     server = Server(MODEL, policy=policy, extra_args=extra, env=SERVER_ENV)
     server.start()
     server.case = name
-    server.per_token = per_token
     server.record_dir = record
     yield server
     server.stop()
     errors = [l for l in server.log().splitlines() if "Traceback" in l or " ERROR " in l]
     assert not errors, f"{name}: the server logged errors:\n{server.log_tail(80)}"
+
+
+PER_TOKEN = [c for c, (_, per_token) in CASES.items() if per_token]
 
 
 def test_alone_equals_transformers(served, hf) -> None:
@@ -132,11 +134,13 @@ def test_lockstep_batch_equals_transformers(served, hf) -> None:
         "max_new_tokens": NEW, "temperature": 0.0, "ignore_eos": True}})
     assert served.log().count("Prefill batch, #new-seq: 4,") == n_prefill + 1, "the 4 requests were not prefilled together"
     assert [g["output_ids"] for g in got] == _reference(hf, CASES[served.case][0], prompts), served.case
+    if served.case == "mix-batch4":  # the batch really switched SERE on: alone, the rows decode differently
+        assert any(_reference(hf, CASES[served.case][0], [p])[0] != g["output_ids"] for p, g in zip(prompts, got))
 
 
+@pytest.mark.parametrize("served", PER_TOKEN, indirect=True)
 def test_concurrent_clients_per_token_policy(served, hf) -> None:
-    if not served.per_token:
-        pytest.skip("batch-level rule: concurrent batches are timing-dependent (see the lock-step batch test)")
+    """Batch-level rules are left out: which requests share a batch is timing-dependent (see the lock-step test)."""
     _, tok = hf
     prompts = [_ids(tok, t) for t in CONCURRENT]
     with cf.ThreadPoolExecutor(len(prompts)) as ex:
@@ -145,9 +149,8 @@ def test_concurrent_clients_per_token_policy(served, hf) -> None:
         assert g == _reference(hf, CASES[served.case][0], [p])[0], served.case
 
 
+@pytest.mark.parametrize("served", ["stock", "alloc-l-50"], indirect=True)
 def test_openai_endpoints(served, hf) -> None:
-    if served.case not in ("stock", "alloc-l-50"):
-        pytest.skip("the OpenAI-compatible endpoints are checked on the stock server and one policy")
     import openai
 
     _, tok = hf
@@ -161,21 +164,22 @@ def test_openai_endpoints(served, hf) -> None:
     assert chat.choices[0].message.content == ref  # the model's chat template is the plain text
 
 
+@pytest.mark.parametrize("served", ["uniform-50"], indirect=True)
 def test_recorded_trace_replays_and_equals_transformers_logits(served, hf, capsys) -> None:
-    if served.record_dir is None:
-        pytest.skip("recording is checked on the uniform-50 server")
     from sgl_budget.cli import main
 
     files = sorted(served.record_dir.glob("*.trace.safetensors"))
     assert len(files) == 1, f"expected one trace after --moe-record-max-tokens was reached: {files}"
     trace = load_trace(files[0])
     assert not trace.synthetic and trace.spec.num_experts == 64
-    # the router logits of each ALONE prompt's prefill, as the transformers model computes them
+    # the router logits of each ALONE prompt's prefill, as the transformers model computes them under the
+    # same policy (from layer 1 on, a layer's input depends on the routing of the layers before it)
     model, tok = hf
     found = 0
     for text in ALONE:
         ids = _ids(tok, text)
-        logits = _hf_router_logits(model, ids)
+        with apply_policy(model, load_policy(CASES[served.case][0], spec_of(model))):
+            logits = _hf_router_logits(model, ids)
         for start, end in trace.sequences:
             if end - start == len(ids) and int(trace.phase[start]) == 0:
                 rec = {l: trace.router_logits[l][start:end].float() for l in logits}
@@ -200,9 +204,8 @@ def _hf_router_logits(model, ids: list[int]) -> dict[int, torch.Tensor]:
     return out
 
 
+@pytest.mark.parametrize("served", ["sere"], indirect=True)
 def test_load_many_concurrent_clients(served, hf) -> None:
-    if served.case != "sere":
-        pytest.skip("the load check runs once, on the SERE server")
     _, tok = hf
     words = ("Now", "Then", "Later", "Here", "Soon", "Still", "Once", "Perhaps")
     prompts = [f"{words[i % len(words)]} the {i} men said" for i in range(240)]

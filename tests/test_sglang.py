@@ -53,7 +53,7 @@ def _model_dir(tmp_path, cfg) -> str:
 
 
 def _run(code: str, env_extra: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SGL_BUDGET_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SGLBUDGET_")}
     env.update(env_extra or {})
     return subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, env=env,
                           timeout=timeout)
@@ -123,7 +123,7 @@ from sglang.srt.layers.moe import topk
 from sglang.srt.server_args import prepare_server_args
 prepare_server_args(["--model-path", {model!r}])
 print(topk.select_experts.__module__, topk.select_experts.__name__, hasattr(topk.select_experts, "__wrapped__"),
-      any(k.startswith("SGL_BUDGET_") for k in os.environ))
+      any(k.startswith("SGLBUDGET_") for k in os.environ))
 """
     r = _run(code)
     assert r.returncode == 0, r.stderr[-3000:]

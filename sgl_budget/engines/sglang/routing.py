@@ -157,8 +157,8 @@ class PolicyRouting:
 
 
 def _router(ir: PolicyIR, layer: int, conv: Conventions) -> LayerRouter:
-    """Triton kernels on CUDA where they apply, the reference otherwise (SGL_BUDGET_ROUTING_BACKEND forces one)."""
-    backend = os.environ.get("SGL_BUDGET_ROUTING_BACKEND", "auto")
+    """Triton kernels on CUDA where they apply, the reference otherwise (SGLBUDGET_ROUTING_BACKEND forces one)."""
+    backend = os.environ.get("SGLBUDGET_ROUTING_BACKEND", "auto")
     if backend == "torch":
         return LayerRouter(ir, layer, conv)
     try:

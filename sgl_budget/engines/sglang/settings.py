@@ -4,9 +4,9 @@ SGLang starts its scheduler / TP / DP / EP workers with ``multiprocessing``
 (spawn), so nothing patched in the launcher survives into them. The settings
 travel in environment variables, which every spawned child inherits:
 
-* ``SGL_BUDGET_MOE_POLICY`` — absolute path of the policy file;
-* ``SGL_BUDGET_MOE_SPEC`` — the model spec the launcher validated against (JSON);
-* ``SGL_BUDGET_RECORD_DIR`` / ``SGL_BUDGET_RECORD_MAX_TOKENS`` — router-logit recording.
+* ``SGLBUDGET_MOE_POLICY`` — absolute path of the policy file;
+* ``SGLBUDGET_MOE_SPEC`` — the model spec the launcher validated against (JSON);
+* ``SGLBUDGET_RECORD_DIR`` / ``SGLBUDGET_RECORD_MAX_TOKENS`` — router-logit recording.
 
 The launcher validates the policy against the model's config before any worker
 starts; workers compile it again (cheap) against the same spec.
@@ -24,10 +24,10 @@ from ...lang import load_policy
 from ...lang.ir import PolicyIR
 from ...spec import ModelSpec, SpecError
 
-ENV_POLICY = "SGL_BUDGET_MOE_POLICY"
-ENV_SPEC = "SGL_BUDGET_MOE_SPEC"
-ENV_RECORD_DIR = "SGL_BUDGET_RECORD_DIR"
-ENV_RECORD_MAX = "SGL_BUDGET_RECORD_MAX_TOKENS"
+ENV_POLICY = "SGLBUDGET_MOE_POLICY"
+ENV_SPEC = "SGLBUDGET_MOE_SPEC"
+ENV_RECORD_DIR = "SGLBUDGET_RECORD_DIR"
+ENV_RECORD_MAX = "SGLBUDGET_RECORD_MAX_TOKENS"
 DEFAULT_RECORD_MAX_TOKENS = 65536
 # Model families whose SGLang MoE blocks route through TopK with the rules ModelSpec describes.
 SUPPORTED_MODEL_TYPES = ("qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "mixtral", "olmoe")
