@@ -78,8 +78,8 @@ def test_prepare_does_nothing_without_device_cpu() -> None:
     r = _fresh("""
 import os, sys
 from sgl_budget.engines.sglang import cpu
-s = cpu.prepare(None, None, None)
-s2 = cpu.prepare("cuda", None, None)
+s = cpu.prepare({})
+s2 = cpu.prepare({"device": "cuda", "tp_size": 4})
 assert not s.active and not s.overrides and not s2.active and not s2.overrides
 assert "SGLANG_USE_CPU_ENGINE" not in os.environ and "OMP_NUM_THREADS" not in os.environ
 assert str(cpu.STAND_IN_DIR) not in sys.path and "sgl_kernel" not in sys.modules
@@ -91,7 +91,7 @@ print("ok")
 def test_prepare_never_acts_on_a_cuda_machine(monkeypatch) -> None:
     monkeypatch.setattr(cpu, "cuda_available", lambda: True)
     monkeypatch.delenv("SGLANG_USE_CPU_ENGINE", raising=False)
-    state = cpu.prepare("cpu", None, None)
+    state = cpu.prepare({"device": "cpu"})
     assert not state.active and not state.overrides and "SGLANG_USE_CPU_ENGINE" not in os.environ
 
 
@@ -101,7 +101,7 @@ def test_prepare_on_a_cpu_machine_keeps_user_settings() -> None:
     r = _fresh("""
 import os, sys
 from sgl_budget.engines.sglang import cpu
-s = cpu.prepare("cpu", 1024, True)
+s = cpu.prepare({"device": "cpu", "max_total_tokens": 1024, "sleep_on_idle": True})
 assert s.active and s.overrides == {}, s.overrides        # the user's --max-total-tokens / --sleep-on-idle win
 assert os.environ["OMP_NUM_THREADS"] == "3"               # the user's thread count wins
 assert os.environ["SGLANG_USE_CPU_ENGINE"] == "1"
@@ -127,7 +127,7 @@ def test_prepare_defaults() -> None:
     r = _fresh("""
 import os
 from sgl_budget.engines.sglang import cpu
-s = cpu.prepare("cpu", None, False)
+s = cpu.prepare({"device": "cpu", "sleep_on_idle": False, "tp_size": 1})
 assert s.overrides == {"max_total_tokens": cpu.DEFAULT_MAX_TOTAL_TOKENS, "sleep_on_idle": True}, s.overrides
 assert os.environ["OMP_NUM_THREADS"] == str(cpu.default_threads())
 assert len(s.changes) >= 4 - (not s.stand_in)
@@ -146,3 +146,13 @@ print("ok")
 ])
 def test_serve_help_hook_only_for_that_command_line(argv, expected) -> None:
     assert wanted(argv) is expected
+
+
+def test_thread_binding_splits_the_cores() -> None:
+    n = len(os.sched_getaffinity(0))
+    assert cpu.thread_binding(1).split("|") == [",".join(map(str, sorted(os.sched_getaffinity(0))))]
+    if n >= 2:
+        parts = cpu.thread_binding(2).split("|")
+        assert len(parts) == 2 and not set(parts[0].split(",")) & set(parts[1].split(","))
+    with pytest.raises(ValueError, match="ranks"):
+        cpu.thread_binding(n + 1)

@@ -308,3 +308,26 @@ def test_untied_head_warning_at_launch(tmp_path) -> None:
     r = subprocess.run(Server(d, policy=pol).command(), capture_output=True, text=True, timeout=300,
                        env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
     assert r.returncode == 2 and re.search(r"warning: .*UNTRAINED output head", r.stderr), r.stderr[-2000:]
+
+
+def test_tensor_parallel_2_on_cpu(hf, tmp_path) -> None:
+    """--tp 2 on CPU (gloo): both ranks see bit-identical router logits, hence route identically (the routing is a
+    function of the logits and the batch), and a lock-step batch with Alloc-T decodes exactly as --tp 1 / the
+    transformers adapter does."""
+    _, tok = hf
+    policy = BROWN / "alloc-lt-50.policy"
+    prompts = [_ids(tok, t)[:5] for t in BATCH]
+    env = {**SERVER_ENV, "SGLBUDGET_RECORD_ALL_RANKS": "1"}
+    extra = ["--tp", "2", "--moe-record-trace", str(tmp_path), "--moe-record-max-tokens", "40"]
+    with Server(MODEL, policy=policy, extra_args=extra, env=env) as server:
+        got = server.post("/generate", {"input_ids": prompts, "sampling_params": {
+            "max_new_tokens": NEW, "temperature": 0.0, "ignore_eos": True}})
+        log = server.log()
+    assert [g["output_ids"] for g in got] == _reference(hf, policy, prompts)
+    assert "TP1" in log and "Traceback" not in log
+    traces = [load_trace(f) for f in sorted(tmp_path.glob("*.trace.safetensors"))]
+    assert len(traces) == 2, "one trace per TP rank"
+    a, b = traces
+    assert a.sequences == b.sequences and torch.equal(a.phase, b.phase)
+    for layer in a.router_logits:
+        assert torch.equal(a.router_logits[layer], b.router_logits[layer]), f"ranks disagree at layer {layer}"

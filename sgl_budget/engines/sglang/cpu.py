@@ -26,10 +26,12 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Mapping
 
 log = logging.getLogger("sgl_budget")
 
 STAND_IN_DIR = Path(__file__).resolve().parent / "cpu_stand_in"
+ENV_ACTIVE = "SGLBUDGET_CPU_SERVING"  # set by prepare(); tells the workers that this launch is in CPU mode
 DEFAULT_MAX_TOTAL_TOKENS = 65536
 
 
@@ -83,25 +85,50 @@ def cuda_available() -> bool:
         return False
 
 
-def prepare(device: str | None, max_total_tokens: int | None, sleep_on_idle: bool | None) -> CpuServing:
-    """Set up CPU serving for a launch with ``device``; ``state.overrides`` are server-argument values to use."""
+def numa_nodes() -> int:
+    return max(1, len(list(Path("/sys/devices/system/node").glob("node[0-9]*"))))
+
+
+def thread_binding(ranks: int) -> str:
+    """``SGLANG_CPU_OMP_THREADS_BIND`` giving each of ``ranks`` workers its own share of this process's cores."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    if ranks > len(cores):
+        raise ValueError(f"{ranks} ranks (tp x dp x pp) need at least {ranks} CPU cores; this machine gives {len(cores)}")
+    share = len(cores) // ranks
+    return "|".join(",".join(map(str, cores[r * share:(r + 1) * share])) for r in range(ranks))
+
+
+def prepare(args: Mapping[str, Any]) -> CpuServing:
+    """Set up CPU serving for a launch with these server arguments (``device``, ``max_total_tokens``,
+    ``sleep_on_idle``, ``tp_size``, ``dp_size``, ``pp_size``); ``state.overrides`` are values to use instead."""
     state = CpuServing()
-    if device != "cpu":
+    if args.get("device") != "cpu":
         return state
     if cuda_available():
         log.info("sgl_budget: --device cpu on a machine with CUDA: CPU serving left entirely to SGLang")
         return state
     state.active = True
+    os.environ[ENV_ACTIVE] = "1"
     if "SGLANG_USE_CPU_ENGINE" not in os.environ:
         os.environ["SGLANG_USE_CPU_ENGINE"] = "1"
         state.changes.append("SGLANG_USE_CPU_ENGINE=1 (SGLang's CPU engine; needed by --device cpu)")
     if "OMP_NUM_THREADS" not in os.environ:
         os.environ["OMP_NUM_THREADS"] = str(default_threads())
         state.changes.append(f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} (set it to override)")
-    if max_total_tokens is None:
+    ranks = int(args.get("tp_size") or 1) * int(args.get("dp_size") or 1) * int(args.get("pp_size") or 1)
+    if ranks > numa_nodes() and "SGLANG_CPU_OMP_THREADS_BIND" not in os.environ:
+        # SGLang binds one NUMA node per rank unless told otherwise, and refuses more ranks than nodes
+        try:
+            os.environ["SGLANG_CPU_OMP_THREADS_BIND"] = thread_binding(ranks)
+        except ValueError as e:
+            log.warning("sgl_budget CPU serving: %s; SGLang will refuse this launch", e)
+        else:
+            state.changes.append(f"SGLANG_CPU_OMP_THREADS_BIND={os.environ['SGLANG_CPU_OMP_THREADS_BIND']} ({ranks} ranks "
+                                 f"on {numa_nodes()} NUMA node(s): each rank gets its own cores; set it to override)")
+    if args.get("max_total_tokens") is None:
         state.overrides["max_total_tokens"] = DEFAULT_MAX_TOTAL_TOKENS
         state.changes.append(f"--max-total-tokens {DEFAULT_MAX_TOTAL_TOKENS} (KV cache size; pass it to override)")
-    if not sleep_on_idle:
+    if not args.get("sleep_on_idle"):
         state.overrides["sleep_on_idle"] = True
         state.changes.append("--sleep-on-idle (an idle scheduler would otherwise spin a whole core)")
     if not real_sgl_kernel_loads():
@@ -112,3 +139,25 @@ def prepare(device: str | None, max_total_tokens: int | None, sleep_on_idle: boo
     for change in state.changes:
         log.warning("sgl_budget CPU serving: %s", change)
     return state
+
+
+def no_pynccl_on_cpu(original, *args, **kwargs):
+    """``init_model_parallel_group`` without PyNccl: SGLang 0.5.23 asks for it on every backend but NPU/XPU,
+    and on the CPU engine it fails (``Expected a cuda device, but got: cpu``); the CPU path all-reduces with
+    gloo (or sgl_kernel's shared-memory ops where they exist) and never uses it."""
+    if len(args) >= 4:
+        args = (*args[:3], False, *args[4:])
+    else:
+        kwargs["use_pynccl"] = False
+    return original(*args, **kwargs)
+
+
+def register_worker_hooks() -> bool:
+    """In a worker of a CPU-mode launch (see :func:`prepare`), register the hooks CPU serving needs."""
+    if os.environ.get(ENV_ACTIVE) != "1":
+        return False
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register("sglang.srt.distributed.parallel_state.init_model_parallel_group", no_pynccl_on_cpu,
+                          HookType.AROUND)
+    return True

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
-from .settings import DEFAULT_RECORD_MAX_TOKENS, Settings
+from .settings import DEFAULT_RECORD_MAX_TOKENS, ENV_RECORD_ALL_RANKS, Settings
 
 log = logging.getLogger("sgl_budget")
 _STATE: dict = {}
@@ -81,12 +82,15 @@ def _add_cli_args_hook(original, parser, *args, **kwargs):
     return result
 
 
-def before_server_args(model_path: str | None, device: str | None, max_total_tokens: int | None,
-                       sleep_on_idle: bool | None) -> dict:
+CPU_ARGS = ("device", "max_total_tokens", "sleep_on_idle", "tp_size", "dp_size", "pp_size")
+
+
+def before_server_args(model_path: str | None, args: dict) -> dict:
     """Launch-time work that must happen before SGLang resolves its arguments (both entry points).
 
     Warns about a checkpoint SGLang would mis-load, and prepares CPU serving for ``--device cpu``
-    (:mod:`.cpu`); returns server-argument values to use instead of the defaults.
+    (:mod:`.cpu`) from ``args`` (the :data:`CPU_ARGS` values given); returns server-argument values to use
+    instead of the defaults.
     """
     from .checkpoint import untied_head_problem
     from .cpu import prepare
@@ -95,12 +99,11 @@ def before_server_args(model_path: str | None, device: str | None, max_total_tok
     if problem:
         log.warning("sgl_budget: %s", problem)
         print(f"sgl_budget: warning: {problem}", file=sys.stderr)
-    return prepare(device, max_total_tokens, sleep_on_idle).overrides
+    return prepare(args).overrides
 
 
 def _from_cli_args_hook(original, cls, args, *rest, **kwargs):
-    overrides = before_server_args(getattr(args, "model_path", None), getattr(args, "device", None),
-                                   getattr(args, "max_total_tokens", None), getattr(args, "sleep_on_idle", None))
+    overrides = before_server_args(getattr(args, "model_path", None), {k: getattr(args, k, None) for k in CPU_ARGS})
     for name, value in overrides.items():
         setattr(args, name, value)
     server_args = original(cls, args, *rest, **kwargs)
@@ -122,8 +125,7 @@ def build_server_args(**kwargs):
 
     settings = Settings(policy=kwargs.pop("moe_policy", None), record_dir=kwargs.pop("moe_record_trace", None),
                         record_max_tokens=kwargs.pop("moe_record_max_tokens", DEFAULT_RECORD_MAX_TOKENS))
-    kwargs.update(before_server_args(kwargs.get("model_path"), kwargs.get("device"), kwargs.get("max_total_tokens"),
-                                     kwargs.get("sleep_on_idle")))
+    kwargs.update(before_server_args(kwargs.get("model_path"), {k: kwargs.get(k) for k in CPU_ARGS}))
     server_args = ServerArgs(**kwargs)
     if settings.active:
         apply_settings(settings, kwargs.get("model_path"), bool(kwargs.get("trust_remote_code", False)),
@@ -175,7 +177,8 @@ def activate(settings: Settings) -> None:
         spec = model_spec_for(get_global_server_args().model_path)
     _STATE["settings"] = settings
     _STATE["routing"] = PolicyRouting(load_policy(settings.policy, spec)) if settings.policy else None
-    _STATE["recorder"] = Recorder(settings.record_dir, spec, settings.record_max_tokens) if settings.record_dir \
+    _STATE["recorder"] = Recorder(settings.record_dir, spec, settings.record_max_tokens,
+                                  rank0_only=os.environ.get(ENV_RECORD_ALL_RANKS) != "1") if settings.record_dir \
         else None
 
 
@@ -201,6 +204,9 @@ def register() -> None:
     engine = sys.modules.get("sglang.srt.entrypoints.engine")
     if engine is not None and engine.Engine.__dict__.get("server_args_class") is not None:
         engine.Engine.server_args_class = staticmethod(build_server_args)
+    from .cpu import register_worker_hooks
+
+    register_worker_hooks()
     settings = Settings.from_env()
     if settings.active:  # a worker of a launch that asked for a policy or a recording
         HookRegistry.register("sglang.srt.layers.moe.topk.select_experts", _select_experts_hook, HookType.AROUND)

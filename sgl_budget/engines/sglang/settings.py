@@ -6,7 +6,8 @@ travel in environment variables, which every spawned child inherits:
 
 * ``SGLBUDGET_MOE_POLICY`` — absolute path of the policy file;
 * ``SGLBUDGET_MOE_SPEC`` — the model spec the launcher validated against (JSON);
-* ``SGLBUDGET_RECORD_DIR`` / ``SGLBUDGET_RECORD_MAX_TOKENS`` — router-logit recording.
+* ``SGLBUDGET_RECORD_DIR`` / ``SGLBUDGET_RECORD_MAX_TOKENS`` — router-logit recording
+  (``SGLBUDGET_RECORD_ALL_RANKS=1``: every TP rank records, to check that ranks agree).
 
 The launcher validates the policy against the model's config before any worker
 starts; workers compile it again (cheap) against the same spec.
@@ -28,6 +29,7 @@ ENV_POLICY = "SGLBUDGET_MOE_POLICY"
 ENV_SPEC = "SGLBUDGET_MOE_SPEC"
 ENV_RECORD_DIR = "SGLBUDGET_RECORD_DIR"
 ENV_RECORD_MAX = "SGLBUDGET_RECORD_MAX_TOKENS"
+ENV_RECORD_ALL_RANKS = "SGLBUDGET_RECORD_ALL_RANKS"  # "1": every TP rank records (to compare ranks), not rank 0 only
 DEFAULT_RECORD_MAX_TOKENS = 65536
 # Model families whose SGLang MoE blocks route through TopK with the rules ModelSpec describes.
 SUPPORTED_MODEL_TYPES = ("qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "mixtral", "olmoe")
