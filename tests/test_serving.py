@@ -331,3 +331,19 @@ def test_tensor_parallel_2_on_cpu(hf, tmp_path) -> None:
     assert a.sequences == b.sequences and torch.equal(a.phase, b.phase)
     for layer in a.router_logits:
         assert torch.equal(a.router_logits[layer], b.router_logits[layer]), f"ranks disagree at layer {layer}"
+
+
+def test_serve_demo_command(capsys) -> None:
+    """The README's serving command: stock server and policy server on CPU, one request each, both answers."""
+    from sgl_budget.cli import main
+
+    old = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        assert main(["serve-demo", "--max-new-tokens", "8"]) == 0
+    finally:
+        if old is not None:
+            os.environ["TRITON_INTERPRET"] = old
+    out = capsys.readouterr().out
+    assert "python -m sglang.launch_server --model-path" in out and "--moe-policy" in out and "--device cpu" in out
+    assert re.search(r"stock routing: '.+'", out) and re.search(r"alloc-l-50: '.+'", out)
+    assert out.count("server stopped") == 2

@@ -272,9 +272,8 @@ def test_reduced_k_matches_sglang_at_that_k(sglang_topk, tmp_path, name) -> None
     for t in range(21):
         assert key(got.topk_ids[t, :2], got.topk_weights[t, :2]) == key(want.topk_ids[t], want.topk_weights[t])
     assert (got.topk_weights[:, 2:] == 0).all()
-    # CPU/native path: padded slots carry a distinct expert the token does not use, never -1
-    for row in got.topk_ids.tolist():
-        assert min(row) >= 0 and len(set(row)) == 4
+    # CPU native path (no AMX kernels): padded slots are -1, which sgl_budget's moe_forward_native hook skips
+    assert (got.topk_ids[:, 2:] == -1).all() and (got.topk_ids[:, :2] >= 0).all()
 
 
 def _native_layer(e: int, hdim: int, inter: int):
@@ -305,6 +304,9 @@ def test_variable_k_through_sglang_native_moe(sglang_topk, tmp_path) -> None:
     from sglang.srt.layers.moe.fused_moe_native import fused_moe_forward_native, moe_forward_native
     from sglang.srt.layers.moe.token_dispatcher import StandardDispatchOutput
 
+    from sgl_budget.engines.sglang.native_moe import moe_forward_skip_padding
+    from sgl_budget.engines.sglang.routing import fill_padding
+
     T = sglang_topk.T
     spec, topk_kw = _variant("softmax-renorm")
     _use(spec, 'policy "t" { budget 50%; tokens { reallocate by score; min_k 0; max_k 4 } }', tmp_path)
@@ -315,11 +317,22 @@ def test_variable_k_through_sglang_native_moe(sglang_topk, tmp_path) -> None:
     assert int(k_t.sum()) <= 12 * 2 and int(k_t.max()) <= 4 and int(k_t.min()) < int(k_t.max())  # really variable
     layer = _native_layer(16, 8, 8)
     ref = _dense_reference(layer, x, out.topk_ids, out.topk_weights)
-    got = moe_forward_native(layer, x, out, layer.moe_runner_config)
+    assert (out.topk_ids == -1).any()
+    # SGLang's moe_forward_native through sgl_budget's hook (skips -1: computes only the kept pairs)
+    got = moe_forward_skip_padding(moe_forward_native, layer, x, out, layer.moe_runner_config)
     assert torch.allclose(got, ref, atol=1e-5, rtol=1e-4)
+    # ... and equals what SGLang's own function computes when padded slots hold real experts with weight 0
+    valid = out.topk_ids >= 0
+    filled = type(out)(out.topk_weights, fill_padding(out.topk_ids, valid, 16), out.router_logits)
+    assert torch.allclose(got, moe_forward_native(layer, x, filled, layer.moe_runner_config), atol=1e-6, rtol=1e-6)
+    # the torch.compile path (fused_moe_forward_native) gathers by id: -1 is the last expert, times weight 0
     combine = fused_moe_forward_native(layer, StandardDispatchOutput(hidden_states=x, hidden_states_scale=None,
                                                                      topk_output=out))
     assert torch.allclose(combine.hidden_states, ref, atol=1e-5, rtol=1e-4)
+    # no padding: the hook hands SGLang's function the input untouched (bit-for-bit stock)
+    calls = []
+    moe_forward_skip_padding(lambda *a: calls.append(a) or "stock", layer, x, filled, layer.moe_runner_config)
+    assert len(calls) == 1 and calls[0][2] is filled
 
 
 def test_phase_and_batch_from_sglang_forward_context(sglang_topk, tmp_path) -> None:
@@ -388,6 +401,23 @@ def test_recording_at_the_topk_level(sglang_topk, tmp_path) -> None:
     assert not t.synthetic and "SGLang" in t.source and t.num_tokens == 8 and t.layers == (1, 2, 3)
     assert torch.equal(t.router_logits[2], torch.cat(xs).add(2).half())
     assert t.correction_bias is not None and torch.equal(t.correction_bias[1], topk_kw["correction_bias"])
+
+
+def test_recording_keeps_the_file_current(sglang_topk, tmp_path, monkeypatch) -> None:
+    """The trace on disk follows the traffic (a stopped server's workers are SIGKILLed: no atexit)."""
+    from sgl_budget.engines.sglang import record
+    from sgl_budget.traces import load_trace
+
+    monkeypatch.setattr(record, "WRITE_EVERY_S", 0.0)
+    spec, topk_kw = _variant("softmax-renorm")
+    _use(spec, None, tmp_path, record_dir=str(tmp_path / "rec"))
+    layers = {l: sglang_topk.T.TopK(top_k=4, layer_id=l, **topk_kw) for l in spec.moe_layers}
+    for n in (5, 3, 2):  # a forward is closed when the next one starts
+        x = torch.randn(n, 16)
+        for l, topk in layers.items():
+            topk.forward_native(torch.zeros(n, 8), x)
+    (path,) = (tmp_path / "rec").glob("*.trace.safetensors")  # one file, rewritten, no temporary left
+    assert load_trace(path).num_tokens == 8
 
 
 def test_cuda_graph_padding_rows_are_left_out(sglang_topk, tmp_path) -> None:

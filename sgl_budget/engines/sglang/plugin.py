@@ -212,4 +212,7 @@ def register() -> None:
         HookRegistry.register("sglang.srt.layers.moe.topk.select_experts", _select_experts_hook, HookType.AROUND)
         HookRegistry.register("sglang.srt.layers.moe.topk.TopK.bind_runner_backend", _bind_runner_backend_hook,
                               HookType.AROUND)
+        from . import native_moe
+
+        native_moe.register()
         _STATE["pending"] = settings  # compiled on the first routed forward (a warmup, before graph capture)

@@ -7,7 +7,10 @@ recorded (disable CUDA graphs to record decode). A prefill forward's sequences a
 its requests; a decode forward of B requests is stored as B one-token sequences,
 so ``sgl-budget replay --batch-size B`` re-forms the recorded decode batches. Only
 TP rank 0 records (every rank sees the same logits). Recording stops after
-``max_tokens`` tokens; the trace is written then and at exit.
+``max_tokens`` tokens. The trace file is rewritten with everything recorded so far
+at most every ``WRITE_EVERY_S`` seconds of traffic, when ``max_tokens`` is reached and at
+exit — so stopping the server (whose launcher SIGKILLs its workers, skipping ``atexit``)
+loses at most the last few seconds.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +31,7 @@ from ...traces.format import DECODE, PREFILL
 from .context import current_forward_batch
 
 log = logging.getLogger("sgl_budget")
+WRITE_EVERY_S = 2.0
 
 
 @dataclass
@@ -50,7 +55,9 @@ class Recorder:
         self.bias: dict[int, Tensor] = {}
         self.tokens = 0
         self.stopped = rank0_only and not _is_tp_rank0()
-        self.files: list[Path] = []
+        self.path = self.dir / f"sglang-{os.getpid()}.trace.safetensors"
+        self.written_at = time.monotonic()
+        self.unwritten = False
         atexit.register(self.flush)
 
     def observe(self, layer_id: int | None, router_logits: Tensor, num_token_non_padded=None,
@@ -82,17 +89,22 @@ class Recorder:
             return
         self.done.append(fwd)
         self.tokens += fwd.tokens
+        self.unwritten = True
         if self.tokens >= self.max_tokens:
             self.flush()
             self.stopped = True
-            log.info("sgl_budget: recorded %d tokens to %s; recording stopped", self.tokens, self.files[-1])
+            log.info("sgl_budget: recorded %d tokens to %s; recording stopped", self.tokens, self.path)
+        elif time.monotonic() - self.written_at >= WRITE_EVERY_S:
+            self.flush()
 
     def flush(self) -> Path | None:
-        """Write everything recorded so far as one trace file (no-op when empty)."""
+        """(Re)write everything recorded so far as this worker's trace file; None when nothing was recorded."""
         if self.current is not None and not self.stopped:
             self._close_forward()
         if not self.done:
             return None
+        if not self.unwritten:
+            return self.path
         layers = sorted(set.intersection(*(set(f.logits) for f in self.done)))
         if not layers:
             return None
@@ -107,11 +119,11 @@ class Recorder:
         trace = Trace(spec=self.spec, router_logits=logits, phase=phase, sequences=seqs, correction_bias=bias,
                       source=f"recorded from SGLang (pid {os.getpid()}), {len(self.done)} forwards", synthetic=False)
         self.dir.mkdir(parents=True, exist_ok=True)
-        path = self.dir / f"sglang-{os.getpid()}-{len(self.files)}.trace.safetensors"
-        write_trace(trace, path)
-        self.files.append(path)
-        self.done = []
-        return path
+        tmp = self.path.with_suffix(".tmp")
+        write_trace(trace, tmp)
+        os.replace(tmp, self.path)  # readers never see a half-written trace
+        self.written_at, self.unwritten = time.monotonic(), False
+        return self.path
 
 
 def _is_tp_rank0() -> bool:

@@ -13,9 +13,10 @@ index SGLang's models pass to ``TopK``) and:
   own post-processing (EPLB logical->physical remap, padded-row mask, capture).
 
 Padded slots are id -1 with weight 0 on CUDA runners (which already skip -1, as
-SGLang itself writes -1 into padded rows); on the torch-native path (and CPU/HIP)
-they hold a distinct expert the token does not use, with weight 0, because that
-path indexes expert weights with the ids.
+SGLang itself writes -1 into padded rows) and on the CPU engine's native MoE path
+(taught to skip them, :mod:`.native_moe`); on CUDA's torch-native path, HIP and CPU
+AMX kernels they hold a distinct expert the token does not use, with weight 0,
+because those paths index expert weights with the ids.
 """
 
 from __future__ import annotations
@@ -189,10 +190,17 @@ def _append_shared(weights: Tensor, ids: Tensor, topk_config, num_experts: int) 
 
 
 def _runner_skips_minus_one(topk_config, ids: Tensor) -> bool:
-    """CUDA runners take id -1 as 'no expert'; the torch-native path, CPU and HIP need a real id."""
+    """CUDA runners take id -1 as 'no expert', and so does the CPU engine's native MoE path with sgl_budget's
+    hook (:mod:`.native_moe`); CUDA's torch-native path, HIP and CPU AMX kernels need a real id."""
     from sglang.srt.layers.moe import topk as T
 
-    return ids.is_cuda and not topk_config.torch_native and not T._is_hip
+    if T._is_hip:
+        return False
+    if ids.is_cuda:
+        return not topk_config.torch_native
+    from .native_moe import native_path_skips_minus_one
+
+    return native_path_skips_minus_one()
 
 
 def _restore_padding(ids: Tensor, weights: Tensor, valid: Tensor, minus_one: bool) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,47 @@
+"""SGLang's torch-native MoE forward (``moe_forward_native``, the CPU engine's MoE path without AMX) taught to
+skip padded slots (id -1), so a policy that routes fewer experts computes fewer.
+
+``moe_forward_native`` indexes expert weights by id, so without this a padded slot needs a real
+expert with weight 0 — which the CPU still computes: at batch 1, uniform top-4 of top-8 then ran
+8 experts per token and was no faster than stock. With the hook, the policy's routing pads with
+-1 on this path (as on CUDA runners) and only the kept (token, expert) pairs are computed, by
+SGLang's own function on a compacted problem: every kept slot becomes a one-slot row, so the
+expert math (activation, biases, dtype handling) is SGLang's, unchanged. Inputs without -1 go
+to SGLang's function untouched (bit-for-bit stock).
+"""
+
+from __future__ import annotations
+
+import torch
+
+TARGET = "sglang.srt.layers.moe.fused_moe_native.moe_forward_native"
+
+
+def moe_forward_skip_padding(original, layer, x, topk_output, moe_runner_config, *args, **kwargs):
+    topk_weights, topk_ids, router_logits = topk_output
+    keep = topk_ids >= 0
+    if bool(keep.all()):  # CPU path: a host read is free
+        return original(layer, x, topk_output, moe_runner_config, *args, **kwargs)
+    tokens, width = topk_ids.shape
+    slots = torch.nonzero(keep.reshape(-1)).squeeze(1)
+    compact = type(topk_output)(torch.ones(slots.numel(), 1, dtype=topk_weights.dtype, device=x.device),
+                                topk_ids.reshape(-1)[slots].unsqueeze(1), router_logits)
+    per_slot = original(layer, x[slots // width], compact, moe_runner_config, *args, **kwargs)  # [kept, H]
+    out = x.new_zeros(tokens * width, x.shape[-1])
+    out[slots] = per_slot
+    # combine exactly as moe_forward_native does (a padded slot adds an exact 0)
+    return (out.view(tokens, width, -1).type(topk_weights.dtype).mul_(topk_weights.unsqueeze(-1)).sum(dim=1)
+            .type(x.dtype))
+
+
+def native_path_skips_minus_one() -> bool:
+    """Whether this worker's CPU MoE path is ``moe_forward_native`` with the hook (no AMX kernels loaded)."""
+    from sglang.srt.utils.common import cpu_has_amx_support
+
+    return not cpu_has_amx_support()
+
+
+def register() -> None:
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register(TARGET, moe_forward_skip_padding, HookType.AROUND)
