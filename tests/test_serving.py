@@ -345,5 +345,5 @@ def test_serve_demo_command(capsys) -> None:
             os.environ["TRITON_INTERPRET"] = old
     out = capsys.readouterr().out
     assert "python -m sglang.launch_server --model-path" in out and "--moe-policy" in out and "--device cpu" in out
-    assert re.search(r"stock routing: '.+'", out) and re.search(r"alloc-l-50: '.+'", out)
+    assert re.search(r"stock routing: ['\"].+['\"]\n", out) and re.search(r"alloc-l-50: ['\"].+['\"]\n", out)
     assert out.count("server stopped") == 2
