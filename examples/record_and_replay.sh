@@ -4,7 +4,8 @@
 #   bash examples/record_and_replay.sh /path/to/model
 #
 # Recording copies router logits to the host and CUDA-graph replays never reach Python,
-# so record with CUDA graphs off; stop the server (Ctrl-C) to flush the trace.
+# so record with CUDA graphs off. The trace file follows the traffic (rewritten every few seconds),
+# so stopping the server (Ctrl-C) loses at most the last few seconds.
 set -euo pipefail
 MODEL="${1:?usage: $0 MODEL_DIR}"
 python -m sglang.launch_server --model-path "$MODEL" --moe-record-trace traces/ --moe-record-max-tokens 50000 \

@@ -256,9 +256,13 @@ def test_stock_policy_equals_sglang_select_experts(sglang_topk, tmp_path, name) 
     assert torch.allclose(got.topk_weights, want.topk_weights, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("native_hook", [True, False])
 @pytest.mark.parametrize("name", ["softmax-renorm", "sigmoid-bias-grouped"])
-def test_reduced_k_matches_sglang_at_that_k(sglang_topk, tmp_path, name) -> None:
+def test_reduced_k_matches_sglang_at_that_k(sglang_topk, tmp_path, name, native_hook, monkeypatch) -> None:
     """k = 2 through the hook == SGLang's own select_experts with top_k = 2, plus padding."""
+    from sgl_budget.engines.sglang import native_moe
+
+    monkeypatch.setattr(native_moe, "_registered", native_hook)  # as in a worker that registered the hook
     T = sglang_topk.T
     spec, topk_kw = _variant(name)
     x = torch.randn(21, 16, generator=torch.Generator().manual_seed(3))
@@ -272,8 +276,11 @@ def test_reduced_k_matches_sglang_at_that_k(sglang_topk, tmp_path, name) -> None
     for t in range(21):
         assert key(got.topk_ids[t, :2], got.topk_weights[t, :2]) == key(want.topk_ids[t], want.topk_weights[t])
     assert (got.topk_weights[:, 2:] == 0).all()
-    # CPU native path (no AMX kernels): padded slots are -1, which sgl_budget's moe_forward_native hook skips
-    assert (got.topk_ids[:, 2:] == -1).all() and (got.topk_ids[:, :2] >= 0).all()
+    if native_hook:  # CPU native path with sgl_budget's moe_forward_native hook: padded slots are -1 (skipped)
+        assert (got.topk_ids[:, 2:] == -1).all() and (got.topk_ids[:, :2] >= 0).all()
+    else:  # without it (e.g. a fork with the patch series), a distinct expert the token does not use, never -1
+        for row in got.topk_ids.tolist():
+            assert min(row) >= 0 and len(set(row)) == 4
 
 
 def _native_layer(e: int, hdim: int, inter: int):
@@ -300,12 +307,15 @@ def _dense_reference(layer, x, ids, w):
     return out
 
 
-def test_variable_k_through_sglang_native_moe(sglang_topk, tmp_path) -> None:
+def test_variable_k_through_sglang_native_moe(sglang_topk, tmp_path, monkeypatch) -> None:
     from sglang.srt.layers.moe.fused_moe_native import fused_moe_forward_native, moe_forward_native
     from sglang.srt.layers.moe.token_dispatcher import StandardDispatchOutput
 
+    from sgl_budget.engines.sglang import native_moe
     from sgl_budget.engines.sglang.native_moe import moe_forward_skip_padding
     from sgl_budget.engines.sglang.routing import fill_padding
+
+    monkeypatch.setattr(native_moe, "_registered", True)  # as in a worker that registered the hook
 
     T = sglang_topk.T
     spec, topk_kw = _variant("softmax-renorm")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 TARGET = "sglang.srt.layers.moe.fused_moe_native.moe_forward_native"
+_registered = False  # this process's moe_forward_native skips -1 (set by register())
 
 
 def moe_forward_skip_padding(original, layer, x, topk_output, moe_runner_config, *args, **kwargs):
@@ -35,13 +36,18 @@ def moe_forward_skip_padding(original, layer, x, topk_output, moe_runner_config,
 
 
 def native_path_skips_minus_one() -> bool:
-    """Whether this worker's CPU MoE path is ``moe_forward_native`` with the hook (no AMX kernels loaded)."""
+    """Whether this worker's CPU MoE path is ``moe_forward_native`` with the hook (registered, no AMX kernels)."""
+    if not _registered:
+        return False
     from sglang.srt.utils.common import cpu_has_amx_support
 
     return not cpu_has_amx_support()
 
 
 def register() -> None:
+    """Install the hook in this process (the plugin does, in every worker that routes with a policy)."""
+    global _registered
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     HookRegistry.register(TARGET, moe_forward_skip_padding, HookType.AROUND)
+    _registered = True
