@@ -347,3 +347,19 @@ def test_serve_demo_command(capsys) -> None:
     assert "python -m sglang.launch_server --model-path" in out and "--moe-policy" in out and "--device cpu" in out
     assert re.search(r"stock routing: ['\"].+['\"]\n", out) and re.search(r"alloc-l-50: ['\"].+['\"]\n", out)
     assert out.count("server stopped") == 2
+
+
+def test_cpu_mode_refuses_what_the_stand_in_lacks() -> None:
+    """A feature whose CPU code needs sgl_kernel ops the stand-in lacks ends the launch with a message naming them."""
+    import torch as _torch
+
+    if _torch.cuda.is_available():
+        pytest.skip("CUDA machine: CPU mode is off")
+    s = Server(MODEL, extra_args=["--speculative-algorithm", "NGRAM"], env=SERVER_ENV)
+    r = subprocess.run(s.command(), capture_output=True, text=True, timeout=300,
+                       env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    if "using sgl_budget's pure-torch stand-in" not in r.stderr:
+        pytest.skip("a CPU build of sgl_kernel is installed: the real ops are used")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "--speculative-algorithm: speculative decoding" in r.stderr and "verify_tree_greedy_cpu" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -31,6 +31,11 @@ from typing import Any, Mapping
 log = logging.getLogger("sgl_budget")
 
 STAND_IN_DIR = Path(__file__).resolve().parent / "cpu_stand_in"
+# Launch options whose CPU code calls sgl_kernel ops the stand-in lacks: refused before any worker starts.
+NEEDS_REAL_SGL_KERNEL = {
+    "speculative_algorithm": "speculative decoding (sgl_kernel's CPU draft/verify ops, e.g. verify_tree_greedy_cpu)",
+    "enable_hierarchical_cache": "the hierarchical KV cache (sgl_kernel.copy_all_layer_kv_cache_cpu)",
+}
 ENV_ACTIVE = "SGLBUDGET_CPU_SERVING"  # set by prepare(); tells the workers that this launch is in CPU mode
 DEFAULT_MAX_TOTAL_TOKENS = 65536
 
@@ -43,6 +48,7 @@ class CpuServing:
     stand_in: bool = False
     changes: list[str] = field(default_factory=list)
     overrides: dict[str, object] = field(default_factory=dict)
+    refused: list[str] = field(default_factory=list)  # features this launch asked for that cannot run
 
 
 def default_threads() -> int:
@@ -136,6 +142,10 @@ def prepare(args: Mapping[str, Any]) -> CpuServing:
         state.stand_in = True
         state.changes.append(f"sgl_kernel: the installed package cannot load on this machine (CUDA build); using "
                              f"sgl_budget's pure-torch stand-in for its CPU ops ({STAND_IN_DIR})")
+        state.refused = [f"--{name.replace('_', '-')}: {what} is not available with --device cpu on this machine "
+                         f"(no CPU build of sgl_kernel; sgl_budget's stand-in implements only "
+                         f"assign_req_to_token_pool_cpu)" for name, what in NEEDS_REAL_SGL_KERNEL.items()
+                         if args.get(name)]
     for change in state.changes:
         log.warning("sgl_budget CPU serving: %s", change)
     return state

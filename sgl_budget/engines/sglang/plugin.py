@@ -82,10 +82,11 @@ def _add_cli_args_hook(original, parser, *args, **kwargs):
     return result
 
 
-CPU_ARGS = ("device", "max_total_tokens", "sleep_on_idle", "tp_size", "dp_size", "pp_size")
+CPU_ARGS = ("device", "max_total_tokens", "sleep_on_idle", "tp_size", "dp_size", "pp_size", "speculative_algorithm",
+            "enable_hierarchical_cache")
 
 
-def before_server_args(model_path: str | None, args: dict) -> dict:
+def before_server_args(model_path: str | None, args: dict, exit_on_error: bool = True) -> dict:
     """Launch-time work that must happen before SGLang resolves its arguments (both entry points).
 
     Warns about a checkpoint SGLang would mis-load, and prepares CPU serving for ``--device cpu``
@@ -99,7 +100,14 @@ def before_server_args(model_path: str | None, args: dict) -> dict:
     if problem:
         log.warning("sgl_budget: %s", problem)
         print(f"sgl_budget: warning: {problem}", file=sys.stderr)
-    return prepare(args).overrides
+    state = prepare(args)
+    if state.refused:
+        text = "\n".join(f"error: {r}" for r in state.refused)
+        if not exit_on_error:
+            raise RuntimeError(f"sgl_budget CPU serving:\n{text}")
+        print(f"sgl-budget: this launch cannot run on CPU here\n{text}", file=sys.stderr)
+        raise SystemExit(2)
+    return state.overrides
 
 
 def _from_cli_args_hook(original, cls, args, *rest, **kwargs):
@@ -125,7 +133,8 @@ def build_server_args(**kwargs):
 
     settings = Settings(policy=kwargs.pop("moe_policy", None), record_dir=kwargs.pop("moe_record_trace", None),
                         record_max_tokens=kwargs.pop("moe_record_max_tokens", DEFAULT_RECORD_MAX_TOKENS))
-    kwargs.update(before_server_args(kwargs.get("model_path"), {k: kwargs.get(k) for k in CPU_ARGS}))
+    kwargs.update(before_server_args(kwargs.get("model_path"), {k: kwargs.get(k) for k in CPU_ARGS},
+                                     exit_on_error=False))
     server_args = ServerArgs(**kwargs)
     if settings.active:
         apply_settings(settings, kwargs.get("model_path"), bool(kwargs.get("trust_remote_code", False)),
