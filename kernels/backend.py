@@ -7,6 +7,11 @@ on a single ``[T, E]`` batch on a CUDA device; every other case (batches too
 large for the one-program batch stages, i.e. big prefills) and
 ``backend="torch"`` take the reference path. ``backend="triton"`` also runs the kernels on CPU
 tensors (under ``TRITON_INTERPRET=1``), which is how CI tests the selection.
+
+Exact ties follow one rule on both paths: lower expert (group) index first. A stock
+plan (the model's own k and nothing else) is the one exception: it is the engine's own
+routing, so it always takes the reference's ``torch.topk`` path, never the kernels
+(SGLang's plugin calls SGLang's own ``select_experts`` for such layers anyway).
 The choice depends only on host facts (plan, device, shapes): no host sync.
 """
 
@@ -39,7 +44,7 @@ class KernelRouter(LayerRouter):
         self.backend = backend
 
     def kernel_applies(self, plan: LayerPlan, router_logits: Tensor) -> bool:
-        if self.backend == "torch" or router_logits.dim() != 2:
+        if self.backend == "torch" or router_logits.dim() != 2 or self.is_stock_plan(plan):
             return False
         if self.backend == "auto" and not router_logits.is_cuda:
             return False

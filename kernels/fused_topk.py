@@ -4,7 +4,8 @@ Specification: :class:`sgl_budget.routing.LayerRouter` for a plan with per-layer
 k and no batch stage (reference conventions: sorted top-k). Each program takes
 ``BLOCK_T`` tokens: softmax (or sigmoid + correction bias) in float32, the group
 limit for grouped models, then k rounds of arg-max (ties to the lower expert
-index), renormalisation over the k chosen and the routed scaling factor; slots
+index: the reference's rule for every plan but a stock one, see ``backend``),
+renormalisation over the k chosen and the routed scaling factor; slots
 ``k..width-1`` are padding (id -1, weight 0). Static shapes, no host sync.
 """
 

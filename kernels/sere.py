@@ -5,10 +5,11 @@ weight rule and compaction. One program takes the whole decode batch (its
 per-expert decisions need every token): the batch's expert load (histogram),
 the primary set (SERE's union of every token's first S slots, or the
 load-ranked coverage / count rules, ties by expert index), the used critical
-experts, each secondary expert's most similar primary (first maximum) and
-whether it clears ``min_similarity``; then per token the moved slots, the merge
-of slots that land on the same expert (weights add into the earlier slot), the
-renormalised weights and the compaction of valid slots to the front.
+experts (``preserve critical``: sgl_budget's extension, not SERE's rule), each
+secondary expert's most similar primary (first maximum) and whether it clears
+``min_similarity``; then per token the moved slots, the merge of slots that
+land on the same expert (weights add into the earlier slot), the renormalised
+weights and the compaction of valid slots to the front.
 """
 
 from __future__ import annotations

@@ -23,19 +23,28 @@ class CliError(Exception):
     """A bad command-line input that is not a policy (missing file, bad budget string...)."""
 
 
+def _data_errors() -> tuple[type[Exception], ...]:
+    """Data-file error types of the modules already imported (importing them here would pull in torch)."""
+    found: list[type[Exception]] = [SpecError, CliError]
+    for mod, name in (("sgl_budget.alloc.profile", "ProfileError"), ("sgl_budget.similarity", "SimilarityFileError"),
+                      ("sgl_budget.traces", "TraceError"), ("sgl_budget.traces.format", "TraceError")):
+        cls = getattr(sys.modules.get(mod), name, None)
+        if isinstance(cls, type):
+            found.append(cls)
+    return tuple(found)
+
+
 @contextmanager
 def _user_errors():
     """Turn every expected user error into a clean message + exit 2."""
-    from .alloc import ProfileError
-    from .similarity import SimilarityFileError
-    from .traces import TraceError
-
     try:
         yield
     except PolicyError as e:
         print(e.format(), file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT) from None
-    except (SpecError, ProfileError, SimilarityFileError, TraceError, CliError) as e:
+    except Exception as e:
+        if not isinstance(e, _data_errors()):
+            raise
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT) from None
 
@@ -71,20 +80,39 @@ def _budget_arg(text: str, top_k: int) -> float:
 # -- check / explain ---------------------------------------------------------
 
 def cmd_check(args: argparse.Namespace) -> int:
+    """Check policies for a model and an engine; every error of every file, as text, gcc lines or JSON."""
+    from .errors import Diagnostic
     from .lang import load_policy
+    from .lang.limits import check_engine, limits_for
 
     spec = _spec(args.model_spec)
-    bad = 0
+    engine = limits_for(args.engine, spec.top_k)
+    diags: list[Diagnostic] = []
+    checked = []
     for p in args.policies:
         try:
-            ir = load_policy(Path(p), spec)
+            ir = check_engine(load_policy(Path(p), spec), args.engine, file=str(p))
         except PolicyError as e:
-            print(e.format(), file=sys.stderr)
-            bad += 1
+            diags += e.diagnostics
+            if args.format == "text":
+                print(e.format(), file=sys.stderr)
+            checked.append({"file": str(p), "ok": False, "errors": len(e.diagnostics)})
             continue
-        print(f"ok: {p}: policy {ir.name!r} for {spec.name} "
-              f"({spec.num_moe_layers} MoE layers, {spec.num_experts} experts, top-{spec.top_k})")
-    return EXIT_BAD_INPUT if bad else 0
+        checked.append({"file": str(p), "ok": True, "policy": ir.name})
+        if args.format == "text":
+            print(f"ok: {p}: policy {ir.name!r} for {spec.name} ({spec.num_moe_layers} MoE layers, "
+                  f"{spec.num_experts} experts, top-{spec.top_k}); servable by {engine.label}")
+    if args.format == "json":
+        print(json.dumps({"model": spec.name, "engine": args.engine, "files": checked,
+                          "errors": [d.to_dict() for d in diags]}, indent=2))
+    elif args.format == "gcc":
+        for d in diags:
+            print(d.gcc())
+    elif diags:
+        n = len(diags)
+        print(f"{n} error{'s' if n > 1 else ''} in {sum(not c['ok'] for c in checked)} of {len(checked)} "
+              f"file(s) (checked for {engine.label})", file=sys.stderr)
+    return EXIT_BAD_INPUT if diags else 0
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -99,41 +127,64 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 # -- allocate ----------------------------------------------------------------
 
-def cmd_allocate(args: argparse.Namespace) -> int:
-    import yaml
+def _plan_policy(name: str, budget: str, k: dict[int, int], command: str, summary: str) -> str:
+    """A ready ``.policy`` whose ``layers`` block fixes the planned k of every layer (usable as is, or edited)."""
+    def comment(text: str) -> str:
+        return "# " + " ".join(text.split())  # one line, whatever the profile's source text holds
+
+    lines = [comment(f"Alloc-L plan written by: {command}"), comment(summary),
+             f'policy "{name}" {{', f"  budget {budget}", "  layers {"]
+    lines += [f"    layer {layer}: k = {kk}" for layer, kk in sorted(k.items())]
+    return "\n".join(lines + ["  }", "}", ""])
+
+
+def _policy_name(path: str) -> str:
+    """A policy name from the output file's name (letters, digits, '-', '_', '.')."""
+    stem = Path(path).name.removesuffix(".policy")
+    return "".join(c if c.isascii() and (c.isalnum() or c in "-_.") else "-" for c in stem) or "alloc-l-plan"
+
+
+def _allocate_table(args: argparse.Namespace, prof, alloc, total: int):
+    """``(title, table, summary)``: title and summary print as whole lines (a table would wrap them to its width)."""
     from rich.table import Table
 
-    from .alloc import allocate_dp, load_profile
-
-    prof = load_profile(args.profile)
-    top_k = int(prof.model["top_k"])
     layers = sorted(prof.loss)
-    per_token = _budget_arg(args.budget, top_k)
-    total = int(per_token * len(layers) + 1e-9)
-    try:
-        alloc = allocate_dp(prof.loss, total, min_k=args.min_k, max_k=args.max_k)
-    except ValueError as e:
-        raise CliError(f"cannot allocate: {e}") from None
-    table = Table(title=f"Alloc-L plan: budget {args.budget} = {total} activations/token over {len(layers)} MoE layers")
+    table = Table()
     table.add_column("layer", justify="right")
     table.add_column("k", justify="right")
     table.add_column(f"loss ({prof.metric})", justify="right")
     for layer in layers:
         k = alloc.k[layer]
         table.add_row(str(layer), str(k), f"{prof.loss[layer].get(k, 0.0):.4g}")
-    table.caption = f"mean k {alloc.total / len(layers):.3f}, summed loss {alloc.loss:.4g}; profile source: {prof.source}"
-    _console().print(table)
+    title = f"Alloc-L plan: budget {args.budget} = {total} activations/token over {len(layers)} MoE layers"
+    return title, table, (f"mean k {alloc.total / len(layers):.3f}, summed loss {alloc.loss:.4g}; "
+                          f"profile source: {prof.source}")
+
+
+def cmd_allocate(args: argparse.Namespace) -> int:
+    from .alloc import allocate_dp, load_profile
+
+    prof = load_profile(args.profile)
+    for warning in prof.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    top_k = int(prof.model["top_k"])
+    per_token = _budget_arg(args.budget, top_k)
+    total = int(per_token * len(prof.loss) + 1e-9)
+    try:
+        alloc = allocate_dp(prof.loss, total, min_k=args.min_k, max_k=args.max_k)
+    except ValueError as e:
+        raise CliError(f"cannot allocate: {e}") from None
+    title, table, summary = _allocate_table(args, prof, alloc, total)
+    console = _console()
+    console.print(title, soft_wrap=True, highlight=False)
+    console.print(table)
+    console.print(summary, soft_wrap=True, highlight=False)  # one line: no wrapping inside a table caption
     if args.out:
-        plan = {
-            "format": "sgl-budget-plan/1",
-            "profile": str(args.profile),
-            "budget": args.budget,
-            "total_activations": alloc.total,
-            "summed_loss": float(alloc.loss),
-            "k": {int(l): int(k) for l, k in sorted(alloc.k.items())},
-        }
-        Path(args.out).write_text(yaml.safe_dump(plan, sort_keys=False))
-        print(f"wrote {args.out}")
+        command = " ".join(["sgl-budget allocate", "--profile", str(args.profile), "--budget", args.budget,
+                            "--min-k", str(args.min_k)] + (["--max-k", str(args.max_k)] if args.max_k else []))
+        text = _plan_policy(_policy_name(args.out), args.budget.strip(), dict(alloc.k), command, summary)
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}: a policy with this plan's k per layer (check it with sgl-budget check)")
     return 0
 
 
@@ -183,25 +234,50 @@ def cmd_trace_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_trace_info(args: argparse.Namespace) -> int:
+def _trace_info(path: str) -> dict:
+    """A trace's metadata and per-layer expert-load entropy, as a JSON-ready dict."""
+    from .replay import expert_load_entropy
     from .traces import load_trace
 
-    t = load_trace(args.trace)
-    info = {
-        "path": str(args.trace),
-        "synthetic": t.synthetic,
-        "source": t.source,
-        "model": t.spec.name,
-        "num_tokens": t.num_tokens,
-        "num_sequences": len(t.sequences),
-        "layers": list(t.layers),
-        "num_experts": t.spec.num_experts,
+    t = load_trace(path)
+    return {
+        "path": str(path), "synthetic": t.synthetic, "source": t.source, "model": t.spec.name,
+        "num_tokens": t.num_tokens, "num_decode_tokens": int((t.phase == 1).sum()),
+        "num_sequences": len(t.sequences), "layers": list(t.layers), "num_experts": t.spec.num_experts,
         "top_k": t.spec.top_k,
+        "expert_load_entropy": {str(l): round(h, 4) for l, h in expert_load_entropy(t).items()},
     }
-    from .replay import expert_load_entropy
 
-    info["expert_load_entropy"] = {str(l): round(h, 4) for l, h in expert_load_entropy(t).items()}
-    print(json.dumps(info, indent=2, default=str))
+
+def _layer_ranges(layers: Sequence[int]) -> str:
+    """``[1, 2, 3, 5]`` -> ``1..3, 5``: layer ids as compact ranges."""
+    parts: list[tuple[int, int]] = []
+    for layer in sorted(layers):
+        if parts and layer == parts[-1][1] + 1:
+            parts[-1] = (parts[-1][0], layer)
+        else:
+            parts.append((layer, layer))
+    return ", ".join(f"{a}" if a == b else f"{a}..{b}" for a, b in parts)
+
+
+def cmd_trace_info(args: argparse.Namespace) -> int:
+    info = _trace_info(args.trace)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    ent = list(info["expert_load_entropy"].values())
+    kind = "SYNTHETIC (not recorded from a model)" if info["synthetic"] else "recorded"
+    lines = [
+        f"{info['path']}: {kind} trace of {info['model']}",
+        f"  source:     {info['source'] or '-'}",
+        f"  tokens:     {info['num_tokens']} in {info['num_sequences']} sequences "
+        f"({info['num_decode_tokens']} decode, {info['num_tokens'] - info['num_decode_tokens']} prefill)",
+        f"  MoE layers: {len(info['layers'])} ({_layer_ranges(info['layers'])}), {info['num_experts']} experts, "
+        f"top-{info['top_k']}",
+        f"  expert-load entropy / log(E): min {min(ent):.3f}, mean {sum(ent) / len(ent):.3f}, max {max(ent):.3f} "
+        f"(1 = perfectly balanced; per layer with --json)" if ent else "  expert-load entropy: -",
+    ]
+    print("\n".join(lines))
     return 0
 
 
@@ -219,20 +295,47 @@ def default_model_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "models" / "brown-moe"
 
 
+def _have_transformers() -> bool:
+    """Whether the transformers extra is installed (the demo's model run needs it)."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _demo_model(args: argparse.Namespace) -> tuple[Path | None, str]:
+    """The model directory the demo runs, or ``(None, why)`` for the synthetic-trace replay.
+
+    A ``--model`` the user gave must be a model directory (a typo is an error, never a silent
+    fallback); without one, the demo falls back to the synthetic trace only when transformers or
+    the embedded model is missing, and says why.
+    """
+    if args.synthetic:
+        return None, "--synthetic"
+    if args.model is not None:
+        model = Path(args.model)
+        if not (model / "config.json").is_file():
+            what = "does not exist" if not model.exists() else "is not a model directory (no config.json)"
+            raise CliError(f"--model {args.model}: {what} (for the replay without a model use --synthetic)")
+        if not _have_transformers():
+            raise CliError(f"--model {args.model} needs transformers: pip install 'sgl-budget[hf]'")
+        return model, ""
+    model = default_model_dir()
+    if not _have_transformers():
+        return None, "transformers is not installed"
+    if not (model / "config.json").is_file():
+        return None, f"the embedded model is not at {model}"
+    return model, ""
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     d = bundled_dir()
     out = Path(args.out)
+    model, why = _demo_model(args)
     out.mkdir(parents=True, exist_ok=True)
-    model = Path(args.model) if args.model else default_model_dir()
-    try:
-        import transformers  # noqa: F401
-
-        have_hf = True
-    except ImportError:
-        have_hf = False
-    if (model / "config.json").is_file() and have_hf:
+    if model is not None:
         return _demo_embedded(model, d, out, args)
-    why = "transformers is not installed" if not have_hf else f"no model at {model}"
     print(f"({why}: replaying the SYNTHETIC DeepSeek-V2-Lite-shaped trace instead of the embedded model)")
     policies = sorted(d.glob("*.policy"))
     trace = d / "traces" / DEMO_TRACE
@@ -241,21 +344,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _demo_embedded(model: Path, d: Path, out: Path, args: argparse.Namespace) -> int:
-    """Evaluate the 50%-budget policies on held-out text, then replay every policy on the recorded trace."""
+    """Evaluate every bundled policy on held-out text, then replay them all on the recorded trace."""
     from .cli_model import cmd_eval
 
     text = Path(__file__).resolve().parent.parent / "data" / "brown" / "test.txt.xz"
-    pols = sorted((d / "brown-moe").glob("*-50.policy")) + [d / "brown-moe" / "sere-own-k.policy"]
-    print(f"1/2 quality: {len(pols)} policies vs full top-k on held-out Brown Corpus text, {args.windows} sequences "
-          f"decoded in lock-step batches of {args.batch_size} (model {model})")
+    pols = sorted((d / "brown-moe").glob("*.policy"))  # every budget: a line per family in quality.png
+    print(f"1/2 quality: {len(pols)} policies vs full top-k on {args.windows} held-out windows x {args.seq_len} "
+          f"tokens of Brown Corpus text ({text.name}; change with --windows/--seq-len), decoded in lock-step "
+          f"batches of {args.batch_size} (model {model})")
     ns = argparse.Namespace(model=str(model), text=str(text), windows=args.windows, seq_len=args.seq_len,
                             batch_size=args.batch_size, mode="decode", plot=str(out / "quality.png"), json=False,
-                            policies=[str(p) for p in pols])
+                            policies=[str(p) for p in pols], threads=args.threads)
     cmd_eval(ns)
     trace = d / "traces" / EMBEDDED_TRACE
-    allp = sorted((d / "brown-moe").glob("*.policy"))
-    print(f"2/2 cost: {len(allp)} policies replayed on {trace.name} (recorded from the embedded model)")
-    return _replay(allp, trace, args.batch_size, "decode", None, str(out / "replay.png"), False, False)
+    print(f"2/2 cost: {len(pols)} policies replayed on {trace.name} (recorded from the embedded model)")
+    return _replay(pols, trace, args.batch_size, "decode", None, str(out / "replay.png"), False, False)
 
 
 EMBEDDED_TRACE = "brown-moe.test.trace.safetensors"
@@ -272,6 +375,13 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="validate policies against a model spec")
     c.add_argument("policies", nargs="+", help=".policy files")
     c.add_argument("--model-spec", required=True, help=spec_help)
+    c.add_argument("--engine", choices=["sglang", "hf"], default="sglang",
+                   help="check what this engine can serve: sglang (default; its MoE runners take at most the "
+                        "model's top-k experts per token) or hf (the transformers adapter, which allows more)")
+    c.add_argument("--format", choices=["text", "gcc", "json"], default="text",
+                   help="text: rustc-style diagnostics; gcc: one `file:line:col: error: msg` per line (editors); "
+                        "json: a list of errors with file, line, column, message, hint")
+    c.add_argument("--json", dest="format", action="store_const", const="json", help="same as --format json")
     c.set_defaults(func=cmd_check)
 
     e = sub.add_parser("explain", help="print the resolved per-layer plan of a policy")
@@ -283,9 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("allocate", help="Alloc-L: exact per-layer k from a sensitivity profile")
     a.add_argument("--profile", required=True, help="sensitivity profile YAML (docs/formats.md)")
     a.add_argument("--budget", required=True, help="50%% of top-k, or 3.0 experts per token")
-    a.add_argument("--min-k", type=int, default=1)
-    a.add_argument("--max-k", type=int, default=None)
-    a.add_argument("--out", help="write the plan as YAML")
+    a.add_argument("--min-k", type=int, default=1, help="smallest k of any layer (default %(default)s)")
+    a.add_argument("--max-k", type=int, default=None, help="largest k of any layer (default: the profile's)")
+    a.add_argument("--out", help="write the plan as a ready .policy file (layers { layer N: k = K ... })")
     a.set_defaults(func=cmd_allocate)
 
     r = sub.add_parser("replay", help="replay policies on a recorded trace against stock top-k")
@@ -312,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     ts.set_defaults(func=cmd_trace_synth)
     ti = tsub.add_parser("info", help="print a trace's metadata")
     ti.add_argument("trace")
+    ti.add_argument("--json", action="store_true", help="print the metadata and per-layer entropy as JSON")
     ti.set_defaults(func=cmd_trace_info)
 
     from .cli_model import add_model_commands
@@ -320,11 +431,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the embedded model: quality of the bundled policies vs full top-k, and "
                                     "their cost on a recorded trace (tables + plots)")
-    d.add_argument("--out", default="out")
-    d.add_argument("--batch-size", type=int, default=16)
-    d.add_argument("--model", default=None, help="model directory (default: the embedded models/brown-moe)")
+    d.add_argument("--out", default="out", help="directory for quality.png and replay.png (default %(default)s)")
+    d.add_argument("--batch-size", type=int, default=16,
+                   help="sequences decoded together, and replayed per decode batch (default %(default)s)")
+    d.add_argument("--model", default=None,
+                   help="model directory (default: the embedded models/brown-moe); must exist")
+    d.add_argument("--synthetic", action="store_true",
+                   help="no model: replay the bundled policies on the SYNTHETIC DeepSeek-V2-Lite-shaped trace")
     d.add_argument("--windows", type=int, default=32, help="held-out sequences to evaluate (default %(default)s)")
     d.add_argument("--seq-len", type=int, default=96, help="tokens per sequence (default %(default)s)")
+    d.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default %(default)s: the embedded model's matrices are too small to gain "
+                        "from more, and extra threads thrash on a busy machine)")
     d.set_defaults(func=cmd_demo)
 
     from .cli_serve import add_serve_demo
@@ -335,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("batch_size", "max_batches", "sequences", "seq_len", "max_new_tokens"):
+    for name in ("batch_size", "max_batches", "sequences", "seq_len", "max_new_tokens", "threads"):
         v = getattr(args, name, None)
         if v is not None and v < 1:
             print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)

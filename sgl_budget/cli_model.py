@@ -10,9 +10,19 @@ from pathlib import Path
 from .cli import CliError
 
 
+def show_progress(quiet: bool = False) -> bool:
+    """Progress bars on stderr: only on a terminal, and not under ``--json``."""
+    return not quiet and sys.stderr.isatty()
+
+
 def _windows(args, text_path: str):
     from .engines.hf.data import load_model, read_text, token_windows
 
+    threads = getattr(args, "threads", None)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     try:
         model, tok = load_model(args.model)
         text = read_text(text_path)
@@ -34,6 +44,7 @@ def cmd_record(args: argparse.Namespace) -> int:
 
     model, windows = _windows(args, args.text)
     trace = record_trace(model, _spec(model), windows, batch_size=args.batch_size, prefill_len=args.prefill_len,
+                         show_progress=show_progress(),
                          source=f"recorded from {args.model} on {args.text} ({windows.shape[0]} x {windows.shape[1]} "
                                 f"tokens, prefill {args.prefill_len}, decode batches of {args.batch_size})")
     write_trace(trace, args.out)
@@ -48,7 +59,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     model, windows = _windows(args, args.calib)
     spec = _spec(model)
-    prof = profile_layers(model, spec, windows, batch_size=args.batch_size,
+    prof = profile_layers(model, spec, windows, batch_size=args.batch_size, show_progress=show_progress(),
                           source=f"measured on {args.model}: mean next-token KL vs the full model, one layer at "
                                  f"k, on {windows.numel()} tokens of {args.calib}")
     save_profile(prof, args.out, header=f"Alloc-L sensitivity profile of {args.model} (sgl-budget profile)")
@@ -62,7 +73,7 @@ def cmd_similarity(args: argparse.Namespace) -> int:
 
     model, windows = _windows(args, args.calib)
     table = expert_similarity(model, _spec(model), windows, method=args.method, tokens=args.tokens,
-                              batch_size=args.batch_size,
+                              batch_size=args.batch_size, show_progress=show_progress(),
                               source=f"measured on {args.model}: every expert's outputs on {args.tokens} "
                                      f"calibration tokens per layer of {args.calib} ({args.method}, SERE's method)")
     save_similarity(table, args.out)
@@ -83,15 +94,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     console = Console() if sys.stdout.isatty() else Console(width=160)
 
     def progress(r) -> None:
-        print(f"  {r.name}: ppl {r.perplexity:.3f} ({r.seconds:.0f} s)", file=sys.stderr)
+        if not args.json:
+            print(f"  {r.name}: ppl {r.perplexity:.3f} ({r.seconds:.0f} s)", file=sys.stderr)
 
-    results = evaluate(model, policies, windows, batch_size=args.batch_size, mode=args.mode, progress=progress)
+    results = evaluate(model, policies, windows, batch_size=args.batch_size, mode=args.mode, progress=progress,
+                       show_progress=show_progress(quiet=args.json))
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=2))
     else:
         full = results[0]
-        t = Table(title=f"{args.model}: {args.mode} evaluation on {full.tokens} tokens of {args.text} "
-                        f"(batch {args.batch_size})", title_justify="left")
+        t = Table(title=f"{args.model}: {args.mode} evaluation on {windows.shape[0]} windows x {windows.shape[1]} "
+                        f"tokens of {args.text} ({full.tokens} predicted tokens, batch {args.batch_size})",
+                  title_justify="left")
         for col in ("policy", "perplexity", "Δ ppl", "top-1 acc", "KL to full", "act/token", "unique experts/batch"):
             t.add_column(col, justify="left" if col == "policy" else "right")
         for r in results:
@@ -105,28 +119,46 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def plot_quality(results, path: str, title: str = "") -> None:
-    """Perplexity against activations per token; one line per method (policy names 'method-NN')."""
+    """Perplexity against experts per token and against distinct experts per decode batch (two panels).
+
+    One colour per family (policy names ``method-NN``), a line through its budgets, a marker
+    per policy (legend outside the axes); full top-k is the black star. The right panel is what a memory-bound
+    decode step pays for (weights of the distinct experts it reads): SERE's argument.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .replay.plot import STOCK_STYLE, family, legend_outside, series_styles
+
     full, rest = results[0], results[1:]
-    methods: dict[str, list] = {}
-    for r in rest:
-        methods.setdefault(r.name.rsplit("-", 1)[0] if r.name[-1].isdigit() else r.name, []).append(r)
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for name, rs in methods.items():
-        rs = sorted(rs, key=lambda r: r.activations_per_token)
-        ax.plot([r.activations_per_token for r in rs], [r.perplexity for r in rs], marker="o", label=name)
-    ax.scatter([full.activations_per_token], [full.perplexity], color="black", zorder=5, label="full top-k")
-    ax.set_xlabel("routed experts per token (mean over MoE layers)")
-    ax.set_ylabel("held-out perplexity")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
+    styles = series_styles([r.name for r in rest])
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    panels = (("activations_per_token", "routed experts per token (mean over MoE layers)"),
+              ("unique_per_batch", "distinct experts per decode batch (mean over MoE layers)"))
+    for ax, (attr, xlabel) in zip(axes, panels):
+        families: dict[str, list] = {}
+        for r in rest:
+            families.setdefault(family(r.name), []).append(r)
+        for members in families.values():
+            members = sorted(members, key=lambda r: getattr(r, attr))
+            xs, ys = [getattr(r, attr) for r in members], [r.perplexity for r in members]
+            ax.plot(xs, ys, color=styles[members[0].name]["color"], linewidth=1, alpha=0.6)
+            for r, x, y in zip(members, xs, ys):
+                st = styles[r.name]
+                ax.plot([x], [y], linestyle="none", marker=st["marker"], color=st["color"], markersize=7,
+                        label=r.name)
+        ax.plot([getattr(full, attr)], [full.perplexity], linestyle="none", marker=STOCK_STYLE["marker"],
+                color="black", markersize=12, label="full top-k")
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("held-out perplexity")
+    fig.suptitle(title)
     fig.tight_layout()
+    legend_outside(fig, axes[1])
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -137,6 +169,8 @@ def add_model_commands(sub, model_help: str) -> None:
         p.add_argument("--windows", type=int, default=windows, help="token windows to use (default %(default)s)")
         p.add_argument("--seq-len", type=int, default=seq_len, help="tokens per window (default %(default)s)")
         p.add_argument("--batch-size", type=int, default=batch, help="sequences per batch (default %(default)s)")
+        p.add_argument("--threads", type=int, default=None,
+                       help="torch CPU threads (default: torch's; 1 is fastest for small models on a busy machine)")
 
     r = sub.add_parser("record", help="record router logits of a transformers model into a trace")
     common(r, "--text", 64, 128, 16)
@@ -161,6 +195,6 @@ def add_model_commands(sub, model_help: str) -> None:
     common(e, "--text", 32, 128, 16)
     e.add_argument("--mode", choices=["decode", "prefill"], default="decode",
                    help="decode: B sequences decoded in lock-step with a KV cache (default); prefill: whole windows")
-    e.add_argument("--plot", help="write a PNG of perplexity against experts per token")
+    e.add_argument("--plot", help="write a PNG of perplexity against experts per token and per decode batch")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_eval)

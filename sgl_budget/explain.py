@@ -61,6 +61,13 @@ def _describe_rule(ir: PolicyIR, kind: str, key: Match) -> str:
     return f"max_k {v.max_k}, min_score {v.min_score:g}{when}"
 
 
+def routed_per_token(plans: dict[int, LayerPlan]) -> tuple[float, int, int, bool]:
+    """Experts per token a situation routes, averaged over MoE layers, from the IR's one notion
+    (:meth:`LayerPlan.routed`): mean, per-token bounds, and whether replay must measure the mean exactly."""
+    rs = [p.routed() for p in plans.values()]
+    return (sum(r.mean for r in rs) / len(rs), min(r.lo for r in rs), max(r.hi for r in rs), all(r.exact for r in rs))
+
+
 def _layer_row(p: LayerPlan) -> tuple:
     rr = p.reroute
     return (
@@ -89,10 +96,12 @@ def explain_dict(ir: PolicyIR) -> dict[str, Any]:
     sits = []
     for key, ctxs in situations(ir):
         plans = ir.plans(ctxs[0])
+        mean, lo, hi, exact = routed_per_token(plans)
         sits.append({
             "applies_to": [{"phase": c.phase, "batch_size": c.batch_size, "num_tokens": c.tokens} for c in ctxs],
             "rules": {k: _describe_rule(ir, k, key) for k in KINDS},
             "mean_k": sum(p.k for p in plans.values()) / len(plans),
+            "experts_per_token": {"mean": mean, "min": lo, "max": hi, "exact": exact},
             "layers": {
                 str(l): {"k": p.k, "width": p.width,
                          "reallocate": [p.reallocation.min_k, p.reallocation.max_k] if p.reallocation else None,
@@ -135,7 +144,11 @@ def explain_policy(ir: PolicyIR, as_json: bool = False, console: Console | None 
     for n, (key, ctxs) in enumerate(sits, 1):
         plans = ir.plans(ctxs[0])
         mean_k = sum(p.k for p in plans.values()) / len(plans)
-        table = Table(title=f"situation {n}: {_where(ctxs, top)} — mean k {mean_k:.3g}", title_justify="left")
+        mean, lo, hi, exact = routed_per_token(plans)
+        routes = f"routes {mean:.3g} experts/token" + ("" if lo == hi else f" (each token {lo}..{hi})") + (
+            "" if exact else ", before re-routing merges / piggybacking")
+        table = Table(title=f"situation {n}: {_where(ctxs, top)} — mean k {mean_k:.3g}, {routes}",
+                      title_justify="left")
         for col in ("layers", "k", "width", "tokens min..max", "critical experts", "piggyback max_k"):
             table.add_column(col, justify="right")
         rows: list[tuple[list[int], tuple]] = []

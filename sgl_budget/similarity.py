@@ -22,7 +22,6 @@ for tests and demos; it says nothing about a real model.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import torch
 from safetensors import SafetensorError
 from torch import Tensor
 
+from .datacheck import describe, is_int, missing_file, parse_json
 from .safetensors_meta import read_with_meta, save_with_meta
 from .spec import ModelSpec
 
@@ -93,8 +93,9 @@ def save_similarity(table: SimilarityTable, path: str | Path) -> Path:
 def load_similarity(path: str | Path) -> SimilarityTable:
     """Load and validate a similarity file; problems raise :class:`SimilarityFileError`."""
     p = Path(path)
-    if not p.is_file():
-        raise SimilarityFileError("no such file", p)
+    why = missing_file(p)
+    if why:
+        raise SimilarityFileError(why, p)
     try:
         tensors, raw = read_with_meta(p, META_KEY)
     except (SafetensorError, OSError, ValueError) as e:
@@ -102,23 +103,28 @@ def load_similarity(path: str | Path) -> SimilarityTable:
     if raw is None:
         raise SimilarityFileError(f"no '{META_KEY}' metadata", p, "write it with `sgl-budget similarity`")
     try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError as e:
+        meta = parse_json(raw)
+    except ValueError as e:
         raise SimilarityFileError(f"metadata is not valid JSON ({e})", p) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         got = meta.get("format") if isinstance(meta, dict) else None
-        raise SimilarityFileError(f"unsupported format {got!r}; expected {FORMAT!r}", p)
+        raise SimilarityFileError(f"unsupported format {describe(got)}; expected {FORMAT!r}", p)
     model = meta.get("model")
     if not isinstance(model, dict) or "num_experts" not in model or "moe_layers" not in model:
         raise SimilarityFileError("metadata 'model' must give num_experts and moe_layers", p)
     e, layers = model["num_experts"], model["moe_layers"]
-    if not isinstance(e, int) or isinstance(e, bool) or e < 1:
-        raise SimilarityFileError(f"metadata num_experts must be a positive integer, not {e!r}", p)
+    if not is_int(e) or not 1 <= e <= 1 << 16:
+        raise SimilarityFileError(f"metadata num_experts must be a positive integer, not {describe(e)}", p)
     if (not isinstance(layers, list) or not layers
-            or not all(isinstance(l, int) and not isinstance(l, bool) and l >= 0 for l in layers)):
-        raise SimilarityFileError(f"metadata moe_layers must be a non-empty list of layer indices, not {layers!r}", p)
+            or not all(is_int(l) and l >= 0 for l in layers)):
+        raise SimilarityFileError(f"metadata moe_layers must be a non-empty list of layer indices, not "
+                                  f"{describe(layers)}", p)
     if len(set(layers)) != len(layers):
-        raise SimilarityFileError(f"metadata moe_layers lists a layer twice: {layers}", p)
+        raise SimilarityFileError(f"metadata moe_layers lists a layer twice: {layers[:16]}", p)
+    texts = [k for k in ("method", "source") if not isinstance(meta.get(k, ""), str)]
+    if texts or not isinstance(meta.get("synthetic", False), bool):
+        raise SimilarityFileError(f"metadata {', '.join(texts) or 'synthetic'} must be "
+                                  f"{'a string' if texts else 'true or false'}", p)
     matrices, critical = {}, {}
     for l in layers:
         m = tensors.pop(f"layer.{l}.similarity", None)
@@ -153,8 +159,8 @@ def load_similarity(path: str | Path) -> SimilarityTable:
         critical[l] = c.long()
     if tensors:
         raise SimilarityFileError(f"unexpected tensors {sorted(tensors)[:5]} (layers missing from metadata?)", p)
-    return SimilarityTable(matrices=matrices, critical=critical, model=model, method=str(meta.get("method", "")),
-                           source=str(meta.get("source", "")), synthetic=bool(meta.get("synthetic")), path=str(p))
+    return SimilarityTable(matrices=matrices, critical=critical, model=model, method=meta.get("method", ""),
+                           source=meta.get("source", ""), synthetic=meta.get("synthetic", False), path=str(p))
 
 
 def synthetic_similarity(spec: ModelSpec, seed: int = 0, cluster: int = 4) -> SimilarityTable:

@@ -8,10 +8,11 @@ numbers come from the published configs.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
+
+from .datacheck import decode_utf8, describe, int_problem, is_int, is_number, parse_json
 
 ScoringFunc = Literal["softmax", "sigmoid"]
 
@@ -51,30 +52,13 @@ class ModelSpec:
     model_type: str = ""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "moe_layers", tuple(int(i) for i in self.moe_layers))
-        problems = []
-        if self.num_layers < 1:
-            problems.append("num_layers must be >= 1")
-        if not self.moe_layers:
-            problems.append("the model has no MoE layers")
-        if any(i < 0 or i >= self.num_layers for i in self.moe_layers):
-            problems.append(f"moe_layers must lie in 0..{self.num_layers - 1}")
-        if list(self.moe_layers) != sorted(set(self.moe_layers)):
-            problems.append("moe_layers must be strictly increasing")
-        if self.num_experts < 1:
-            problems.append("num_experts must be >= 1")
-        if not 1 <= self.top_k <= self.num_experts:
-            problems.append(f"top_k must lie in 1..num_experts ({self.num_experts})")
-        if self.scoring_func not in ("softmax", "sigmoid"):
-            problems.append(f"scoring_func must be softmax or sigmoid, not {self.scoring_func!r}")
-        if self.n_group < 1 or self.num_experts % self.n_group:
-            problems.append("n_group must divide num_experts")
-        if not 1 <= self.topk_group <= self.n_group:
-            problems.append("topk_group must lie in 1..n_group")
-        if self.n_group > 1 and self.top_k > self.topk_group * (self.num_experts // self.n_group):
-            problems.append("top_k exceeds the experts in the kept groups")
+        problems = _field_problems(self)
+        if not problems:
+            object.__setattr__(self, "moe_layers", tuple(int(i) for i in self.moe_layers))
+            object.__setattr__(self, "routed_scaling_factor", float(self.routed_scaling_factor))
+            problems = _range_problems(self)
         if problems:
-            raise SpecError(f"invalid model spec {self.name!r}: " + "; ".join(problems))
+            raise SpecError(f"invalid model spec {describe(self.name)}: " + "; ".join(problems))
 
     # -- derived facts -------------------------------------------------
     @property
@@ -118,10 +102,13 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
+        """A spec from its ``to_dict`` form (e.g. a trace's metadata); every bad field is a SpecError."""
+        if not isinstance(d, dict):
+            raise SpecError(f"a model spec is a JSON object of ModelSpec fields, not {describe(d)}")
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise SpecError(f"unknown model spec fields: {', '.join(sorted(unknown))}")
+            raise SpecError(f"unknown model spec fields: {', '.join(sorted(map(str, unknown)))}")
         try:
             return cls(**d)
         except TypeError as e:
@@ -129,25 +116,88 @@ class ModelSpec:
 
     @classmethod
     def from_hf_config(cls, config: dict[str, Any] | str | Path, name: str | None = None) -> "ModelSpec":
-        """Build a spec from a Hugging Face ``config.json`` (dict, file or model dir)."""
+        """Build a spec from a Hugging Face ``config.json`` (dict, file or model dir); errors name the file."""
+        where = "config"
         if not isinstance(config, dict):
-            path = Path(config)
-            if path.is_dir():
-                path = path / "config.json"
-            try:
-                config = json.loads(path.read_text())
-            except FileNotFoundError:
-                raise SpecError(f"{path}: no such config file") from None
-            except json.JSONDecodeError as e:
-                raise SpecError(f"{path}: not valid JSON ({e})") from None
-            name = name or path.parent.name
+            config, file = _read_config(Path(config))
+            where, name = str(file), name or file.parent.name
+        if not isinstance(config, dict):
+            raise SpecError(f"{where}: a config.json is a JSON object, not {describe(config)}")
         try:
-            return _from_hf(config, name or str(config.get("_name_or_path") or config.get("model_type", "model")))
-        except (KeyError, TypeError, ValueError) as e:
-            if isinstance(e, SpecError):
-                raise
-            raise SpecError(f"config of model_type {config.get('model_type')!r} lacks or garbles a field "
-                            f"sgl_budget needs: {e!r}") from None
+            return _from_hf(config, name or _default_name(config))
+        except SpecError as e:
+            raise (e if where == "config" else SpecError(f"{where}: {e}")) from None
+
+
+_INT_FIELDS = {  # field -> (minimum, maximum); maxima far above any real model keep every later loop bounded
+    "num_layers": (1, 100_000), "num_experts": (1, 1 << 16), "top_k": (1, 1 << 16), "hidden_size": (1, 1 << 24),
+    "moe_intermediate_size": (1, 1 << 24), "num_shared_experts": (0, 1 << 16),
+    "shared_expert_intermediate_size": (0, 1 << 30), "n_group": (1, 1 << 16), "topk_group": (1, 1 << 16),
+    "dtype_bytes": (1, 16),
+}
+
+
+def _field_problems(s: ModelSpec) -> list[str]:
+    """Type and bound problems of each field (checked before any arithmetic, so nothing can raise)."""
+    problems = [p for f, (lo, hi) in _INT_FIELDS.items() if (p := int_problem(f, getattr(s, f), lo, hi))]
+    for f in ("name", "model_type"):
+        if not isinstance(getattr(s, f), str):
+            problems.append(f"{f} must be a string, not {describe(getattr(s, f))}")
+    for f in ("norm_topk_prob", "has_correction_bias"):
+        if not isinstance(getattr(s, f), bool):
+            problems.append(f"{f} must be true or false, not {describe(getattr(s, f))}")
+    if not is_number(s.routed_scaling_factor) or not s.routed_scaling_factor > 0:
+        problems.append(f"routed_scaling_factor must be a finite number > 0, not {describe(s.routed_scaling_factor)}")
+    layers = s.moe_layers
+    if not isinstance(layers, (list, tuple, range)) or not all(is_int(i) for i in layers):
+        problems.append(f"moe_layers must be a list of integer layer indices, not {describe(layers)}"
+                        + (f" holding {describe(next(i for i in layers if not is_int(i)))}"
+                           if isinstance(layers, (list, tuple)) else ""))
+    return problems
+
+
+def _range_problems(s: ModelSpec) -> list[str]:
+    """Problems between fields (layers inside the model, top_k within the experts, groups dividing them)."""
+    problems = []
+    if not s.moe_layers:
+        problems.append("the model has no MoE layers")
+    if any(i < 0 or i >= s.num_layers for i in s.moe_layers):
+        problems.append(f"moe_layers must lie in 0..{s.num_layers - 1}")
+    if list(s.moe_layers) != sorted(set(s.moe_layers)):
+        problems.append("moe_layers must be strictly increasing")
+    if not 1 <= s.top_k <= s.num_experts:
+        problems.append(f"top_k must lie in 1..num_experts ({s.num_experts})")
+    if s.scoring_func not in ("softmax", "sigmoid"):
+        problems.append(f"scoring_func must be softmax or sigmoid, not {describe(s.scoring_func)}")
+    if s.num_experts % s.n_group:
+        problems.append("n_group must divide num_experts")
+    if not 1 <= s.topk_group <= s.n_group:
+        problems.append("topk_group must lie in 1..n_group")
+    if s.n_group > 1 and s.top_k > s.topk_group * (s.num_experts // s.n_group):
+        problems.append("top_k exceeds the experts in the kept groups")
+    return problems
+
+
+def _read_config(path: Path) -> tuple[Any, Path]:
+    """The parsed JSON of a config.json (or a model directory's) and its path; every failure is a SpecError."""
+    file = path
+    try:
+        file = path / "config.json" if path.is_dir() else path
+        return parse_json(decode_utf8(file.read_bytes())), file
+    except FileNotFoundError:
+        raise SpecError(f"{file}: no such config file") from None
+    except OSError as e:
+        raise SpecError(f"{file}: cannot read it ({e.strerror or e})") from None
+    except ValueError as e:
+        raise SpecError(f"{file}: {e}") from None
+
+
+def _default_name(cfg: dict[str, Any]) -> str:
+    """The model's name for messages: ``_name_or_path`` or ``model_type`` when they are strings."""
+    for key in ("_name_or_path", "model_type"):
+        if isinstance(cfg.get(key), str) and cfg[key]:
+            return cfg[key]
+    return "model"
 
 
 def _get(cfg: dict[str, Any], *keys: str, default: Any = None) -> Any:
@@ -157,60 +207,131 @@ def _get(cfg: dict[str, Any], *keys: str, default: Any = None) -> Any:
     return default
 
 
+class _Fields:
+    """Reads typed config fields, collecting every problem (so a config with several is reported at once)."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        self.cfg, self.problems = cfg, []
+
+    def _first(self, keys: tuple[str, ...]) -> tuple[str, Any]:
+        return next(((k, self.cfg[k]) for k in keys if self.cfg.get(k) is not None), (keys[0], None))
+
+    def integer(self, *keys: str, default: int | None = None, lo: int = 1, hi: int = 1 << 30) -> int:
+        """The first present key's value as an integer in [lo, hi]; a missing field without default is a problem."""
+        key, v = self._first(keys)
+        if v is None:
+            if default is None:
+                self.problems.append(f"{'/'.join(keys)} is missing")
+            return default if default is not None else lo
+        problem = int_problem(key, v, lo, hi)
+        if problem:
+            self.problems.append(problem)
+            return lo
+        return int(v)
+
+    def flag(self, key: str, default: bool) -> bool:
+        v = self.cfg.get(key)
+        if v is None:
+            return default
+        if not isinstance(v, bool):
+            self.problems.append(f"{key} must be true or false, not {describe(v)}")
+        return v is True
+
+    def text(self, key: str, default: str) -> str:
+        v = self.cfg.get(key)
+        if v is None:
+            return default
+        if not isinstance(v, str):
+            self.problems.append(f"{key} must be a string, not {describe(v)}")
+            return default
+        return v
+
+    def number(self, key: str, default: float) -> float:
+        v = self.cfg.get(key)
+        if v is None:
+            return default
+        if not is_number(v) or not v > 0:
+            self.problems.append(f"{key} must be a finite number > 0, not {describe(v)}")
+            return default
+        return float(v)
+
+    def layer_list(self, key: str) -> set[int]:
+        v = self.cfg.get(key)
+        if v is None:
+            return set()
+        if not isinstance(v, list) or not all(is_int(i) and i >= 0 for i in v):
+            self.problems.append(f"{key} must be a list of layer indices, not {describe(v)}")
+            return set()
+        return set(v)
+
+
+_CORE = ("num_hidden_layers", "num_experts", "num_experts_per_tok", "hidden_size")
+
+
 def _from_hf(cfg: dict[str, Any], name: str) -> ModelSpec:
     if isinstance(cfg.get("text_config"), dict):  # multimodal wrappers
         cfg = {**cfg, **cfg["text_config"]}
-    mt = str(cfg.get("model_type", ""))
-    n_layers = _get(cfg, "num_hidden_layers", "n_layers")
-    n_experts = _get(cfg, "n_routed_experts", "num_experts", "num_local_experts")
-    top_k = _get(cfg, "num_experts_per_tok", "moe_topk", "top_k")
-    hidden = _get(cfg, "hidden_size", "d_model")
-    if n_layers is None or n_experts is None or top_k is None or hidden is None:
+    f = _Fields(cfg)
+    mt = f.text("model_type", "")
+    if any(_get(cfg, *keys) is None for keys in (("num_hidden_layers", "n_layers"),
+                                                  ("n_routed_experts", "num_experts", "num_local_experts"),
+                                                  ("num_experts_per_tok", "moe_topk", "top_k"),
+                                                  ("hidden_size", "d_model"))):
         raise SpecError(
             f"config of model_type {mt!r} is not an MoE config sgl_budget understands "
             "(needs num_hidden_layers, num_experts/n_routed_experts/num_local_experts, num_experts_per_tok, hidden_size)"
         )
-    n_layers, n_experts, top_k = int(n_layers), int(n_experts), int(top_k)
-
+    n_layers = f.integer("num_hidden_layers", "n_layers", hi=100_000)
+    n_experts = f.integer("n_routed_experts", "num_experts", "num_local_experts", hi=1 << 16)
+    top_k = f.integer("num_experts_per_tok", "moe_topk", "top_k", hi=1 << 16)
+    hidden = f.integer("hidden_size", "d_model", hi=1 << 24)
+    common = dict(name=name, num_layers=n_layers, num_experts=n_experts, top_k=top_k, hidden_size=hidden,
+                  model_type=mt)
     if mt.startswith("deepseek"):
-        first_dense = int(_get(cfg, "first_k_dense_replace", default=0))
-        freq = int(_get(cfg, "moe_layer_freq", default=1))
-        moe_layers = [i for i in range(n_layers) if i >= first_dense and i % freq == 0]
-        inter = int(_get(cfg, "moe_intermediate_size"))
-        n_shared = int(_get(cfg, "n_shared_experts", default=0))
-        scoring = _get(cfg, "scoring_func", default="softmax" if mt == "deepseek_v2" else "sigmoid")
-        topk_method = _get(cfg, "topk_method", default="greedy" if mt == "deepseek_v2" else "noaux_tc")
-        n_group = int(_get(cfg, "n_group", default=1))
-        topk_group = int(_get(cfg, "topk_group", default=1))
-        if topk_method == "greedy":
-            n_group = topk_group = 1
-        return ModelSpec(
-            name=name, num_layers=n_layers, moe_layers=tuple(moe_layers), num_experts=n_experts, top_k=top_k,
-            hidden_size=int(hidden), moe_intermediate_size=inter, num_shared_experts=n_shared,
-            shared_expert_intermediate_size=n_shared * inter, scoring_func=scoring,
-            norm_topk_prob=bool(_get(cfg, "norm_topk_prob", default=False)), n_group=n_group,
-            topk_group=topk_group, routed_scaling_factor=float(_get(cfg, "routed_scaling_factor", default=1.0)),
-            has_correction_bias=(topk_method == "noaux_tc"), model_type=mt,
-        )
-    if mt in ("mixtral", "minimax", "phimoe"):
-        return ModelSpec(
-            name=name, num_layers=n_layers, moe_layers=tuple(range(n_layers)), num_experts=n_experts,
-            top_k=top_k, hidden_size=int(hidden), moe_intermediate_size=int(cfg["intermediate_size"]),
-            norm_topk_prob=True, model_type=mt,
-        )
-    # Qwen2-MoE / Qwen3-MoE / OLMoE and similar: sparse every `decoder_sparse_step`
-    # layers except `mlp_only_layers`.
-    step = int(_get(cfg, "decoder_sparse_step", default=1)) or 1
-    mlp_only = set(_get(cfg, "mlp_only_layers", default=[]) or [])
-    moe_layers = [i for i in range(n_layers) if i not in mlp_only and (i + 1) % step == 0]
-    inter = int(_get(cfg, "moe_intermediate_size", "intermediate_size"))
-    shared_inter = int(_get(cfg, "shared_expert_intermediate_size", default=0))
-    default_norm = False  # the transformers default for Qwen2-MoE, Qwen3-MoE and OLMoE configs
-    return ModelSpec(
-        name=name, num_layers=n_layers, moe_layers=tuple(moe_layers), num_experts=n_experts, top_k=top_k,
-        hidden_size=int(hidden), moe_intermediate_size=inter, num_shared_experts=1 if shared_inter else 0,
-        shared_expert_intermediate_size=shared_inter,
-        norm_topk_prob=bool(_get(cfg, "norm_topk_prob", default=default_norm)), model_type=mt,
+        kw = _deepseek_fields(f, mt, n_layers)
+    elif mt in ("mixtral", "minimax", "phimoe"):
+        kw = dict(moe_layers=tuple(range(n_layers)), moe_intermediate_size=f.integer("intermediate_size", hi=1 << 24),
+                  norm_topk_prob=True)
+    else:
+        kw = _qwen_fields(f, n_layers)
+    if f.problems:
+        raise SpecError(f"config of model_type {mt!r} lacks or garbles fields sgl_budget needs: "
+                        + "; ".join(f.problems))
+    return ModelSpec(**common, **kw)
+
+
+def _deepseek_fields(f: _Fields, mt: str, n_layers: int) -> dict[str, Any]:
+    """DeepSeek-V2/V3: dense first layers, then MoE every ``moe_layer_freq``; groups unless greedy."""
+    first_dense = f.integer("first_k_dense_replace", default=0, lo=0, hi=100_000)
+    freq = f.integer("moe_layer_freq", default=1, hi=100_000)
+    inter = f.integer("moe_intermediate_size", hi=1 << 24)
+    n_shared = f.integer("n_shared_experts", default=0, lo=0, hi=1 << 16)
+    scoring = f.text("scoring_func", "softmax" if mt == "deepseek_v2" else "sigmoid")
+    topk_method = f.text("topk_method", "greedy" if mt == "deepseek_v2" else "noaux_tc")
+    n_group = f.integer("n_group", default=1, hi=1 << 16)
+    topk_group = f.integer("topk_group", default=1, hi=1 << 16)
+    if topk_method == "greedy":
+        n_group = topk_group = 1
+    return dict(
+        moe_layers=tuple(i for i in range(n_layers) if i >= first_dense and i % freq == 0),
+        moe_intermediate_size=inter, num_shared_experts=n_shared, shared_expert_intermediate_size=n_shared * inter,
+        scoring_func=scoring, norm_topk_prob=f.flag("norm_topk_prob", False), n_group=n_group,
+        topk_group=topk_group, routed_scaling_factor=f.number("routed_scaling_factor", 1.0),
+        has_correction_bias=(topk_method == "noaux_tc"),
+    )
+
+
+def _qwen_fields(f: _Fields, n_layers: int) -> dict[str, Any]:
+    """Qwen2-MoE / Qwen3-MoE / OLMoE and similar: sparse every ``decoder_sparse_step`` layers but ``mlp_only_layers``."""
+    step = f.integer("decoder_sparse_step", default=1, hi=100_000)
+    mlp_only = f.layer_list("mlp_only_layers")
+    shared_inter = f.integer("shared_expert_intermediate_size", default=0, lo=0, hi=1 << 30)
+    return dict(
+        moe_layers=tuple(i for i in range(n_layers) if i not in mlp_only and (i + 1) % step == 0),
+        moe_intermediate_size=f.integer("moe_intermediate_size", "intermediate_size", hi=1 << 24),
+        num_shared_experts=1 if shared_inter else 0, shared_expert_intermediate_size=shared_inter,
+        # False is the transformers default for Qwen2-MoE, Qwen3-MoE and OLMoE configs
+        norm_topk_prob=f.flag("norm_topk_prob", False),
     )
 
 
@@ -262,7 +383,11 @@ def load_spec(ref: str | Path | ModelSpec | dict[str, Any]) -> ModelSpec:
     if key in PRESETS:
         return PRESETS[key]
     path = Path(ref)
-    if path.exists():
+    try:
+        exists = path.exists()
+    except OSError as e:  # e.g. a file name over 255 bytes
+        raise SpecError(f"{str(ref)[:80]!r}: cannot use it as a model spec ({e.strerror or e})") from None
+    if exists:
         return ModelSpec.from_hf_config(path)
     raise SpecError(
         f"unknown model spec {str(ref)!r}: not a preset ({', '.join(PRESETS)}) and no such config.json or model directory"

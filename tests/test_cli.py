@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from sgl_budget.cli import main
 
@@ -59,11 +59,24 @@ def test_explain_text_and_json(capsys) -> None:
 
 
 def test_allocate_prints_and_writes_plan(tmp_path, capsys) -> None:
-    out = tmp_path / "plan.yaml"
+    out = tmp_path / "plan.policy"
     assert main(["allocate", "--profile", str(PROFILE), "--budget", "50%", "--out", str(out)]) == 0
-    plan = yaml.safe_load(out.read_text())
-    assert plan["format"] == "sgl-budget-plan/1" and sum(plan["k"].values()) <= 3 * 26
-    assert "Alloc-L plan" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "Alloc-L plan" in printed
+    planned = {int(m[0]): int(m[1]) for m in re.findall(r"│\s+(\d+) │ (\d) │", printed)}
+    assert len(planned) == 26 and sum(planned.values()) <= 3 * 26
+    # the written file is a ready policy: it loads for the profile's model and routes the planned k per layer
+    text = out.read_text()
+    assert text.startswith("# Alloc-L plan written by: sgl-budget allocate --profile") and 'policy "plan"' in text
+    from sgl_budget.lang import load_policy
+    from sgl_budget.lang.ir import RouteContext
+    from sgl_budget.routing import compile_routers
+    from sgl_budget.spec import load_spec
+
+    ir = load_policy(out, load_spec("deepseek-v2-lite"))
+    routers = compile_routers(ir)
+    assert {l: r.plan(RouteContext("decode", 16, 16)).k for l, r in routers.items()} == planned
+    assert main(["check", str(out), "--model-spec", "deepseek-v2-lite"]) == 0
     assert main(["allocate", "--profile", str(PROFILE), "--budget", "2.0", "--min-k", "2", "--max-k", "3"]) == 0
     assert main(["allocate", "--profile", str(PROFILE), "--budget", "10%", "--min-k", "2"]) == 2
     assert "cannot allocate" in capsys.readouterr().err
@@ -87,7 +100,11 @@ def test_replay_table_json_and_plot(tmp_path, capsys) -> None:
     assert main([*args, "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["synthetic"] is True and d["num_batches"] == 10 and len(d["policies"]) == 2
+    assert "mass retained (of stock)" in out and "est. MoE decode time" in out
+    assert d["stock"]["mass_retained"] == 1.0 and 0 < d["policies"][0]["mass_retained"] < 1
     assert main(["replay", str(POLICIES[0]), "--trace", str(TRACE), "--phase", "prefill", "--batch-size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "est. MoE prefill time" in out and "decode time" not in out
 
 
 def test_replay_errors_are_clean(tmp_path, capsys) -> None:
@@ -105,6 +122,11 @@ def test_trace_synth_and_info(tmp_path, capsys) -> None:
                  "--seq-len", "4", "--dtype", "bfloat16"]) == 0
     assert "SYNTHETIC" in capsys.readouterr().out
     assert main(["trace", "info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "SYNTHETIC (not recorded from a model) trace of qwen3-30b-a3b" in text
+    assert "MoE layers: 48 (0..47), 128 experts, top-8" in text and "8 in 2 sequences" in text
+    assert len(text.splitlines()) < 10  # a summary, not one layer id per line
+    assert main(["trace", "info", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["synthetic"] is True and info["num_tokens"] == 8 and info["num_experts"] == 128
 
@@ -114,12 +136,37 @@ def test_unknown_preset_is_clean(capsys) -> None:
     assert "error:" in capsys.readouterr().err
 
 
-def test_demo_without_a_model_replays_the_synthetic_trace(tmp_path, capsys) -> None:
-    assert main(["demo", "--out", str(tmp_path), "--model", str(tmp_path / "no-model")]) == 0
+def test_demo_synthetic_replays_the_synthetic_trace(tmp_path, capsys) -> None:
+    assert main(["demo", "--out", str(tmp_path), "--synthetic"]) == 0
     out = capsys.readouterr().out
     assert "SYNTHETIC" in out and (tmp_path / "replay.png").exists()
     for p in POLICIES:
         assert p.stem in out
+
+
+def test_demo_with_a_mistyped_model_is_an_error(tmp_path, capsys) -> None:
+    assert main(["demo", "--out", str(tmp_path), "--model", str(ROOT / "models" / "brown-mo")]) == 2
+    cap = capsys.readouterr()
+    assert "brown-mo: does not exist" in cap.err and "SYNTHETIC" not in cap.out
+    assert not (tmp_path / "replay.png").exists()
+    (tmp_path / "empty").mkdir()
+    assert main(["demo", "--out", str(tmp_path), "--model", str(tmp_path / "empty")]) == 2
+    assert "not a model directory" in capsys.readouterr().err
+
+
+def test_demo_options_have_help(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--out OUT directory for quality.png" in out and "--batch-size BATCH_SIZE sequences decoded" in out
+
+
+def test_allocate_summary_is_not_wrapped(capsys) -> None:
+    assert main(["allocate", "--profile", str(PROFILE), "--budget", "50%"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "Alloc-L plan: budget 50% = 78 activations/token over 26 MoE layers"
+    summary = [l for l in lines if l.startswith("mean k ")]
+    assert len(summary) == 1 and summary[0].endswith("seed=0")
 
 
 def test_bad_policy_in_a_fresh_process_has_no_traceback(tmp_path) -> None:

@@ -108,3 +108,71 @@ def test_eval_rejects_a_policy_for_another_model(tiny_model: Path, tmp_path: Pat
     assert main(["eval", str(pol), "--model", str(tiny_model), "--text", str(TEXT), "--windows", "1"]) == 2
     assert "layer 9 is out of range" in capsys.readouterr().err
     assert compile_policy('policy "ok" { budget 50% }', str(tiny_model)).spec.num_experts == 16
+
+
+def _linear_calls(model, windows, policy=None) -> int:
+    """``F.linear`` calls in one lock-step decode step of ``windows`` (per-expert loops call it per expert)."""
+    from sgl_budget.engines.hf import apply_policy
+
+    calls = 0
+    real = torch.nn.functional.linear
+
+    def counting(*a, **k):
+        nonlocal calls
+        calls += 1
+        return real(*a, **k)
+
+    torch.nn.functional.linear = counting
+    try:
+        with torch.no_grad():
+            if policy is None:
+                model(input_ids=windows[:, :1])
+            else:
+                with apply_policy(model, policy):
+                    model(input_ids=windows[:, :1])
+    finally:
+        torch.nn.functional.linear = real
+    return calls
+
+
+def test_full_top_k_is_not_slower_than_a_policy(tiny_model: Path) -> None:
+    """The baseline does no per-expert work a policy skips: its forward costs no more ops than a k=1 policy's."""
+    from sgl_budget.engines.hf.data import load_model, read_text, token_windows
+
+    model, tok = load_model(tiny_model)
+    w = token_windows(tok, read_text(TEXT), 4, 16)
+    k1 = compile_policy('policy "k1" { layers { k = 1 } }', str(tiny_model))
+    assert _linear_calls(model, w) <= _linear_calls(model, w, k1)
+
+
+def test_dense_experts_match_the_eager_loop(tiny_model: Path) -> None:
+    """The vectorised experts give the eager loop's outputs, padding slots (index E, weight 0) included."""
+    from sgl_budget.engines.hf.data import load_model
+    from sgl_budget.engines.hf.experts import dense_experts_forward
+
+    model, _ = load_model(tiny_model)
+    experts = model.model.layers[0].mlp.experts
+    torch.manual_seed(0)
+    h = torch.randn(6, 32)
+    ids = torch.stack([torch.randperm(16)[:4] for _ in range(6)])
+    ids[0, 2:] = 16  # padding, as the adapter writes it
+    w = torch.rand(6, 4).masked_fill(ids == 16, 0.0)
+    eager = type(experts).forward.__wrapped__
+    with torch.no_grad():
+        assert torch.allclose(dense_experts_forward(experts, h, ids, w), eager(experts, h, ids, w), atol=1e-5)
+        ids[:, :] = 16  # nothing routed
+        assert not dense_experts_forward(experts, h, ids, w * 0).any()
+
+
+def test_eval_shows_a_progress_bar_per_policy(tiny_model: Path, capsys) -> None:
+    from sgl_budget.engines.hf.data import load_model, read_text, token_windows
+    from sgl_budget.engines.hf.evaluate import evaluate
+
+    model, tok = load_model(tiny_model)
+    w = token_windows(tok, read_text(TEXT), 6, 2)
+    k1 = compile_policy('policy "k1" { layers { k = 1 } }', str(tiny_model))
+    evaluate(model, [k1], w, batch_size=2, show_progress=True)
+    err = capsys.readouterr().err
+    assert "full top-k" in err and "k1" in err and "tok" in err
+    evaluate(model, [k1], w, batch_size=2)  # quiet by default (not a terminal, or --json)
+    assert capsys.readouterr().err == ""

@@ -386,3 +386,101 @@ def test_batches_too_large_for_one_program_take_the_reference_path(tmp_path) -> 
     ids = torch.randint(-1, spec.num_experts, (moe_align_mod.MAX_SLOTS // 4 + 1, 4), dtype=torch.int32)
     got, ref = moe_align_mod.moe_align(ids, spec.num_experts, 16), align_reference(ids, spec.num_experts, 16)
     assert all(torch.equal(a, b) for a, b in zip(got, ref))
+
+
+# -- exact ties: one rule (lower expert / group index first) on the reference and the kernels --------------------
+
+TIE_EXAMPLE = [-1.0, -3.0, 4.0, -4.0, -3.0, 8.0, 1.0, 6.0]  # experts 1 and 4 tie for the 6th place
+
+
+def _tie_spec(top_k: int):
+    from sgl_budget.spec import ModelSpec
+
+    return ModelSpec(name=f"tie-{top_k}", num_layers=2, moe_layers=(1,), num_experts=8, top_k=top_k, hidden_size=64,
+                     moe_intermediate_size=32, norm_topk_prob=True, model_type="qwen3_moe")
+
+
+def _both_backends(ir, x, ctx, bias=None, mask=None):
+    """``(reference ids, weights), (Triton ids, weights)`` of layer 1 for the same input."""
+    from sgl_budget.kernels.backend import compile_kernel_routers
+
+    ref = compile_kernel_routers(ir, backend="torch")[1]
+    tri = compile_kernel_routers(ir, backend="triton")[1]
+    tri.prepare(DEVICE)
+    rw, ri = ref(x, ctx, correction_bias=bias, row_mask=mask)
+    tw, ti = tri(x.to(DEVICE), ctx, correction_bias=None if bias is None else bias.to(DEVICE),
+                 row_mask=None if mask is None else mask.to(DEVICE))
+    return (ri, rw), (ti.cpu(), tw.cpu())
+
+
+def test_the_issue_tie_example_routes_the_same_on_every_backend() -> None:
+    from sgl_budget.lang import compile_policy
+    from sgl_budget.lang.ir import RouteContext
+
+    x = torch.tensor([TIE_EXAMPLE])
+    ir = compile_policy('policy "k6" { layers { k = 6 } }', _tie_spec(8))
+    (ri, rw), (ti, tw) = _both_backends(ir, x, RouteContext("decode", 1))
+    assert ri[0].tolist() == ti[0].tolist() == [5, 7, 2, 6, 0, 1]  # torch.topk on CPU: [5, 7, 2, 6, 0, 4]
+    assert torch.allclose(tw, rw, rtol=1e-5, atol=1e-6)
+
+
+def test_a_stock_plan_keeps_the_engines_own_topk_on_every_backend() -> None:
+    """The model's own k and nothing else is stock routing: torch.topk's order, the kernels are not used."""
+    from sgl_budget.lang import compile_policy
+    from sgl_budget.lang.ir import RouteContext
+
+    x = torch.tensor([TIE_EXAMPLE])
+    ir = compile_policy('policy "own" { layers { k = 6 } }', _tie_spec(6))
+    (ri, rw), (ti, tw) = _both_backends(ir, x, RouteContext("decode", 1))
+    stock = torch.topk(torch.softmax(x, -1), 6, dim=-1).indices.to(torch.int32)
+    assert torch.equal(ri, stock) and torch.equal(ti, stock) and torch.equal(tw, rw)
+
+
+TIE_BODIES = [
+    "layers { k = 2 }",
+    "budget 50%; tokens { reallocate by score; min_k 1; max_k 4 }",
+    'reroute { similarity "SIM"; primary top 1; min_similarity 0.5; preserve critical 2 }',
+    'budget 50%; tokens { reallocate by score; min_k 1; max_k 4 } reroute { similarity "SIM"; primary coverage 60%; '
+    "min_similarity 0.5 }",
+    "budget 50%; piggyback { max_k 4 }",
+    'budget 50%; reroute { similarity "SIM"; primary top 1; min_similarity 0.25 } piggyback { max_k 3 }',
+]
+
+
+def _quantised_similarity(spec, directory):
+    """A similarity file whose entries are multiples of 1/4: many exact ties for the best primary."""
+    from sgl_budget.similarity import derive_critical, save_similarity, synthetic_similarity
+
+    table = synthetic_similarity(spec, seed=3)
+    for l, m in table.matrices.items():
+        q = (m * 4).round() / 4
+        q.fill_diagonal_(1.0)
+        table.matrices[l] = q
+        table.critical[l] = derive_critical(q)
+    return save_similarity(table, directory / f"{spec.name}.tie.sim.safetensors")
+
+
+def _tie_logits(spec, t: int, seed: int):
+    """Integer-valued logits (and a two-valued bias): exact ties at every rank."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-2, 3, (t, spec.num_experts), generator=g).float()
+    bias = (torch.randint(0, 2, (spec.num_experts,), generator=g) * 0.125) if spec.has_correction_bias else None
+    return x, bias
+
+
+@pytest.mark.parametrize("variant", range(4))
+@pytest.mark.parametrize("body", TIE_BODIES)
+def test_kernels_match_the_reference_on_tie_heavy_logits(tmp_path, variant, body) -> None:
+    from sgl_budget.lang import compile_policy
+    from sgl_budget.lang.ir import RouteContext
+
+    spec = _spec_variants()[variant]
+    sim = _quantised_similarity(spec, tmp_path).name
+    ir = compile_policy(f'policy "ties" {{ {body.replace("SIM", sim)} }}', spec, base_dir=tmp_path)
+    ctx = RouteContext("decode", 24)
+    for seed in range(3):
+        x, bias = _tie_logits(spec, 24, seed)
+        mask = torch.arange(24) < (24 if seed < 2 else 19)
+        (ri, rw), (ti, tw) = _both_backends(ir, x, ctx, bias, mask)
+        assert torch.equal(ti, ri), (spec.name, body, seed)
+        assert torch.allclose(tw, rw, rtol=1e-5, atol=1e-6), (spec.name, body, seed)

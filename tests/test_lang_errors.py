@@ -93,16 +93,19 @@ CASES = [
 def test_bad_policy_is_a_policy_error(text: str, message: str, line: int, column: int | None) -> None:
     with pytest.raises(PolicyError) as ei:
         compile_policy(text, SPEC, file="bad.policy")
-    e = ei.value
-    assert message in e.message, e.format()
-    assert e.file == "bad.policy"
-    assert e.line == line, e.format()
+    err = ei.value
+    # every independent error is reported: find this case's among them
+    e = next((d for d in err.diagnostics if message in d.message), None)
+    assert e is not None, err.format()
+    assert e.where == "bad.policy"
+    assert e.line == line, err.format()
     if column is not None:
-        assert e.column == column, e.format()
+        assert e.column == column, err.format()
     text_out = e.format()
     assert text_out.startswith(f"bad.policy:{line}:")
     assert "^" in text_out  # the caret under the offending text
     assert e.hint, "every diagnostic carries a hint"
+    assert [d.sort_key() for d in err.diagnostics] == sorted(d.sort_key() for d in err.diagnostics)
     src_line = text.splitlines()[line - 1] if text.splitlines() else ""
     assert src_line.replace("\t", " ") in text_out
 

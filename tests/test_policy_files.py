@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,3 +76,44 @@ def test_dp_policy_plan_matches_allocate(tmp_path) -> None:
                         base_dir=tmp_path)
     lk = ir.layer_k[(0, 0)]
     assert lk.k == {1: 3, 2: 1} and lk.method == "dp" and abs(lk.predicted_loss - 0.7) < 1e-9
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _bundled_policies() -> list[Path]:
+    """Every policy file the package ships (DeepSeek-V2-Lite-shaped and the embedded model's)."""
+    root = ROOT / "policies"
+    return sorted(root.glob("*.policy")) + sorted(root.glob("brown-moe/**/*.policy"))
+
+
+def _preserve_critical(path: Path) -> int:
+    """The largest ``preserve critical N`` of a bundled policy's reroute blocks (0 without one)."""
+    from sgl_budget.lang import load_policy
+    from sgl_budget.spec import load_spec
+
+    spec = load_spec(ROOT / "models" / "brown-moe") if "brown-moe" in path.parts else PRESETS["deepseek-v2-lite"]
+    ir = load_policy(path, spec)
+    return max((r.value.preserve_critical for r in ir.reroute_rules), default=0)
+
+
+def test_bundled_policies_are_named_after_what_they_run() -> None:
+    """SERE's published rule has no pinned critical experts: only a policy named for the extension uses it."""
+    for path in _bundled_policies():
+        extension = "preserve-critical" in path.stem
+        assert (_preserve_critical(path) > 0) == extension, path.name
+        header = " ".join(l for l in path.read_text().splitlines() if l.startswith("#"))
+        if extension:
+            assert "extension" in header and "NOT SERE's published rule" in header, path.name
+
+
+def _statements(path: Path) -> list[str]:
+    """A policy file's non-comment lines, stripped."""
+    return [l.strip() for l in path.read_text().splitlines() if l.strip() and not l.startswith("#")]
+
+
+def test_sere_policy_and_its_extension_differ_only_by_preserve_critical() -> None:
+    sere = _statements(ROOT / "policies" / "sere.policy")
+    ext = _statements(ROOT / "policies" / "sere-preserve-critical.policy")
+    assert [l for l in ext if not l.startswith("preserve critical")] == [
+        l.replace('"sere"', '"sere-preserve-critical"') for l in sere]

@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from sgl_budget.lang import compile_policy
 from sgl_budget.lang.ir import RouteContext
 from sgl_budget.routing import compile_routers, stock_route
+from sgl_budget.routing.scoring import score_experts
 from sgl_budget.spec import PRESETS, ModelSpec
 
 import tempfile
@@ -243,7 +244,11 @@ def test_contract_invariants(data) -> None:
         # re-routing and piggybacking never add a distinct expert to the batch
         if plan.reroute is not None or plan.piggyback is not None:
             base = compile_policy(src.split("reroute")[0].split("piggyback")[0] + "}", spec, base_dir=d)
-            b_ids = compile_routers(base)[layer](x, ctx, correction_bias=bias)[1]
+            b_router = compile_routers(base)[layer]
+            if b_router.is_stock_plan(b_router.plan(ctx)):  # alone it is stock (torch.topk's tie order); as a
+                b_ids = score_experts(spec, x, bias).topk(plan.k)[1]  # policy's first stage, ties go lower index
+            else:
+                b_ids = b_router(x, ctx, correction_bias=bias)[1]
             assert set(ids[ids >= 0].tolist()) <= set(b_ids[b_ids >= 0].tolist())
 
 
@@ -356,3 +361,91 @@ def test_sere_top_s_uses_each_tokens_best_slots_even_with_unsorted_engine_conven
     eng = LayerRouter(ir, 1, Conventions(sorted_selection=False)).details(x, RouteContext("decode", 12),
                                                                            correction_bias=bias)
     assert torch.equal(ref.primary, eng.primary)
+
+
+# -- exact ties -----------------------------------------------------------------------------------------------
+
+
+def tie_logits(spec: ModelSpec, t: int, seed: int):
+    """Integer-valued logits (and a two-valued bias): exact ties at every rank."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-2, 3, (t, spec.num_experts), generator=g).float()
+    bias = torch.randint(0, 2, (spec.num_experts,), generator=g) * 0.125 if spec.has_correction_bias else None
+    return x, bias
+
+
+def lower_index_topk(spec: ModelSpec, logits: torch.Tensor, bias: torch.Tensor | None, k: int) -> list[list[int]]:
+    """Independent transcription of the tie rule: rank by (score descending, index ascending), groups too."""
+    scores = logits.float().sigmoid() if spec.scoring_func == "sigmoid" else torch.softmax(logits.float(), dim=-1)
+    choice = (scores + bias.float() if bias is not None else scores).tolist()
+    out = []
+    for row in choice:
+        experts = range(spec.num_experts)
+        if spec.n_group > 1:
+            size = spec.num_experts // spec.n_group
+            groups = [row[g * size:(g + 1) * size] for g in range(spec.n_group)]
+            gscore = [sum(sorted(gr, reverse=True)[:2]) if bias is not None else max(gr) for gr in groups]
+            kept = sorted(range(spec.n_group), key=lambda g: (-gscore[g], g))[: spec.topk_group]
+            experts = [e for e in experts if e // size in kept]
+        out.append(sorted(experts, key=lambda e: (-row[e], e))[:k])
+    return out
+
+
+def test_the_issue_tie_example_takes_the_lower_expert_index() -> None:
+    spec = ModelSpec(name="tie-8", num_layers=2, moe_layers=(1,), num_experts=8, top_k=8, hidden_size=64,
+                     moe_intermediate_size=32, norm_topk_prob=True, model_type="qwen3_moe")
+    x = torch.tensor([[-1.0, -3.0, 4.0, -4.0, -3.0, 8.0, 1.0, 6.0]])
+    router = compile_routers(compile_policy('policy "k6" { layers { k = 6 } }', spec))[1]
+    assert router(x)[1][0].tolist() == [5, 7, 2, 6, 0, 1]  # torch.topk on CPU: [5, 7, 2, 6, 0, 4]
+    assert router.details(x).topk_ids[0].tolist() == [5, 7, 2, 6, 0, 1]
+
+
+def test_policy_selection_breaks_exact_ties_by_lower_index(tiny_spec: ModelSpec) -> None:
+    for k in range(1, tiny_spec.top_k):
+        router = compile_routers(compile_policy(f'policy "k" {{ layers {{ k = {k} }} }}', tiny_spec))[1]
+        for seed in range(4):
+            x, bias = tie_logits(tiny_spec, 16, seed)
+            want = lower_index_topk(tiny_spec, x, bias, k)
+            assert router(x, correction_bias=bias)[1].tolist() == want, (tiny_spec.name, k, seed)
+            assert router.details(x, correction_bias=bias).topk_ids.tolist() == want
+
+
+def test_a_stock_plan_stays_bit_exact_under_exact_ties(tiny_spec: ModelSpec) -> None:
+    """The model's own k is the engine's own torch.topk, tie order included (what transformers and SGLang run)."""
+    router = compile_routers(compile_policy('policy "own" { }', tiny_spec))[1]
+    for seed in range(4):
+        x, bias = tie_logits(tiny_spec, 16, seed)
+        rw, rids = model_topk(tiny_spec, x, bias, tiny_spec.top_k)
+        w, ids = router(x, correction_bias=bias)
+        assert torch.equal(ids, rids) and torch.equal(w, rw), (tiny_spec.name, seed)
+        sw, sids = stock_route(tiny_spec, x, bias)
+        assert torch.equal(sids, rids) and torch.equal(sw, rw)
+
+
+def test_ranked_topk_is_a_stable_descending_order() -> None:
+    from sgl_budget.routing.scoring import ranked_topk
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-3, 4, (64, 16), generator=g).float()
+    x[torch.rand(64, 16, generator=g) < 0.1] = float("-inf")
+    x[torch.rand(64, 16, generator=g) < 0.1] = -0.0  # equal to +0.0: a tie like any other
+    for m in (1, 5, 16):
+        vals, ids = ranked_topk(x, m)
+        want = torch.sort(x, dim=-1, descending=True, stable=True)
+        assert torch.equal(ids, want.indices[:, :m]) and torch.equal(vals, want.values[:, :m])
+
+
+def test_replays_shared_ranking_equals_both_rules_under_ties(tiny_spec: ModelSpec) -> None:
+    """Replay ranks once per layer: the shared ranking must be the policies' rule and the stock top-k alike."""
+    from sgl_budget.routing.scoring import ranked_topk, score_experts
+
+    x, bias = tie_logits(tiny_spec, 48, seed=9)
+    gs = score_experts(tiny_spec, x.view(3, 16, -1), bias)
+    shared = gs.with_ranking(tiny_spec.top_k + 2, stock_k=tiny_spec.top_k)
+    want = ranked_topk(gs.select, tiny_spec.top_k + 2)
+    assert torch.equal(shared.topk(tiny_spec.top_k + 2)[1], want[1])
+    assert torch.equal(shared.topk(tiny_spec.top_k + 2)[0], want[0])
+    assert torch.equal(shared.stock_topk(tiny_spec.top_k)[1], gs.stock_topk(tiny_spec.top_k)[1])
+    sw, sids = stock_route(tiny_spec, x.view(3, 16, -1), bias, gs=shared)
+    rw, rids = stock_route(tiny_spec, x.view(3, 16, -1), bias)
+    assert torch.equal(sids, rids) and torch.equal(sw, rw)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 INF = float("inf")
+MAX_WORK = 20_000_000  # DP cell updates (~10 s of Python); real models need well under 1,000,000
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,10 @@ def allocate_dp(loss: dict[int, dict[int, float]], total_budget: int, min_k: int
                          f"({len(layers)} layers at their smallest allowed k)")
     # No plan can use more than every layer at its largest choice; capping keeps the table small.
     budget = min(total_budget, sum(max(choices[l]) for l in layers))
+    work = (budget + 1) * sum(len(choices[l]) for l in layers)
+    if work > MAX_WORK:  # a bounded answer time beats an exact plan nobody waits for
+        raise ValueError(f"the exact allocation needs {work:.3g} steps ({len(layers)} layers, budget {budget}), "
+                         f"over the limit of {MAX_WORK:.0e}; is the profile's top-k or layer count right?")
     # best[b] = (loss, total, plan tuple) over processed layers using exactly b activations
     best: list[tuple[float, int, tuple[int, ...]] | None] = [None] * (budget + 1)
     best[0] = (0.0, 0, ())

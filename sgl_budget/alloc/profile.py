@@ -12,13 +12,13 @@ Format (docs/formats.md)::
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import yaml
 
+from ..datacheck import decode_utf8, describe, int_problem, is_int, is_number, missing_file
 from ..spec import ModelSpec
 
 FORMAT = "sgl-budget-profile/1"
@@ -40,6 +40,7 @@ class Profile:
     model: dict
     source: str
     path: str = ""
+    warnings: tuple[str, ...] = ()  # e.g. losses that grow with k: allowed, but the user should see them
 
     def check_against(self, spec: ModelSpec) -> list[str]:
         """Why this profile cannot serve ``spec`` ([] when it can)."""
@@ -55,65 +56,170 @@ class Profile:
         return problems
 
 
-def _line_of(node: yaml.Node, *keys) -> int | None:
-    """1-based line of the mapping entry at ``keys`` in a composed YAML tree (best effort)."""
-    for key in keys:
-        if not isinstance(node, yaml.MappingNode):
-            return None
+_SafeBase = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser when present: same rules, ~5x faster
+
+
+class _StrictLoader(_SafeBase):  # type: ignore[misc, valid-type]
+    """A safe YAML loader (SafeConstructor: no Python objects, no eval) that refuses a key given twice in a mapping."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[tuple[type, object]] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                marker = (type(key), key)
+                dup = marker in seen
+            except TypeError:  # unhashable key: SafeLoader reports it
+                continue
+            if dup:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {describe(key)}",
+                                                        key_node.start_mark)
+            seen.add(marker)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _parse(text: str, p: Path) -> tuple[object, yaml.Node | None]:
+    """The YAML document and its node tree (parsed once); every failure is a ProfileError with a line."""
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        return (loader.construct_document(node) if node is not None else None), node
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise ProfileError(f"not valid YAML: {getattr(e, 'problem', None) or e}", p,
+                           mark.line + 1 if mark else None) from None
+    except RecursionError:
+        raise ProfileError("not a profile: nested far too deep", p) from None
+    except ValueError as e:  # e.g. an integer over Python's digit limit
+        raise ProfileError(f"not valid YAML: {str(e)[:120]}", p) from None
+    finally:
+        loader.dispose()
+
+
+def _key_lines(node: yaml.Node | None) -> dict[str, int]:
+    """1-based line of each key of a mapping node, by its scalar text (one pass: lookups stay O(1))."""
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    return {str(k.value): k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
+
+
+def _child(node: yaml.Node | None, key: str) -> yaml.Node | None:
+    """The value node of ``key`` in a mapping node (None if absent)."""
+    if isinstance(node, yaml.MappingNode):
         for k, v in node.value:
-            if str(k.value) == str(key):
-                node = v
-                line = k.start_mark.line + 1
-                break
+            if isinstance(k, yaml.ScalarNode) and k.value == key:
+                return v
+    return None
+
+
+def _model_problems(model: dict) -> list[str]:
+    """What is wrong with the profile's ``model`` entry: positive integer experts and top-k, integer layers."""
+    problems = [q for key, hi in (("num_experts", 1 << 16), ("top_k", 1 << 16))
+                if (q := int_problem(f"model.{key}", model[key], 1, hi))]
+    if not problems and model["top_k"] > model["num_experts"]:
+        problems.append(f"model.top_k {model['top_k']} exceeds model.num_experts {model['num_experts']}")
+    layers = model.get("moe_layers", [])
+    if not isinstance(layers, list) or not all(is_int(l) and l >= 0 for l in layers):
+        problems.append(f"model.moe_layers must be a list of layer indices, not {describe(layers)}")
+    if not isinstance(model.get("name", ""), str):
+        problems.append(f"model.name must be a string, not {describe(model['name'])}")
+    return problems
+
+
+def _row(lk: object, ks: object, top_k: int, line: int | None) -> tuple[dict[int, float], list[tuple[int | None, str]]]:
+    """One layer's {k: loss} and its problems (each with its line): integer k in 1..top_k, finite loss >= 0."""
+    if isinstance(lk, bool) or not isinstance(lk, int) or lk < 0:
+        return {}, [(line, f"layer key {describe(lk)} is not an integer layer index")]
+    if not isinstance(ks, dict) or not ks:
+        return {}, [(line, f"layer {lk} must map k to loss, e.g. {{1: 0.5, 2: 0.2}}")]
+    row, problems = {}, []
+    for k, v in ks.items():
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            problems.append((line, f"layer {lk}: k {describe(k)} is not a positive integer"))
+        elif k > top_k:
+            problems.append((line, f"layer {lk}: k {describe(k)} exceeds the profile's model.top_k {top_k}"))
+        elif not is_number(v) or v < 0:
+            problems.append((line, f"layer {lk}, k {k}: loss {describe(v)} must be a finite number >= 0"))
         else:
-            return None
-    return line if keys else None
+            row[k] = float(v)
+    return dict(sorted(row.items())), problems
+
+
+def _growth_warning(loss: dict[int, dict[int, float]], p: Path) -> str | None:
+    """A warning when some layer's loss grows with k: the plan trusts such rows, so the user should know."""
+    rising = [(l, a, b) for l, row in loss.items() for a, b in zip(row, list(row)[1:]) if row[b] > row[a]]
+    if not rising:
+        return None
+    l, a, b = rising[0]
+    layers = sorted({r[0] for r in rising})
+    return (f"{p}: losses grow with k in layers {layers[:8]}{'...' if len(layers) > 8 else ''} (e.g. layer {l}: "
+            f"k {a} -> {loss[l][a]:.4g}, k {b} -> {loss[l][b]:.4g}); more experts should not cost quality, "
+            "so check the measurement: the plan uses these numbers as given")
+
+
+def _raise_all(problems: list[tuple[int | None, str]], p: Path) -> None:
+    """Raise one ProfileError at the first problem's line that also lists the others (with their lines)."""
+    line, msg = problems[0]
+    if len(problems) > 1:
+        rest = "; ".join(f"line {l}: {m}" if l else m for l, m in problems[1:8])
+        msg += f" (and {len(problems) - 1} more: {rest}{'; ...' if len(problems) > 8 else ''})"
+    raise ProfileError(msg, p, line)
 
 
 def load_profile(path: str | Path) -> Profile:
     """Load and validate a profile; problems raise :class:`ProfileError` (with the YAML line when known)."""
     p = Path(path)
-    if not p.is_file():
-        raise ProfileError("no such profile file", p, hint="measure one with `sgl-budget profile`")
-    text = p.read_text(encoding="utf-8", errors="replace")
+    why = missing_file(p)
+    if why:
+        raise ProfileError("no such profile file" if why == "no such file" else why, p,
+                           hint="measure one with `sgl-budget profile`")
     try:
-        data = yaml.safe_load(text)
-        tree = yaml.compose(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise ProfileError(f"not valid YAML: {getattr(e, 'problem', e)}", p,
-                           mark.line + 1 if mark else None) from None
+        text = decode_utf8(p.read_bytes())
+    except (OSError, ValueError) as e:
+        raise ProfileError(str(e), p) from None
+    data, tree = _parse(text, p)
     if not isinstance(data, dict):
         raise ProfileError("a profile is a YAML mapping with format, metric, model and layers", p, 1)
+    top = _key_lines(tree)
     if data.get("format") != FORMAT:
-        raise ProfileError(f"unsupported profile format {data.get('format')!r}; expected {FORMAT!r}", p,
-                           _line_of(tree, "format") or 1)
+        raise ProfileError(f"unsupported profile format {describe(data.get('format'))}; expected {FORMAT!r}", p,
+                           top.get("format") or 1)
     for key in ("metric", "model", "layers"):
         if key not in data:
             raise ProfileError(f"missing key '{key}'", p, 1)
     model = data["model"]
     if not isinstance(model, dict) or not {"num_experts", "top_k"} <= set(model):
-        raise ProfileError("'model' must give at least num_experts and top_k", p, _line_of(tree, "model"))
+        raise ProfileError("'model' must give at least num_experts and top_k", p, top.get("model"))
+    problems = [(top.get("model"), q) for q in _model_problems(model)]
+    for key in ("metric", "source"):
+        if not isinstance(data.get(key, ""), str):
+            problems.append((top.get(key), f"'{key}' must be a string, not {describe(data[key])}"))
+    if problems:
+        _raise_all(problems, p)
     layers = data["layers"]
     if not isinstance(layers, dict) or not layers:
-        raise ProfileError("'layers' must map each MoE layer to {k: loss}", p, _line_of(tree, "layers"))
+        raise ProfileError("'layers' must map each MoE layer to {k: loss}", p, top.get("layers"))
+    lines = _key_lines(_child(tree, "layers"))
     loss: dict[int, dict[int, float]] = {}
     for lk, ks in layers.items():
-        line = _line_of(tree, "layers", lk)
-        if isinstance(lk, bool) or not isinstance(lk, int) or lk < 0:
-            raise ProfileError(f"layer key {lk!r} is not an integer layer index", p, line)
-        if not isinstance(ks, dict) or not ks:
-            raise ProfileError(f"layer {lk} must map k to loss, e.g. {{1: 0.5, 2: 0.2}}", p, line)
-        row = {}
-        for k, v in ks.items():
-            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-                raise ProfileError(f"layer {lk}: k {k!r} is not a positive integer", p, line)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise ProfileError(f"layer {lk}, k {k}: loss {v!r} must be a finite number >= 0", p, line)
-            row[k] = float(v)
-        loss[lk] = dict(sorted(row.items()))
-    return Profile(loss=dict(sorted(loss.items())), metric=str(data["metric"]), model=dict(model),
-                   source=str(data.get("source", "")), path=str(p))
+        row, row_problems = _row(lk, ks, model["top_k"], lines.get(str(lk)))
+        problems += row_problems
+        if row and not row_problems:
+            loss[lk] = row
+    listed = set(model.get("moe_layers") or ())
+    if listed and not problems and listed != set(loss):
+        lacks, extra = sorted(listed - set(loss)), sorted(set(loss) - listed)
+        problems.append((top.get("layers"), "'layers' must cover exactly model.moe_layers: "
+                         + ", ".join(f"{what} {ls[:8]}{'...' if len(ls) > 8 else ''}" for what, ls in
+                                     (("it lacks", lacks), ("it adds", extra)) if ls)))
+    if problems:
+        _raise_all(problems, p)
+    loss = dict(sorted(loss.items()))
+    warning = _growth_warning(loss, p)
+    return Profile(loss=loss, metric=data["metric"], model=dict(model), source=data.get("source", ""), path=str(p),
+                   warnings=(warning,) if warning else ())
 
 
 def save_profile(profile: Profile, path: str | Path, header: str | None = None) -> Path:

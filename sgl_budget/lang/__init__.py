@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import PolicyError
+from ..errors import PolicyError, SourceSpan
 from ..spec import ModelSpec, load_spec
 from .ast import PolicyAst
 from .ir import PolicyIR, RouteContext
@@ -26,11 +26,26 @@ def load_policy(path: str | Path, spec: ModelSpec | str) -> PolicyIR:
     """Read, parse and resolve a ``.policy`` file; relative file names in it resolve from its directory."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        data = p.read_bytes()
     except FileNotFoundError:
         raise PolicyError(f"no such policy file: {p}", file=str(p), hint="check the path") from None
     except IsADirectoryError:
         raise PolicyError(f"{p} is a directory, not a policy file", file=str(p)) from None
+    except OSError as e:
+        raise PolicyError(f"cannot read policy file: {e.strerror or e}", file=str(p), hint="check the path") from None
+    return compile_policy(decode_policy(data, str(p)), spec, file=str(p), base_dir=p.parent)
+
+
+def decode_policy(data: bytes, file: str) -> str:
+    """UTF-8 policy text; a bad byte is an error at its line:column (not just a byte offset)."""
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise PolicyError(f"policy file is not UTF-8 text ({e.reason} at byte {e.start})", file=str(p)) from None
-    return compile_policy(text, spec, file=str(p), base_dir=p.parent)
+        line_start = data.rfind(b"\n", 0, e.start) + 1
+        line = data.count(b"\n", 0, e.start) + 1
+        shown = data[line_start:e.start].decode("utf-8", "replace")
+        end = data.find(b"\n", e.start)
+        src = data[line_start:end if end >= 0 else len(data)].decode("utf-8", "backslashreplace")
+        span = SourceSpan(file, line, len(shown) + 1, 1, src)
+        raise PolicyError(f"policy file is not UTF-8 text ({e.reason}: byte 0x{data[e.start]:02x} at byte {e.start})",
+                          span, "save the file as UTF-8") from None

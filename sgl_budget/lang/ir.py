@@ -12,12 +12,13 @@ static output width (``widths``), so routing never needs to validate anything.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Generic, Literal, TypeVar
-
-import torch
+from typing import TYPE_CHECKING, Generic, Literal, TypeVar
 
 from ..errors import SourceSpan
 from ..spec import ModelSpec
+
+if TYPE_CHECKING:  # the checker (parse + resolve) never imports torch: it must answer in well under a second
+    import torch
 
 Phase = Literal["prefill", "decode"]
 PHASES: tuple[Phase, ...] = ("prefill", "decode")
@@ -143,6 +144,31 @@ class Reallocation:
 
     min_k: int
     max_k: int
+    max_k_span: SourceSpan | None = field(default=None, compare=False, repr=False)  # where max_k was written
+
+    def extra_per_token(self, k: int) -> int:
+        """Slots per token handed out by score beyond every token's ``min_k`` (what routing uses)."""
+        return self.routed_k(k) - self.min_k
+
+    def routed_k(self, k: int) -> int:
+        """Mean experts per token Alloc-T routes for a layer of ``k``: ``min(k, max_k)``; the checker
+        refuses ``max_k < k``, so this is ``k`` for every resolved policy (no silent clamp)."""
+        return max(self.min_k, min(k, self.max_k))
+
+
+@dataclass(frozen=True)
+class Routed:
+    """What one layer plan routes per token: the batch mean and the per-token bounds.
+
+    The one notion shared by ``explain``, replay, the engines' width checks and the
+    checker. ``exact``: replay's measured mean must equal ``mean`` (no SERE merges,
+    no piggybacking; a grouped model's token may still have fewer eligible experts).
+    """
+
+    mean: float
+    lo: int
+    hi: int
+    exact: bool
 
 
 PrimaryKind = Literal["top", "coverage", "count"]
@@ -168,7 +194,7 @@ class Reroute:
 
     primary: PrimaryRule
     min_similarity: float
-    similarity: torch.Tensor = field(repr=False, compare=False)  # [E, E] float32
+    similarity: "torch.Tensor" = field(repr=False, compare=False)  # [E, E] float32
     critical: tuple[int, ...] = ()  # experts that are always primary in this layer
     similarity_path: str = ""
 
@@ -190,6 +216,7 @@ class Piggyback:
 
     max_k: int
     min_score: float = 0.0  # a piggybacked expert's gate score must be at least this
+    max_k_span: SourceSpan | None = field(default=None, compare=False, repr=False)  # where max_k was written
 
 
 @dataclass(frozen=True)
@@ -206,6 +233,17 @@ class LayerPlan:
     @property
     def is_stock_shape(self) -> bool:
         return self.reallocation is None and self.reroute is None and self.piggyback is None
+
+    def routed(self) -> Routed:
+        """Experts per token this plan routes: selection's mean, widened by SERE merges and piggybacking."""
+        re, pig = self.reallocation, self.piggyback
+        mean = re.routed_k(self.k) if re is not None else self.k
+        lo, hi = (re.min_k, re.max_k) if re is not None else (self.k, self.k)
+        if self.reroute is not None:  # a moved slot merges into one the token holds: fewer, never more
+            lo = min(lo, 1)
+        if pig is not None:  # free slots up to max_k filled with experts the batch already loads
+            hi = max(hi, pig.max_k)
+        return Routed(mean=float(mean), lo=lo, hi=hi, exact=self.reroute is None and pig is None)
 
 
 @dataclass(frozen=True)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import difflib
 import re
+import unicodedata
 from functools import lru_cache
 from importlib.resources import files
 
 from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
-from ..errors import PolicyError, SourceSpan
+from ..errors import Diagnostic, LineIndex, PolicyError, SourceSpan, printable
 from .ast import Block, Cond, LayerItem, LayerOverride, Num, PolicyAst, Setting, Str
 
 # How each terminal is named in "expected ..." messages.
@@ -34,7 +35,21 @@ def grammar_text() -> str:
 
 @lru_cache(maxsize=1)
 def _parser() -> Lark:
-    return Lark(grammar_text(), parser="lalr", propagate_positions=True, maybe_placeholders=False)
+    """The LALR parser. Lark's regex-collision analysis (interegular) only warns and costs ~1 s per start,
+    so it is skipped here: the grammar's terminals are fixed and tested, and `check` must answer fast."""
+    import lark.lexer
+
+    saved = getattr(lark.lexer, "has_interegular", False)
+    lark.lexer.has_interegular = False
+    try:
+        return Lark(grammar_text(), parser="lalr", propagate_positions=True, maybe_placeholders=False)
+    finally:
+        lark.lexer.has_interegular = saved
+
+
+_BLOCKS = {"policy", "layers", "tokens", "reroute", "piggyback"}
+_NOT_STATEMENTS = {"when", "item", "layer_stmt", "token_stmt", "reroute_stmt", "pig_stmt"}  # `;` placeholders
+_WORDCH = re.compile(r"[A-Za-z0-9_]")
 
 
 def _terminal_text(name: str) -> str:
@@ -88,7 +103,14 @@ class _ToAst(Transformer):
         return Num(float(str(tok)[:-1]), str(tok), self._span(tok))
 
     def _str(self, tok: Token) -> Str:
-        return Str(str(tok)[1:-1], self._span(tok))
+        value = str(tok)[1:-1]
+        for i, ch in enumerate(value):
+            if unicodedata.category(ch) in ("Cc", "Cf", "Co", "Cn"):
+                name = unicodedata.name(ch, f"U+{ord(ch):04X}")
+                span = SourceSpan.at(self.file, self.text, tok.line, tok.column + 1 + i)
+                raise PolicyError(f"invisible or control character {printable(ch)} ({name}) in a string", span,
+                                  "strings (names, file paths) may hold printable characters only")
+        return Str(value, self._span(tok))
 
     # -- conditions -----------------------------------------------------------
     def cond_phase(self, items):
@@ -228,6 +250,12 @@ def _syntax_error(e: UnexpectedInput, file: str, text: str) -> PolicyError:
             return PolicyError(f"unexpected '{w}'", span, f"expected {_expected(allowed)}")
         ch = rest[:1] or "?"
         span = SourceSpan.at(file, text, line, col)
+        if ord(ch) > 127 or not ch.isprintable():
+            what = "non-ASCII digit" if ch.isdigit() else "non-ASCII character" if ord(ch) > 127 else "control character"
+            name = unicodedata.name(ch, f"U+{ord(ch):04X}")
+            return PolicyError(f"{what} {printable(ch)!s} ({name}) outside a string", span,
+                               "numbers use the ASCII digits 0-9; keywords are ASCII" if ch.isdigit()
+                               else "only ASCII text is allowed outside strings and comments")
         if ch == '"':
             return PolicyError("unterminated string", span, 'close the string with " on the same line')
         if ch == "%":
@@ -272,20 +300,59 @@ def _all_keywords() -> list[str]:
     return _keywords({t.name for t in _parser().terminals} | {"PHASE", "QUANTITY"})
 
 
+def _check_separators(tree: Tree, file: str, text: str) -> list[Diagnostic]:
+    """Two statements on one line need a `;` between them (the grammar ignores newlines)."""
+    out: list[Diagnostic] = []
+    for node in tree.iter_subtrees():
+        if node.data not in _BLOCKS:
+            continue
+        stmts = [c for c in node.children if isinstance(c, Tree) and c.data not in _NOT_STATEMENTS and not c.meta.empty]
+        for a, b in zip(stmts, stmts[1:]):
+            gap = text[a.meta.end_pos:b.meta.start_pos]
+            if "\n" in gap or ";" in gap or text[a.meta.end_pos - 1:a.meta.end_pos] in ("}", ";"):
+                continue
+            span = SourceSpan.at(file, text, b.meta.line, b.meta.column, b.meta.end_column - b.meta.column
+                                 if b.meta.end_line == b.meta.line else 1)
+            out.append(Diagnostic("two statements on one line without `;`", span,
+                                  "statements end at a newline or `;`: add `;` before this one or start a new line",
+                                  file))
+    return out
+
+
+def _check_glue(tokens: list[Token], file: str, text: str) -> list[Diagnostic]:
+    """Keywords, numbers and words must be separated (``budget50%``, ``allocateuniform`` are errors)."""
+    out: list[Diagnostic] = []
+    for a, b in zip(tokens, tokens[1:]):
+        if a.end_pos != b.start_pos or not (_WORDCH.match(str(a)[-1:]) and _WORDCH.match(str(b)[:1])):
+            continue
+        span = SourceSpan.at(file, text, b.line, b.column, len(str(b)))
+        out.append(Diagnostic(f"'{a}' and '{b}' are glued together", span,
+                              f"separate them with a space: `{a} {b}`", file))
+    return out
+
+
 def parse_policy(text: str, file: str = "<policy>") -> PolicyAst:
-    """Parse policy source into its AST; raises :class:`PolicyError` on any syntax error."""
+    """Parse policy source into its AST; raises :class:`PolicyError` on any syntax error (all glue and
+    separator problems at once)."""
     if "\x00" in text:
-        i = text.index("\x00")
-        line = text.count("\n", 0, i) + 1
-        col = i - (text.rfind("\n", 0, i) + 1) + 1
+        line, col = LineIndex.of(text).position(text.index("\x00"))
         raise PolicyError("NUL byte in policy text", SourceSpan.at(file, text, line, col), "is this a text file?")
     try:
-        tree: Tree = _parser().parse(text)
-    except UnexpectedInput as e:
-        raise _syntax_error(e, file, text) from None
+        ip = _parser().parse_interactive(text)
+        tokens = list(ip.iter_parse())  # every token, anonymous keywords included (for the glue check)
+        tree: Tree = ip.feed_eof()
+    except UnexpectedInput:
+        try:  # the plain parse reports errors with the positions the messages are written for
+            _parser().parse(text)
+        except UnexpectedInput as e:
+            raise _syntax_error(e, file, text) from None
+        raise  # pragma: no cover - both parsers accept the same language
+    problems = _check_glue(tokens, file, text) + _check_separators(tree, file, text)
+    if problems:
+        raise PolicyError.of(problems)
     try:
         return _ToAst(file, text).transform(tree)
-    except VisitError as e:  # pragma: no cover - transformer bugs surface as PolicyError, not tracebacks
+    except VisitError as e:  # transformer errors surface as PolicyError, not tracebacks
         if isinstance(e.orig_exc, PolicyError):
             raise e.orig_exc from None
         raise PolicyError(f"internal error while reading the policy: {e.orig_exc}", file=file) from None

@@ -14,17 +14,40 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..errors import PolicyError, SourceSpan
+from ..errors import Diagnostic, PolicyError, SourceSpan
 from ..spec import ModelSpec
-from .ast import Block, Cond, Num, PolicyAst, Setting, Str
+from .ast import Block, Cond, LayerItem, Num, PolicyAst, Setting, Str
 from .ir import (
     Budget, Condition, Interval, LayerK, LayersRule, Piggyback, PolicyIR, PrimaryRule, Reallocation,
-    Reroute, RerouteRule, RouteContext, Rule, representative_contexts,
+    LayerPlan, Reroute, RerouteRule, RouteContext, Rule, representative_contexts,
 )
 
 
 def _err(msg: str, span: SourceSpan, hint: str | None = None) -> PolicyError:
     return PolicyError(msg, span, hint)
+
+
+class _Errors:
+    """Collects independent diagnostics (one per statement or block) instead of stopping at the first."""
+
+    def __init__(self) -> None:
+        self.items: list[Diagnostic] = []
+
+    def run(self, fn: Callable, *args):
+        """``fn(*args)``, or None with its errors recorded."""
+        try:
+            return fn(*args)
+        except PolicyError as e:
+            self.items.extend(e.diagnostics)
+            return None
+
+    def raise_if_any(self) -> None:
+        """Raise every collected diagnostic at once (one per source position: no cascades)."""
+        if self.items:
+            seen: dict[tuple, Diagnostic] = {}
+            for d in self.items:
+                seen.setdefault((d.line, d.column), d)
+            raise PolicyError.of(seen.values())
 
 
 def _layers_text(spec: ModelSpec) -> str:
@@ -93,6 +116,8 @@ def _condition(terms: tuple[Cond, ...]) -> Condition:
 # -- blocks --------------------------------------------------------------------
 
 def _check_duplicates(block: Block) -> None:
+    """Every setting at most once per block (all repeats reported)."""
+    errs = _Errors()
     seen: dict[str, Setting] = {}
     for s in block.settings:
         key = "allocate" if s.key.startswith("allocate") else "primary" if s.key.startswith("primary") else s.key
@@ -100,9 +125,10 @@ def _check_duplicates(block: Block) -> None:
             continue
         if key in seen:
             first = seen[key].span
-            raise _err(f"'{_show(s.key)}' is set twice in this {block.kind} block", s.span,
-                       f"it was already set on line {first.line}; keep one")
+            errs.items.extend(_err(f"'{_show(s.key)}' is set twice in this {block.kind} block", s.span,
+                                   f"it was already set on line {first.line}; keep one").diagnostics)
         seen[key] = s
+    errs.raise_if_any()
 
 
 def _show(key: str) -> str:
@@ -131,41 +157,51 @@ def _budget(block: Block, spec: ModelSpec) -> Budget:
 
 def _layers(block: Block, spec: ModelSpec) -> tuple[LayersRule, Setting | None]:
     top = spec.top_k
-    k_hint = f"per-layer k lies in 1..{top} (top-k of {spec.name}); tokens may take more with `tokens {{ max_k N }}`"
+    k_hint = f"per-layer k lies in 1..{top}: {spec.name} routes top-{top}, and a policy can only lower that"
     default = min_k = max_k = None
     alloc: Setting | None = None
     overrides: dict[int, int] = {}
     override_spans: dict[int, SourceSpan] = {}
+    errs = _Errors()
     for s in block.settings:
         if s.key == "k=":
-            default = _int(s.value, "k", 1, top, k_hint)
+            default = errs.run(_int, s.value, "k", 1, top, k_hint)
         elif s.key == "k>=":
-            min_k = _int(s.value, "k lower bound", 1, top, k_hint)
+            min_k = errs.run(_int, s.value, "k lower bound", 1, top, k_hint)
         elif s.key == "k<=":
-            max_k = _int(s.value, "k upper bound", 1, top, k_hint)
+            max_k = errs.run(_int, s.value, "k upper bound", 1, top, k_hint)
         elif s.key.startswith("allocate"):
             alloc = s
         elif s.key == "layer":
-            k = _int(s.value, "k", 1, top, k_hint)
-            for layer in _layer_set(s, spec):
+            k = errs.run(_int, s.value, "k", 1, top, k_hint)
+            layers = errs.run(_layer_set, s, spec)
+            for layer in layers or ():
                 if layer in overrides:
-                    raise _err(f"layer {layer} is given a k twice", s.span,
-                               f"it was already set on line {override_spans[layer].line}")
-                overrides[layer] = k
-                override_spans[layer] = s.span
+                    errs.run(_raise, f"layer {layer} is given a k twice", s.span,
+                             f"it was already set on line {override_spans[layer].line}")
+                    break
+                if k is not None:
+                    overrides[layer] = k
+                    override_spans[layer] = s.span
     lo, hi = min_k or 1, max_k or top
     if min_k is not None and max_k is not None and min_k > max_k:
         bound = block.get("k<=")
-        raise _err(f"k <= {max_k} is below k >= {min_k}: no k satisfies both", bound.span, "swap or widen the bounds")
-    if default is not None and alloc is not None:
-        raise _err(f"`k = {default}` conflicts with `{alloc.key}`", block.get("k=").span,
-                   "either fix k for every layer or let `allocate` choose it, not both")
-    if default is not None and not lo <= default <= hi:
-        raise _err(f"k = {default} lies outside the bounds {lo}..{hi}", block.get("k=").span)
+        errs.run(_raise, f"k <= {max_k} is below k >= {min_k}: no k satisfies both", bound.span,
+                 "swap or widen the bounds")
+        lo, hi = 1, top  # checked against the bounds already reported: no cascade
+    if block.get("k=") is not None and alloc is not None:
+        errs.run(_raise, f"`k = {_show_num(block.get('k='))}` conflicts with `{alloc.key}`", block.get("k=").span,
+                 "either fix k for every layer or let `allocate` choose it, not both")
+    elif default is not None and not lo <= default <= hi:
+        errs.run(_raise, f"k = {default} lies outside the bounds {lo}..{hi}", block.get("k=").span,
+                 "change k or the `k >=` / `k <=` bounds")
+    bad_spans: set[SourceSpan] = set()
     for layer, k in overrides.items():
-        if not lo <= k <= hi:
-            raise _err(f"layer {layer}: k = {k} lies outside this block's bounds {lo}..{hi}",
-                       override_spans[layer], "explicit layers must respect `k >=` / `k <=` too")
+        if not lo <= k <= hi and override_spans[layer] not in bad_spans:
+            bad_spans.add(override_spans[layer])
+            errs.run(_raise, f"layer {layer}: k = {k} lies outside this block's bounds {lo}..{hi}",
+                     override_spans[layer], "explicit layers must respect `k >=` / `k <=` too")
+    errs.raise_if_any()
     if alloc is not None:
         method = "dp" if alloc.key == "allocate dp" else "uniform"
     elif default is not None:
@@ -177,50 +213,71 @@ def _layers(block: Block, spec: ModelSpec) -> tuple[LayersRule, Setting | None]:
     return rule, alloc
 
 
+def _raise(msg: str, span: SourceSpan, hint: str | None = None) -> None:
+    raise _err(msg, span, hint)
+
+
+def _show_num(s: Setting) -> str:
+    return s.value.text if isinstance(s.value, Num) else "?"
+
+
 def _layer_set(s: Setting, spec: ModelSpec) -> list[int]:
+    """The MoE layers a ``layer`` override names; every bad item is reported."""
     assert s.extra is not None
+    errs = _Errors()
     out: list[int] = []
-    last = spec.num_layers - 1
     for item in s.extra.items:
-        hint = f"{spec.name} has layers 0..{last}; its MoE layers are {_layers_text(spec)}"
-        lo = _int(item.lo, "layer", 0, last, hint)
-        if item.hi is None:
-            if not spec.is_moe_layer(lo):
-                raise _err(f"layer {lo} is not an MoE layer of {spec.name}", item.span, hint)
-            out.append(lo)
-            continue
-        hi = _int(item.hi, "layer", 0, last, hint)
-        if hi < lo:
-            raise _err(f"empty layer range {lo}..{hi}", item.span, f"write {hi}..{lo}")
-        got = [l for l in range(lo, hi + 1) if spec.is_moe_layer(l)]
-        if not got:
-            raise _err(f"layers {lo}..{hi} hold no MoE layer of {spec.name}", item.span, hint)
-        out += got
+        out += errs.run(_layer_item, item, spec) or []
+    errs.raise_if_any()
     return out
 
 
+def _layer_item(item: LayerItem, spec: ModelSpec) -> list[int]:
+    """``N`` or ``lo..hi`` as the MoE layers it names."""
+    last = spec.num_layers - 1
+    hint = f"{spec.name} has layers 0..{last}; its MoE layers are {_layers_text(spec)}"
+    lo = _int(item.lo, "layer", 0, last, hint)
+    if item.hi is None:
+        if not spec.is_moe_layer(lo):
+            raise _err(f"layer {lo} is not an MoE layer of {spec.name}", item.span, hint)
+        return [lo]
+    hi = _int(item.hi, "layer", 0, last, hint)
+    if hi < lo:
+        raise _err(f"empty layer range {lo}..{hi}", item.span, f"write {hi}..{lo}")
+    got = [l for l in range(lo, hi + 1) if spec.is_moe_layer(l)]
+    if not got:
+        raise _err(f"layers {lo}..{hi} hold no MoE layer of {spec.name}", item.span, hint)
+    return got
+
+
 def _tokens(block: Block, spec: ModelSpec, eligible: int) -> Reallocation:
+    """An Alloc-T block; every bad statement is reported."""
+    errs = _Errors()
     if block.get("reallocate by score") is None:
-        raise _err("a tokens block needs `reallocate by score`", block.span,
-                   "Alloc-T reallocates a layer's slots by routing score: add `reallocate by score`")
+        errs.run(_raise, "a tokens block needs `reallocate by score`", block.span,
+                 "Alloc-T reallocates a layer's slots by routing score: add `reallocate by score`")
     hint = f"per-token k lies in 0..{eligible} ({eligible} experts a token can be routed to)"
     min_s, max_s = block.get("min_k"), block.get("max_k")
-    min_k = _int(min_s.value, "min_k", 0, eligible, hint) if min_s else 1
-    max_k = _int(max_s.value, "max_k", 1, eligible, hint) if max_s else spec.top_k
-    if min_k > max_k:
-        raise _err(f"min_k {min_k} is above max_k {max_k}", (min_s or max_s).span, "min_k must be <= max_k")
-    return Reallocation(min_k=min_k, max_k=max_k)
+    min_k = errs.run(_int, min_s.value, "min_k", 0, eligible, hint) if min_s else 1
+    max_k = errs.run(_int, max_s.value, "max_k", 1, eligible, hint) if max_s else spec.top_k
+    if min_k is not None and max_k is not None and min_k > max_k:
+        errs.run(_raise, f"min_k {min_k} is above max_k {max_k}", (min_s or max_s).span, "min_k must be <= max_k")
+    errs.raise_if_any()
+    return Reallocation(min_k=min_k, max_k=max_k, max_k_span=max_s.value.span if max_s else None)
 
 
 def _piggyback(block: Block, spec: ModelSpec, eligible: int) -> Piggyback:
+    """An OEA block; every bad statement is reported."""
+    errs = _Errors()
     ms = block.get("max_k")
     if ms is None:
-        raise _err("a piggyback block needs `max_k N`", block.span,
-                   "how many slots a token may fill with experts the batch already loads")
-    max_k = _int(ms.value, "max_k", 1, eligible, f"max_k lies in 1..{eligible}")
+        errs.run(_raise, "a piggyback block needs `max_k N`", block.span,
+                 "how many slots a token may fill with experts the batch already loads")
+    max_k = errs.run(_int, ms.value, "max_k", 1, eligible, f"max_k lies in 1..{eligible}") if ms else None
     sc = block.get("min_score")
-    min_score = _real(sc.value, "min_score", 0.0, 1.0) if sc else 0.0
-    return Piggyback(max_k=max_k, min_score=min_score)
+    min_score = errs.run(_real, sc.value, "min_score", 0.0, 1.0) if sc else 0.0
+    errs.raise_if_any()
+    return Piggyback(max_k=max_k, min_score=min_score, max_k_span=ms.value.span)
 
 
 @dataclass
@@ -237,56 +294,65 @@ class _Loaded:
         return p if p.is_absolute() else self.base_dir / p
 
     def load(self, s: Str, what: str, loader: Callable, error: type[Exception], tool: str):
-        """Load the file named by ``s`` once; a missing or malformed file is an error at the name."""
+        """Load the file named by ``s`` once; a missing, unreadable or malformed file is an error at the name."""
         path = self.path(s)
         key = (what, str(path))
         if key not in self.cache:
+            self.cache[key] = self._read(s, path, what, loader, error, tool)
+        got = self.cache[key]
+        if isinstance(got, PolicyError):  # the same bad file named again: the same error, at this name
+            raise _err(got.message, s.span, got.hint)
+        return got
+
+    @staticmethod
+    def _read(s: Str, path: Path, what: str, loader: Callable, error: type[Exception], tool: str):
+        """The loaded file, or the PolicyError that describes why it cannot be (never an OSError)."""
+        try:
             if not path.is_file():
-                raise _err(f"{what} not found: {s.value}", s.span,
-                           f"looked for {path}; paths are relative to the policy's directory")
-            try:
-                self.cache[key] = loader(path)
-            except error as e:
-                line = getattr(e, "line", None)
-                where = f" (line {line})" if line else ""
-                raise _err(f"bad {what}{where}: {getattr(e, 'message', str(e))}", s.span,
-                           getattr(e, "hint", None) or f"write it with `{tool}`") from None
-        return self.cache[key]
+                return _err(f"{what} not found: {s.value}", s.span,
+                            f"looked for {path}; paths are relative to the policy's directory")
+            return loader(path)
+        except error as e:
+            line = getattr(e, "line", None)
+            where = f" (line {line})" if line else ""
+            return _err(f"bad {what}{where}: {getattr(e, 'message', str(e))}", s.span,
+                        getattr(e, "hint", None) or f"write it with `{tool}`")
+        except (OSError, ValueError) as e:  # name too long, permission denied, embedded NUL...
+            reason = getattr(e, "strerror", None) or str(e)
+            return _err(f"cannot read {what} {s.value!r}: {reason}", s.span,
+                        "check the file name (each path component is at most 255 bytes)")
 
 
 def _reroute(block: Block, spec: ModelSpec, files: _Loaded) -> RerouteRule:
-    from ..similarity import SimilarityFileError, load_similarity
-
+    """A SERE block; every bad statement (and the similarity file) is reported."""
+    errs = _Errors()
     sim = block.get("similarity")
     if sim is None:
-        raise _err("a reroute block needs `similarity \"file\"`", block.span,
-                   "SERE re-routes by expert similarity: compute it with `sgl-budget similarity`")
+        errs.run(_raise, "a reroute block needs `similarity \"file\"`", block.span,
+                 "SERE re-routes by expert similarity: compute it with `sgl-budget similarity`")
     prim = next((s for s in block.settings if s.key.startswith("primary")), None)
+    primary = None
     if prim is None:
-        raise _err("a reroute block needs a primary rule", block.span,
-                   "add `primary top 1` (SERE), `primary coverage 60%` or `primary count 16`")
-    if prim.key == "primary top":
-        primary = PrimaryRule("top", _int(prim.value, "primary top", 1, spec.top_k,
-                                          f"S lies in 1..{spec.top_k} (the model's top-k)"))
+        errs.run(_raise, "a reroute block needs a primary rule", block.span,
+                 "add `primary top 1` (SERE), `primary coverage 60%` or `primary count 16`")
+    elif prim.key == "primary top":
+        v = errs.run(_int, prim.value, "primary top", 1, spec.top_k, f"S lies in 1..{spec.top_k} (the model's top-k)")
+        primary = PrimaryRule("top", v) if v is not None else None
     elif prim.key == "primary coverage":
-        primary = PrimaryRule("coverage", _real(prim.value, "primary coverage", 1e-9, 100.0,
-                                                "coverage lies in (0%, 100%]") / 100.0)
+        v = errs.run(_real, prim.value, "primary coverage", 1e-9, 100.0, "coverage lies in (0%, 100%]")
+        primary = PrimaryRule("coverage", v / 100.0) if v is not None else None
     else:
-        primary = PrimaryRule("count", _int(prim.value, "primary count", 1, spec.num_experts,
-                                            f"count lies in 1..{spec.num_experts} (experts per layer)"))
+        v = errs.run(_int, prim.value, "primary count", 1, spec.num_experts,
+                     f"count lies in 1..{spec.num_experts} (experts per layer)")
+        primary = PrimaryRule("count", v) if v is not None else None
     ms = block.get("min_similarity")
-    min_sim = _real(ms.value, "min_similarity", 0.0, 1.0, "similarities lie in [0, 1]") if ms else 0.0
+    min_sim = errs.run(_real, ms.value, "min_similarity", 0.0, 1.0, "similarities lie in [0, 1]") if ms else 0.0
     pc = block.get("preserve critical")
-    n_crit = _int(pc.value, "preserve critical", 0, spec.num_experts,
-                  f"between 0 and {spec.num_experts} experts") if pc else 0
-
+    n_crit = errs.run(_int, pc.value, "preserve critical", 0, spec.num_experts,
+                      f"between 0 and {spec.num_experts} experts") if pc else 0
+    table = errs.run(_similarity, sim.value, spec, files) if sim is not None else None
+    errs.raise_if_any()
     s = sim.value
-    assert isinstance(s, Str)
-    table = files.load(s, "similarity file", load_similarity, SimilarityFileError, "sgl-budget similarity")
-    problems = table.check_against(spec)
-    if problems:
-        raise _err(f"similarity file does not fit {spec.name}: {problems[0]}", s.span,
-                   "compute the similarity file for this model")
     per_layer = {
         l: Reroute(primary=primary, min_similarity=min_sim, similarity=table.matrices[l],
                    critical=tuple(int(e) for e in table.critical[l][:n_crit].tolist()), similarity_path=s.value)
@@ -294,6 +360,18 @@ def _reroute(block: Block, spec: ModelSpec, files: _Loaded) -> RerouteRule:
     }
     return RerouteRule(primary=primary, min_similarity=min_sim, similarity_path=s.value,
                        preserve_critical=n_crit, per_layer=per_layer)
+
+
+def _similarity(s: Str, spec: ModelSpec, files: _Loaded):
+    """The similarity table a reroute block names, checked against the model."""
+    from ..similarity import SimilarityFileError, load_similarity
+
+    table = files.load(s, "similarity file", load_similarity, SimilarityFileError, "sgl-budget similarity")
+    problems = table.check_against(spec)
+    if problems:
+        raise _err(f"similarity file does not fit {spec.name}: {problems[0]}", s.span,
+                   "compute the similarity file for this model")
+    return table
 
 
 # -- per-layer k for one (budget, layers) combination ----------------------------
@@ -347,21 +425,36 @@ def _layer_k(rule: Rule[LayersRule] | None, alloc: Setting | None, budget: Rule[
     return out
 
 
-def _dp(lr: LayersRule, alloc: Setting | None, fixed: dict[int, int], free: list[int], total: int,
-        spec: ModelSpec, files: _Loaded) -> LayerK:
-    from ..alloc import ProfileError, allocate_dp, load_profile
+def _profile(s: Str, spec: ModelSpec, files: _Loaded):
+    """The sensitivity profile an ``allocate dp`` names, checked against the model."""
+    from ..alloc import ProfileError, load_profile
 
-    assert alloc is not None and isinstance(alloc.value, Str)
-    s = alloc.value
     prof = files.load(s, "profile", load_profile, ProfileError, "sgl-budget profile")
     problems = prof.check_against(spec)
     if problems:
         raise _err(f"profile does not fit {spec.name}: {problems[0]}", s.span, "profile this model")
-    try:
-        got = allocate_dp({l: prof.loss[l] for l in spec.moe_layers}, total, min_k=lr.min_k, max_k=lr.max_k,
-                          fixed=fixed or None)
-    except ValueError as e:
-        raise _err(f"no per-layer plan fits the budget: {e}", s.span, "raise the budget or relax `k >=`") from None
+    return prof
+
+
+def _dp(lr: LayersRule, alloc: Setting | None, fixed: dict[int, int], free: list[int], total: int,
+        spec: ModelSpec, files: _Loaded) -> LayerK:
+    """Alloc-L's exact plan; runs once per distinct (profile, total, bounds, fixed layers) however many
+    budget x layers combinations ask for it, so many conditioned blocks stay cheap."""
+    from ..alloc import allocate_dp
+
+    assert alloc is not None and isinstance(alloc.value, Str)
+    s = alloc.value
+    prof = _profile(s, spec, files)
+    key = ("dp", str(files.path(s)), total, lr.min_k, lr.max_k, tuple(sorted(fixed.items())))
+    if key not in files.cache:
+        try:
+            files.cache[key] = allocate_dp({l: prof.loss[l] for l in spec.moe_layers}, total, min_k=lr.min_k,
+                                           max_k=lr.max_k, fixed=fixed or None)
+        except ValueError as e:
+            files.cache[key] = e
+    got = files.cache[key]
+    if isinstance(got, ValueError):
+        raise _err(f"no per-layer plan fits the budget: {got}", s.span, "raise the budget or relax `k >=`")
     return LayerK(dict(sorted(got.k.items())), method="dp", profile=s.value, predicted_loss=float(got.loss))
 
 
@@ -373,23 +466,36 @@ def _describe(ctx: RouteContext) -> str:
     return f"in prefill at batch {ctx.batch_size}, {ctx.tokens} tokens"
 
 
+NEVER = Condition(batch=Interval(2, 1))  # stands in for a condition that was itself an error
+
+
 def resolve(ast: PolicyAst, spec: ModelSpec, base_dir: str | Path = ".") -> PolicyIR:
-    """Resolve ``ast`` against ``spec``; raises :class:`PolicyError` on the first problem."""
+    """Resolve ``ast`` against ``spec``; raises one :class:`PolicyError` carrying every independent problem."""
+    errs = _Errors()
     if not ast.name.value.strip():
-        raise _err("the policy has an empty name", ast.name.span, 'name it, e.g. policy "alloc-moe-half"')
+        errs.run(_raise, "the policy has an empty name", ast.name.span, 'name it, e.g. policy "alloc-moe-half"')
     files = _Loaded(Path(base_dir), {})
     eligible = spec.topk_group * (spec.num_experts // spec.n_group) if spec.grouped else spec.num_experts
-    for b in ast.blocks:
-        _check_duplicates(b)
+    failed_kinds: set[str] = set()  # kinds with a bad condition: reachability is not judged (no cascades)
 
     def rules(kind: str, build: Callable[[Block], object]) -> tuple[Rule, ...]:
-        return tuple(Rule(_condition(b.when), build(b), b.span) for b in ast.of(kind))  # type: ignore[arg-type]
+        out = []
+        for b in ast.of(kind):  # type: ignore[arg-type]
+            cond = errs.run(_condition, b.when)
+            if cond is None:
+                failed_kinds.add(kind)
+            n = len(errs.items)
+            errs.run(_check_duplicates, b)
+            value = errs.run(build, b) if len(errs.items) == n else None
+            out.append(Rule(cond or NEVER, value, b.span))
+        return tuple(out)
 
-    allocs: list[Setting | None] = []
+    allocs = [next((s for s in b.settings if s.key.startswith("allocate")), None) for b in ast.of("layers")]
 
     def layers(b: Block) -> LayersRule:
         rule, alloc = _layers(b, spec)
-        allocs.append(alloc)
+        if alloc is not None and alloc.key == "allocate dp" and isinstance(alloc.value, Str):
+            _profile(alloc.value, spec, files)
         return rule
 
     ir = PolicyIR(
@@ -402,50 +508,86 @@ def resolve(ast: PolicyAst, spec: ModelSpec, base_dir: str | Path = ".") -> Poli
     )
     contexts = representative_contexts(ir.conditions())
     matches = {ctx: ir.match(ctx) for ctx in contexts}
-    _check_reachable(ir, ast, matches)
-
-    widths = {l: 1 for l in spec.moe_layers}
-    for ctx, key in matches.items():
-        bi, li, ti, _, pi = key
-        if (bi, li) != (-1, -1) and (bi, li) not in ir.layer_k:
-            ir.layer_k[(bi, li)] = _layer_k(
-                ir.layer_rules[li] if li >= 0 else None, allocs[li] if li >= 0 else None,
-                ir.budget_rules[bi] if bi >= 0 else None, spec, files, _describe(ctx))
-        ks = ir.layer_k_for(key).k
-        if ti >= 0:
-            re = ir.token_rules[ti].value
-            low = min(ks, key=lambda l: ks[l])
-            if re.min_k > ks[low]:
-                blk = ast.of("tokens")[ti]
-                raise _err(f"min_k {re.min_k} is above layer {low}'s k = {ks[low]} {_describe(ctx)}",
-                           (blk.get("min_k") or blk).span,
-                           "every token gets min_k slots, so the layer would exceed its T*k slots; lower min_k")
-        for l in spec.moe_layers:
-            w = ks[l]
-            if ti >= 0:
-                w = max(w, ir.token_rules[ti].value.max_k)
-            if pi >= 0:
-                w = max(w, ir.piggyback_rules[pi].value.max_k)
-            widths[l] = max(widths[l], w)
+    errs.run(_check_reachable, ir, ast, matches, failed_kinds)
+    widths = _check_combinations(ir, ast, matches, allocs, files, errs)
+    errs.raise_if_any()
     ir.widths = widths
     return ir
 
 
-def _check_reachable(ir: PolicyIR, ast: PolicyAst, matches: dict[RouteContext, tuple]) -> None:
-    """Every block must be the first match of its kind for some forward; say why not."""
+def _check_combinations(ir: PolicyIR, ast: PolicyAst, matches: dict[RouteContext, tuple],
+                        allocs: list[Setting | None], files: _Loaded, errs: _Errors) -> dict[int, int]:
+    """Resolve and check every reachable (budget, layers, tokens, piggyback) combination; the layers' widths."""
+    spec = ir.spec
+    widths = {l: 1 for l in spec.moe_layers}
+    bad: set[tuple[int, int]] = set()
+    for ctx, key in matches.items():
+        bi, li, ti, _, pi = key
+        if (bi, li) in bad or (bi >= 0 and ir.budget_rules[bi].value is None) or (
+                li >= 0 and ir.layer_rules[li].value is None):
+            continue  # a block of this combination is already reported
+        if (bi, li) != (-1, -1) and (bi, li) not in ir.layer_k:
+            got = errs.run(_layer_k, ir.layer_rules[li] if li >= 0 else None, allocs[li] if li >= 0 else None,
+                           ir.budget_rules[bi] if bi >= 0 else None, spec, files, _describe(ctx))
+            if got is None:
+                bad.add((bi, li))
+                continue
+            ir.layer_k[(bi, li)] = got
+        ks = ir.layer_k_for(key).k
+        re = ir.token_rules[ti].value if ti >= 0 else None
+        if re is not None:
+            blk = ast.of("tokens")[ti]
+            errs.run(_check_reallocation, re, ks, blk, _describe(ctx))
+        pig = ir.piggyback_rules[pi].value if pi >= 0 else None
+        for l in spec.moe_layers:
+            widths[l] = max(widths[l], ks[l], LayerPlan(l, ks[l], 0, re, None, pig).routed().hi)
+    return widths
+
+
+def _check_reallocation(re: Reallocation, ks: dict[int, int], blk: Block, where: str) -> None:
+    """Alloc-T must route exactly each layer's k per token on average: no bound may clamp the plan."""
+    low = min(ks, key=lambda l: ks[l])
+    if re.min_k > ks[low]:
+        raise _err(f"min_k {re.min_k} is above layer {low}'s k = {ks[low]} {where}", (blk.get("min_k") or blk).span,
+                   "every token gets min_k slots, so the layer would exceed its T*k slots; lower min_k")
+    high = max(ks, key=lambda l: ks[l])
+    if re.max_k < ks[high]:
+        raise _err(f"max_k {re.max_k} is below layer {high}'s k = {ks[high]} {where}: Alloc-T would route only "
+                   f"{re.max_k} experts per token, not the {ks[high]} the plan promises",
+                   (blk.get("max_k") or blk).span,
+                   f"raise max_k to at least {ks[high]}, or lower the budget / k so no layer needs more than "
+                   f"{re.max_k}")
+
+
+def _check_reachable(ir: PolicyIR, ast: PolicyAst, matches: dict[RouteContext, tuple],
+                     failed_kinds: set[str] = frozenset()) -> None:
+    """Every block must be the first match of its kind for some forward; say why not (all such blocks)."""
     kinds = ("budget", "layers", "tokens", "reroute", "piggyback")
     all_rules = (ir.budget_rules, ir.layer_rules, ir.token_rules, ir.reroute_rules, ir.piggyback_rules)
+    errs = _Errors()
     for pos, (kind, rules) in enumerate(zip(kinds, all_rules)):
-        used = {m[pos] for m in matches.values()}
-        for i, r in enumerate(rules):
-            if i in used:
-                continue
-            span = r.span or SourceSpan(ast.file, 1, 1)
-            if not any(r.condition.holds(ctx) for ctx in matches):
-                raise _err(f"the condition of this {kind} block can never hold", span,
-                           "in decode every sequence has one token (tokens == batch); in prefill tokens >= batch")
-            shadows = sorted({m[pos] for c, m in matches.items() if r.condition.holds(c)})
-            lines = ", ".join(str(rules[j].span.line) for j in shadows if 0 <= j < len(rules) and rules[j].span)
-            raise _err(f"this {kind} block never applies: the {kind} block(s) on line {lines} match first "
-                       "wherever this one would", span,
-                       "blocks of a kind are tried in order; put the more specific one first")
+        if kind in failed_kinds:
+            continue
+        errs.run(_reachable_kind, kind, pos, rules, ast, matches)
+    errs.raise_if_any()
+
+
+def _reachable_kind(kind: str, pos: int, rules: tuple[Rule, ...], ast: PolicyAst,
+                    matches: dict[RouteContext, tuple]) -> None:
+    """Report every block of ``kind`` that no forward selects."""
+    errs = _Errors()
+    used = {m[pos] for m in matches.values()}
+    for i, r in enumerate(rules):
+        if i in used:
+            continue
+        span = r.span or SourceSpan(ast.file, 1, 1)
+        if not any(r.condition.holds(ctx) for ctx in matches):
+            errs.run(_raise, f"the condition of this {kind} block can never hold", span,
+                     "in decode every sequence has one token (tokens == batch); in prefill tokens >= batch")
+            continue
+        shadows = sorted({m[pos] for c, m in matches.items() if r.condition.holds(c)})
+        lines = ", ".join(str(rules[j].span.line) for j in shadows if 0 <= j < len(rules) and rules[j].span)
+        errs.run(_raise, f"this {kind} block never applies: the {kind} block(s) on line {lines} match first "
+                 "wherever this one would", span,
+                 "blocks of a kind are tried in order; put the more specific one first")
+    errs.raise_if_any()

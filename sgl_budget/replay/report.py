@@ -15,7 +15,7 @@ class LayerStats:
 
     activations: float  # valid slots per token (piggybacked ones included)
     unique: float  # distinct experts per batch
-    mass: float  # routing probability mass on the experts each token keeps
+    routing_mass: float  # absolute routing probability mass on the experts each token keeps (stock: < 1)
     rerouted: float  # slots moved by re-routing, per token
     piggybacked: float  # slots added by piggybacking, per token
 
@@ -59,8 +59,14 @@ class Report:
     def all(self) -> list[PolicyResult]:
         return [self.stock, *self.policies]
 
+    def mass_retained(self, r: PolicyResult, layer: int | None = None) -> float:
+        """Mass retained: ``r``'s routing mass as a fraction of stock top-k's (stock = 1), mean or one layer."""
+        if layer is not None:
+            return r.layers[layer].routing_mass / max(self.stock.layers[layer].routing_mass, 1e-12)
+        return r.mean("routing_mass") / max(self.stock.mean("routing_mass"), 1e-12)
+
     def time_ratio(self, r: PolicyResult) -> float:
-        """Estimated MoE decode time of ``r`` relative to stock (unique-expert bytes + shared experts)."""
+        """Estimated MoE time of ``r`` in this phase relative to stock (unique-expert bytes + shared experts)."""
         return r.moe_bytes(self.expert_bytes, self.shared_bytes) / self.stock.moe_bytes(self.expert_bytes,
                                                                                        self.shared_bytes)
 
@@ -76,17 +82,19 @@ class Report:
     def render(self, console: Console | None = None) -> None:
         console = console or Console()
         t = Table(title=self.title(), title_justify="left")
-        for col in ("policy", "act/token", "× stock", "unique experts/batch", "× stock", "mass retained",
-                    "re-routed/token", "piggybacked/token", "est. MoE decode time"):
-            t.add_column(col, justify="left" if col == "policy" else "right")
+        for col in ("policy", "act/token", "× stock", "unique experts/batch", "× stock", "mass retained (of stock)",
+                    "re-routed/token", "piggybacked/token", f"est. MoE {self.phase} time"):
+            t.add_column(col, justify="left" if col == "policy" else "right", no_wrap=col == "policy")
         s_act, s_uni = self.stock.mean("activations"), self.stock.mean("unique")
         for r in self.all:
             act, uni = r.mean("activations"), r.mean("unique")
             t.add_row(r.name, f"{act:.3f}", f"{act / s_act:.3f}", f"{uni:.2f}", f"{uni / s_uni:.3f}",
-                      f"{r.mean('mass'):.3f}", f"{r.mean('rerouted'):.3f}", f"{r.mean('piggybacked'):.3f}",
+                      f"{self.mass_retained(r):.3f}", f"{r.mean('rerouted'):.3f}", f"{r.mean('piggybacked'):.3f}",
                       f"{self.time_ratio(r):.3f}×")
-        t.caption = ("means over MoE layers; est. decode time = unique-expert + shared-expert weight bytes "
-                     "relative to stock top-k (memory-bound model)" + (
+        t.caption = (f"means over MoE layers; mass retained = routing probability mass on the kept experts as a "
+                     f"fraction of stock top-k's (stock keeps {self.stock.mean('routing_mass'):.3f} of the "
+                     f"softmax); est. {self.phase} time = unique-expert + shared-expert weight bytes relative to "
+                     f"stock top-k (memory-bound model)" + (
                          f"\ntrace source: {self.trace_source}" if self.trace_source else ""))
         t.caption_justify = "left"
         console.print(t)
@@ -111,8 +119,10 @@ class Report:
                 "mean": {f: r.mean(f) for f in LayerStats.fields()},
                 "activations_ratio": r.mean("activations") / self.stock.mean("activations"),
                 "unique_ratio": r.mean("unique") / self.stock.mean("unique"),
-                "est_decode_time_ratio": self.time_ratio(r),
-                "layers": {str(l): {"k": r.k.get(l), **asdict(s)} for l, s in r.layers.items()},
+                "mass_retained": self.mass_retained(r),
+                "est_moe_time_ratio": self.time_ratio(r),  # for this report's phase
+                "layers": {str(l): {"k": r.k.get(l), **asdict(s), "mass_retained": self.mass_retained(r, l)}
+                           for l, s in r.layers.items()},
             }
 
         return {

@@ -42,7 +42,7 @@ def _measure(ids: Tensor, probs: Tensor, num_experts: int, rerouted: Tensor | No
     return LayerStats(
         activations=float(valid.sum()) / tokens,
         unique=float(_unique_per_batch(ids, num_experts).mean()),
-        mass=float(mass.mean()),
+        routing_mass=float(mass.mean()),
         rerouted=float(rerouted.sum()) / tokens if rerouted is not None else 0.0,
         piggybacked=float((piggybacked & valid).sum()) / tokens if piggybacked is not None else 0.0,
     )
@@ -107,7 +107,7 @@ def replay(policies: Sequence[PolicyIR], trace, batch_size: int = 16, phase: str
             x = logits[l].float()
             bias = trace.correction_bias.get(l) if trace.correction_bias else None
             # score and rank once; stock and every policy slice the shared ranking
-            gs = score_experts(spec, x, bias).with_ranking(widest[l])
+            gs = score_experts(spec, x, bias).with_ranking(widest[l], stock_k=spec.top_k)
             probs = gs.scores if spec.scoring_func == "softmax" else gate_probs(spec, x)
             _, sids = stock_route(spec, x, gs=gs)
             acc[0][l].append((n * ctx.tokens, _measure(sids, probs, e)))

@@ -2,10 +2,10 @@
 
 After selection and re-routing fix the batch's expert set (every expert in a
 valid slot), each token may add experts until it holds ``max_k`` valid slots:
-its highest selection-score experts that are in the batch set, not already in
-its slots, eligible for it (inside its kept groups on grouped models) and whose
-gate score (softmax prob / sigmoid score, the weight they would carry) is at
-least ``min_score``. A memory-bound decode step reads no extra expert weights
+its highest selection-score experts (exact ties: lower index first) that are
+in the batch set, not already in its slots, eligible for it (inside its kept
+groups on grouped models) and whose gate score (softmax prob / sigmoid score,
+the weight they would carry) is at least ``min_score``. A memory-bound decode step reads no extra expert weights
 for them, so the batch's distinct experts never grow.
 """
 
@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..lang.ir import Piggyback
-from .scoring import NEG_INF, GateScores
+from .scoring import NEG_INF, GateScores, ranked_topk
 from .slots import Slots, batch_experts
 
 
@@ -38,7 +38,7 @@ def piggyback(slots: Slots, gs: GateScores, pig: Piggyback, *, maybe_masked: boo
         ok = ok & gs.eligible
     cand = gs.select.masked_fill(~ok, NEG_INF)
     width = min(pig.max_k, e)
-    vals, ids = torch.topk(cand, width, dim=-1)
+    vals, ids = ranked_topk(cand, width)  # exact ties: lower expert index, as the kernel
     free = (pig.max_k - slots.valid.sum(dim=-1, keepdim=True)).clamp_min(0)
     add = (vals > NEG_INF) & (torch.arange(width, device=ids.device) < free)
     if row_mask is not None:

@@ -13,8 +13,9 @@ Cross-token ranking key (scores must be comparable between tokens):
   sigmoid scores (plus correction bias) are not a per-token distribution.
 
 Ties break deterministically by (key descending, token index, rank) through a
-stable sort over the batch's candidates laid out token-major. Each token's keys
-fall with rank, so every token keeps a prefix of its sorted experts:
+stable sort over the batch's candidates laid out token-major; within a token,
+exactly tied experts rank lower index first (:func:`~.scoring.ranked_topk`).
+Each token's keys fall with rank, so every token keeps a prefix of its sorted experts:
 ``min_k <= k_t <= max_k`` and ``sum_t k_t = T*k`` (fewer only when a grouped
 model's token has fewer than ``max_k`` eligible experts).
 """
@@ -52,7 +53,7 @@ def reallocate(gs: GateScores, k: int, realloc: Reallocation, *, sigmoid: bool,
     if row_mask is not None:
         finite = finite & row_mask.unsqueeze(-1)
     n, t, _ = vals.shape
-    extra_per_token = min(k, max_k) - min_k
+    extra_per_token = realloc.extra_per_token(k)  # the IR's one notion of what this layer routes
     cands = max_k - min_k
     if extra_per_token <= 0 or cands <= 0:
         rank = torch.arange(max_k, device=ids.device)

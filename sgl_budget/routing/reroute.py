@@ -3,12 +3,14 @@
 Per batch and layer:
 
 1. *Primary* experts, by the plan's :class:`PrimaryRule`:
-   ``top S`` — SERE's rule: the union over tokens of their first S valid slots;
+   ``top S`` — SERE's rule: the union over tokens of their first S valid slots
+   (slots rank by selection score, exact ties lower expert index first);
    ``coverage p`` — experts by slot count in this batch (descending, ties by
    expert index) until their cumulative count reaches ``p`` of the batch's slots;
    ``count N`` — the N most-loaded experts in that order. Experts with no slot in
    the batch are never primary. The policy's critical experts are primary whenever
-   the batch uses them (never re-routed away from; an unused one is not made a
+   the batch uses them (``preserve critical N``: sgl_budget's extension, not part of
+   SERE's published rule; never re-routed away from; an unused one is not made a
    destination, so re-routing only ever moves slots onto experts the batch loads).
 2. Every other (secondary) expert ``e`` maps to the primary expert ``p`` with the
    highest ``similarity[e, p]`` (ties: lower expert index). If that similarity is

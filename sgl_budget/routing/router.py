@@ -109,7 +109,8 @@ class LayerRouter:
         plan = self.plan(ctx)
         assert plan.k <= self.width, (plan, self.width)
         if plan.is_stock_shape and not details:  # padded rows are routed too; the engine masks them
-            slots = select_topk(gs, plan.k, maybe_masked=False, sorted=self.conv.sorted_selection)
+            slots = select_topk(gs, plan.k, maybe_masked=False, stock=self.is_stock_plan(plan),
+                                sorted=self.conv.sorted_selection)
             w = finalize_weights(self.spec, slots.raw, None, self.conv)
             ids = slots.ids.to(torch.int32)
             if plan.k < self.width:  # padding after the k real slots
@@ -133,6 +134,10 @@ class LayerRouter:
         return RouteDetails(topk_weights=w, topk_ids=ids, rerouted=slots.rerouted, piggybacked=slots.piggybacked,
                             probs=None, num_rerouted=n_moved, primary=primary)
 
+    def is_stock_plan(self, plan: LayerPlan) -> bool:
+        """The model's own k and nothing else: routed by the engine's own top-k (its tie order included)."""
+        return plan.is_stock_shape and plan.k == self.spec.top_k
+
     def _stages(self, plan: LayerPlan, gs, device: torch.device,
                 row_mask: Tensor | None = None) -> tuple[Slots, Tensor | None, Tensor | None]:
         # past the stock path selection is always sorted: SERE's "top S" means each token's best S slots
@@ -140,7 +145,7 @@ class LayerRouter:
             slots = reallocate(gs, plan.k, plan.reallocation, sigmoid=self.spec.scoring_func == "sigmoid",
                                row_mask=row_mask)
         else:
-            slots = select_topk(gs, plan.k, maybe_masked=False)
+            slots = select_topk(gs, plan.k, maybe_masked=False, stock=self.is_stock_plan(plan))
         if row_mask is not None:
             slots = slots.with_(valid=slots.valid & row_mask.unsqueeze(-1))
             slots = slots.with_(raw=slots.raw.masked_fill(~slots.valid, 0.0))
@@ -159,7 +164,7 @@ def compile_routers(ir: PolicyIR, conventions: Conventions = REFERENCE) -> dict[
 
 def stock_route(spec, router_logits: Tensor, correction_bias: Tensor | None = None,
                 gs: GateScores | None = None) -> RouteOutput:
-    """The model's own top-k routing (the baseline every policy is compared with)."""
+    """The model's own top-k routing (the baseline every policy is compared with; engine tie order)."""
     gs = gs if gs is not None else score_experts(spec, router_logits, correction_bias)
-    slots = select_topk(gs, spec.top_k, maybe_masked=False)
+    slots = select_topk(gs, spec.top_k, maybe_masked=False, stock=True)
     return RouteOutput(finalize_weights(spec, slots.raw, None), slots.ids.to(torch.int32))

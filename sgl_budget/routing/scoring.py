@@ -17,11 +17,20 @@ the *gate score*, exactly as the model does:
 
 Weights are always the *unbiased* gate scores of the chosen experts, renormalised
 when ``spec.norm_topk_prob`` and scaled by ``routed_scaling_factor``.
+
+Exact ties: every ranking a policy adds (top-k at any k once a policy stage
+applies, the group limit, Alloc-T, SERE, piggybacking) puts the lower expert
+(or group) index first, here and in the Triton kernels alike
+(:func:`ranked_topk`). Only a *stock plan* — the model's own k and nothing
+else — ranks with the engine's own ``torch.topk`` (:meth:`GateScores.stock_topk`),
+so it stays bit-for-bit the model's routing; ``torch.topk`` leaves the order of
+exact ties unspecified (CPU: logits ``[-1,-3,4,-4,-3,8,1,6]``, k = 6 give
+``[5,7,2,6,0,4]``; the lower-index rule gives ``[5,7,2,6,0,1]``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -29,6 +38,26 @@ from torch import Tensor
 from ..spec import ModelSpec
 
 NEG_INF = float("-inf")
+
+
+def ranked_topk(x: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """``(values, indices)`` of the ``m`` largest along the last dim; exact ties: lower index first."""
+    if x.dtype == torch.float64:
+        vals, ids = torch.sort(x, dim=-1, descending=True, stable=True)
+        return vals[..., :m], ids[..., :m]
+    ids = torch.topk(_unique_keys(x), m, dim=-1).indices
+    return x.gather(-1, ids), ids
+
+
+def _unique_keys(x: Tensor) -> Tensor:
+    """int64 keys in ``x``'s order with no ties: (float32 bits made monotone) << 32 | reversed index.
+
+    One integer ``torch.topk`` on these is the lower-index-first ranking (about 2x cheaper than a stable sort).
+    """
+    bits = (x.float() + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0 (they compare equal)
+    key = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)  # negative floats: reversed magnitude
+    e = x.shape[-1]
+    return (key << 32) | (e - 1 - torch.arange(e, device=x.device, dtype=torch.int64))
 
 
 @dataclass(frozen=True)
@@ -58,17 +87,45 @@ class GateScores:
     select: Tensor  # selection scores: biased where the model has a bias, -inf outside kept groups
     ranked: tuple[Tensor, Tensor] | None = None  # optional precomputed topk(select, M) shared by many routers
     eligible: Tensor | None = None  # [N, T, E] bool on grouped models: experts inside the token's kept groups
+    stock_select: Tensor | None = None  # grouped models: select with the engine's own group choice
+    stock_ranked: tuple[Tensor, Tensor] | None = None  # optional precomputed stock_topk(K) (replay shares it)
 
     def topk(self, m: int) -> tuple[Tensor, Tensor]:
-        """``torch.topk(select, m)`` — sliced from ``ranked`` when a wide enough one was precomputed."""
+        """:func:`ranked_topk` of ``select`` (ties: lower index) — sliced from ``ranked`` when precomputed."""
         if self.ranked is not None and self.ranked[0].shape[-1] >= m:
             return self.ranked[0][..., :m], self.ranked[1][..., :m]
-        return torch.topk(self.select, m, dim=-1)
+        return ranked_topk(self.select, m)
 
-    def with_ranking(self, m: int) -> "GateScores":
-        """The same scores with ``topk(select, m)`` computed once (replay shares it across policies)."""
+    def stock_topk(self, m: int, sorted: bool = True) -> tuple[Tensor, Tensor]:
+        """The engine's own ``torch.topk`` selection (group choice included): a stock plan's, bit for bit."""
+        if sorted and self.stock_ranked is not None and self.stock_ranked[0].shape[-1] == m:
+            return self.stock_ranked
+        select = self.select if self.stock_select is None else self.stock_select
+        return torch.topk(select, m, dim=-1, sorted=sorted)
+
+    def with_ranking(self, m: int, stock_k: int | None = None) -> "GateScores":
+        """The same scores with ``topk(select, m)`` (and ``stock_topk(stock_k)``) computed once, for replay.
+
+        One ``torch.topk`` serves both: a row without an exact tie among its ``m + 1`` best has one
+        order only; just the tied rows are re-ranked. The tie check reads the host (replay, not serving).
+        """
         m = min(m, self.num_experts)
-        return GateScores(self.scores, self.select, torch.topk(self.select, m, dim=-1), self.eligible)
+        vals, ids = torch.topk(self.select, min(m + 1, self.num_experts), dim=-1)
+        tied = (vals[..., 1:] == vals[..., :-1]).any(dim=-1)
+        stock = None if stock_k is None else self._shared_stock(vals, ids, tied, stock_k)
+        vals, ids = vals[..., :m].clone(), ids[..., :m].clone()
+        if bool(tied.any()):
+            vals[tied], ids[tied] = ranked_topk(self.select[tied], m)
+        return replace(self, ranked=(vals, ids), stock_ranked=stock)
+
+    def _shared_stock(self, vals: Tensor, ids: Tensor, tied: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """``stock_topk(k)`` from a wider ``torch.topk``: only tied rows (and grouped models) need their own."""
+        if self.stock_select is not None:  # grouped: the engine's group choice may differ on tied groups
+            return self.stock_topk(k)
+        stock = (vals[..., :k].clone(), ids[..., :k].clone())
+        if bool(tied.any()):  # torch.topk's tie order depends on k: rank these rows again at k
+            stock[0][tied], stock[1][tied] = torch.topk(self.select[tied], k, dim=-1)
+        return stock
 
     @property
     def num_experts(self) -> int:
@@ -96,11 +153,12 @@ def check_correction_bias(spec: ModelSpec, correction_bias: Tensor | None) -> No
         )
 
 
-def _group_limit(spec: ModelSpec, select: Tensor) -> tuple[Tensor, Tensor]:
+def _group_limit(spec: ModelSpec, select: Tensor, stock: bool = False) -> tuple[Tensor, Tensor]:
     """Mask the experts outside each token's ``topk_group`` best groups; also return the kept mask.
 
     Masked selection scores become -inf with a correction bias (biased scores can be
-    negative) and 0.0 without one, exactly as DeepSeek's and SGLang's code do.
+    negative) and 0.0 without one, exactly as DeepSeek's and SGLang's code do. Tied
+    groups: lower group index first, or the engines' ``torch.topk`` when ``stock``.
     """
     group_size = spec.num_experts // spec.n_group
     grouped = select.unflatten(-1, (spec.n_group, group_size))
@@ -108,7 +166,10 @@ def _group_limit(spec: ModelSpec, select: Tensor) -> tuple[Tensor, Tensor]:
         group_score = grouped.topk(min(2, group_size), dim=-1).values.sum(dim=-1)
     else:
         group_score = grouped.amax(dim=-1)
-    kept = group_score.topk(spec.topk_group, dim=-1, sorted=False).indices
+    if stock:
+        kept = group_score.topk(spec.topk_group, dim=-1, sorted=False).indices
+    else:
+        kept = ranked_topk(group_score, spec.topk_group)[1]
     keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(-1, kept, True)
     keep = keep.unsqueeze(-1).expand(grouped.shape).flatten(-2)
     return select.masked_fill(~keep, NEG_INF if spec.has_correction_bias else 0.0), keep
@@ -122,10 +183,11 @@ def score_experts(spec: ModelSpec, router_logits: Tensor, correction_bias: Tenso
     select = scores
     if correction_bias is not None:
         select = scores + correction_bias.to(device=scores.device)  # type promotion, as the engines do
-    eligible = None
+    eligible = stock_select = None
     if spec.grouped:
+        stock_select = _group_limit(spec, select, stock=True)[0]
         select, eligible = _group_limit(spec, select)
-    return GateScores(scores=scores, select=select, eligible=eligible)
+    return GateScores(scores=scores, select=select, eligible=eligible, stock_select=stock_select)
 
 
 def eligible_per_token(spec: ModelSpec) -> int:

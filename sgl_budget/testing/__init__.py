@@ -7,7 +7,7 @@ Used through the pytest plugin (``sgl_budget.testing.plugin``, registered as a
         trace = load_trace("traffic.trace.safetensors")
         check = replay_policy(compile_policy("my.policy", trace.spec), trace, batch_size=32)
         assert_within_budget(check)
-        assert_mass_retained(check, at_least=0.85)
+        assert_mass_retained(check, at_least=0.85)  # of stock top-k's routing mass
         assert_unique_reduction(check, at_least=0.25)
 """
 
@@ -44,11 +44,13 @@ class PolicyCheck:
 
     @property
     def mass_retained(self) -> float:
-        return self.result.mean("mass")
+        """Mass retained: the policy's routing mass as a fraction of stock top-k's (the replay table's column)."""
+        return self.report.mass_retained(self.result)
 
     @property
-    def mass_ratio(self) -> float:
-        return self.result.mean("mass") / self.report.stock.mean("mass")
+    def routing_mass(self) -> float:
+        """Absolute routing probability mass on the kept experts, mean over MoE layers (stock's is below 1)."""
+        return self.result.mean("routing_mass")
 
     @property
     def unique_ratio(self) -> float:
@@ -78,14 +80,14 @@ def assert_within_budget(check: PolicyCheck, tolerance: float = 1e-6) -> None:
         assert sel <= k + tolerance, f"policy {check.ir.name!r}: layer {layer} uses {sel:.4f} slots per token > k = {k}"
 
 
-def assert_mass_retained(check: PolicyCheck, at_least: float, relative: bool = True) -> None:
-    """Routing mass kept is at least ``at_least`` (of stock top-k's mass when ``relative``, else absolute)."""
-    got = check.mass_ratio if relative else check.mass_retained
-    what = "of stock top-k's routing mass" if relative else "routing mass"
+def assert_mass_retained(check: PolicyCheck, at_least: float) -> None:
+    """Mass retained (routing mass as a fraction of stock top-k's, as in the replay table) is at least ``at_least``."""
+    got = check.mass_retained
     if got < at_least:
-        worst = min(check.result.layers.items(), key=lambda kv: kv[1].mass)
-        raise AssertionError(f"policy {check.ir.name!r} keeps {got:.4f} {what}, below {at_least:g} "
-                             f"(worst layer {worst[0]}: mass {worst[1].mass:.4f})")
+        layer = min(check.result.layers, key=lambda l: check.report.mass_retained(check.result, l))
+        raise AssertionError(f"policy {check.ir.name!r}: mass retained {got:.4f} (of stock top-k's routing mass) "
+                             f"is below {at_least:g}; worst layer {layer}: "
+                             f"{check.report.mass_retained(check.result, layer):.4f} of stock's")
 
 
 def assert_unique_reduction(check: PolicyCheck, at_least: float) -> None:

@@ -11,7 +11,6 @@ and ``created``.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from safetensors import SafetensorError
 from torch import Tensor
 
+from ..datacheck import describe, is_int, missing_file, parse_json
 from ..safetensors_meta import read_with_meta, save_with_meta
 from ..spec import ModelSpec, SpecError
 
@@ -70,6 +70,10 @@ def _validate(t: Trace, where: str) -> None:
     extra = [l for l in t.router_logits if not spec.is_moe_layer(l)]
     if extra:
         raise bad(f"layers {extra} are not MoE layers of {spec.name} (its MoE layers: {list(spec.moe_layers)})")
+    missing = [l for l in spec.moe_layers if l not in t.router_logits]
+    if missing:
+        raise bad(f"no router logits for MoE layers {missing[:8]}{'...' if len(missing) > 8 else ''} of "
+                  f"{spec.name} (a trace covers every MoE layer)")
     n = t.num_tokens
     for l, x in t.router_logits.items():
         if x.dim() != 2 or x.shape[1] != spec.num_experts:
@@ -104,6 +108,24 @@ def _validate(t: Trace, where: str) -> None:
                       f"not {b.dtype} {list(b.shape)}")
 
 
+def _meta_problems(meta: dict) -> list[str]:
+    """Type problems of the metadata fields: integer layers, [start, end] integer pairs, string texts, a bool."""
+    problems = []
+    layers, seqs = meta["layers"], meta["sequences"]
+    if not isinstance(layers, list) or not all(is_int(l) for l in layers):
+        bad = next((l for l in layers if not is_int(l)), None) if isinstance(layers, list) else layers
+        problems.append(f"'layers' must be a list of integer layer indices, not one holding {describe(bad)}")
+    if not isinstance(seqs, list) or not all(isinstance(s, list) and len(s) == 2 and all(map(is_int, s))
+                                             for s in seqs):
+        problems.append("'sequences' must be [start, end] pairs of integers")
+    for key in ("source", "created"):
+        if not isinstance(meta.get(key, ""), str):
+            problems.append(f"'{key}' must be a string, not {describe(meta[key])}")
+    if not isinstance(meta.get("synthetic", False), bool):
+        problems.append(f"'synthetic' must be true or false, not {describe(meta['synthetic'])}")
+    return problems
+
+
 def write_trace(trace: Trace, path: str | Path, dtype: torch.dtype | str = torch.float16) -> Path:
     """Validate and write ``trace``; logits are stored as ``dtype`` (fp16 by default)."""
     if isinstance(dtype, str):
@@ -131,8 +153,9 @@ def write_trace(trace: Trace, path: str | Path, dtype: torch.dtype | str = torch
 def load_trace(path: str | Path) -> Trace:
     """Load and validate a trace; every problem is a :class:`TraceError` naming the file."""
     p = Path(path)
-    if not p.is_file():
-        raise TraceError(f"{p}: no such trace file")
+    why = missing_file(p)
+    if why:
+        raise TraceError(f"{p}: {'no such trace file' if why == 'no such file' else why}")
     try:
         tensors, meta_raw = read_with_meta(p, META_KEY)
     except (SafetensorError, OSError, ValueError) as e:
@@ -140,24 +163,25 @@ def load_trace(path: str | Path) -> Trace:
     if meta_raw is None:
         raise TraceError(f"{p}: no '{META_KEY}' metadata; is this an sgl_budget trace?")
     try:
-        meta = json.loads(meta_raw)
-    except json.JSONDecodeError as e:
-        raise TraceError(f"{p}: metadata is not valid JSON ({e})") from None
+        meta = parse_json(meta_raw)
+    except ValueError as e:
+        why = str(e).removeprefix("not valid JSON: ")
+        raise TraceError(f"{p}: metadata is not valid JSON ({why})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         got = meta.get("format") if isinstance(meta, dict) else None
-        raise TraceError(f"{p}: unsupported trace format {got!r}; expected {FORMAT!r}")
+        raise TraceError(f"{p}: unsupported trace format {describe(got)}; expected {FORMAT!r}")
     for key in ("model_spec", "layers", "sequences"):
         if key not in meta:
             raise TraceError(f"{p}: metadata lacks '{key}'")
+    problems = _meta_problems(meta)
+    if problems:
+        raise TraceError(f"{p}: metadata: " + "; ".join(problems))
     try:
         spec = ModelSpec.from_dict(meta["model_spec"])
-    except (SpecError, TypeError, AttributeError) as e:
+    except SpecError as e:
         raise TraceError(f"{p}: bad model_spec in metadata: {e}") from None
-    try:
-        layers = [int(l) for l in meta["layers"]]
-        sequences = [(int(a), int(b)) for a, b in meta["sequences"]]
-    except (TypeError, ValueError):
-        raise TraceError(f"{p}: 'layers' must be integers and 'sequences' [start, end] pairs") from None
+    layers = [int(l) for l in meta["layers"]]
+    sequences = [(int(a), int(b)) for a, b in meta["sequences"]]
     if len(set(layers)) != len(layers):
         raise TraceError(f"{p}: metadata lists a layer twice: {layers}")
     logits = {l: tensors.pop(f"layer.{l}.router_logits", None) for l in layers}
@@ -172,7 +196,7 @@ def load_trace(path: str | Path) -> Trace:
     if tensors:
         raise TraceError(f"{p}: unexpected tensors {sorted(tensors)[:5]} (layers not listed in the metadata?)")
     trace = Trace(spec=spec, router_logits=logits, phase=phase, sequences=sequences, correction_bias=bias or None,
-                  token_ids=token_ids, source=str(meta.get("source", "")), synthetic=bool(meta.get("synthetic")),
-                  created=str(meta.get("created", "")))
+                  token_ids=token_ids, source=meta.get("source", ""), synthetic=meta.get("synthetic", False),
+                  created=meta.get("created", ""))
     trace.validate(str(p))
     return trace

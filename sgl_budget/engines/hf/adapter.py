@@ -25,6 +25,7 @@ from torch import nn
 from ...lang.ir import PolicyIR, RouteContext
 from ...routing import Conventions, LayerRouter
 from ...spec import ModelSpec
+from .experts import IMPLEMENTATION as DENSE_EXPERTS
 
 # model_type -> (router logits computed in float32, weights cast back to the logits dtype, sorted top-k)
 FAMILIES = {
@@ -35,6 +36,8 @@ FAMILIES = {
     "deepseek_v2": (True, False, False),
     "deepseek_v3": (True, False, False),
 }
+
+PADDING_SAFE = ("eager", DENSE_EXPERTS)  # experts implementations that skip the padding index
 
 
 class UnsupportedModel(ValueError):
@@ -108,9 +111,9 @@ def apply_policy(model: nn.Module, ir: PolicyIR) -> PolicyHandle:
     handle = PolicyHandle(model, ir, {l: LayerRouter(ir, l, conv) for l in blocks})
     # transformers' grouped_mm / batched_mm experts mishandle the padding index on CPU (NaN rows were seen
     # with 5.19's fallback); a policy that pads runs the eager experts, which skip it. Own-k policies keep
-    # whatever the model uses, so they stay bit-exact.
+    # whatever the model uses, so they stay bit-exact. sgl-budget's dense experts (experts.py) skip it too.
     impl = getattr(model.config, "_experts_implementation", None)
-    if not ir.is_stock and impl != "eager":
+    if not ir.is_stock and impl not in PADDING_SAFE:
         model.config._experts_implementation = "eager"
         handle._restore.append(lambda: setattr(model.config, "_experts_implementation", impl))
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .experts import register
+
 
 def read_text(path: str | Path) -> str:
     """Plain text from a ``.txt`` or ``.txt.xz`` file."""
@@ -28,9 +30,9 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
     if not (d / "config.json").is_file():
         raise FileNotFoundError(f"{d}: not a model directory (no config.json)")
     model = AutoModelForCausalLM.from_pretrained(d, dtype=dtype, local_files_only=True).eval()
-    # the eager experts for every run, so full top-k and policies (which need eager: see adapter) compare
-    # like for like
-    model.config._experts_implementation = "eager"
+    # one padding-safe experts implementation for every run, so full top-k and policies compare like for like
+    # (vectorised for decode batches: the eager loop made full top-k the slowest run, see experts.py)
+    model.config._experts_implementation = register()
     tok = AutoTokenizer.from_pretrained(d, local_files_only=True)
     return model, tok
 

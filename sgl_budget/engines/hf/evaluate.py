@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ...lang.ir import PolicyIR
 from .adapter import apply_policy, moe_blocks
+from .progress import bar
 
 
 @dataclass
@@ -72,13 +73,15 @@ class _RouterStats:
 
 
 @torch.no_grad()
-def _run(model, windows: Tensor, batch: int, mode: str) -> Tensor:
-    """Next-token log-probabilities ``[N, S-1, V]`` (float16, CPU) for every window."""
+def _run(model, windows: Tensor, batch: int, mode: str, tick=None) -> Tensor:
+    """Next-token log-probabilities ``[N, S-1, V]`` (float16, CPU) for every window; ``tick(n)`` per n positions."""
     outs = []
+    tick = tick or (lambda n: None)
     for i in range(0, windows.shape[0], batch):
         x = windows[i:i + batch]
         if mode == "prefill":
             logits = model(input_ids=x).logits[:, :-1]
+            tick(logits.shape[0] * logits.shape[1])
         else:
             from transformers import DynamicCache
 
@@ -87,6 +90,7 @@ def _run(model, windows: Tensor, batch: int, mode: str) -> Tensor:
                 out = model(input_ids=x[:, t:t + 1], past_key_values=cache, use_cache=True)
                 cache = out.past_key_values
                 steps.append(out.logits[:, -1])
+                tick(x.shape[0])
             logits = torch.stack(steps, dim=1)
         outs.append(torch.log_softmax(logits.float(), dim=-1).half())
     return torch.cat(outs)
@@ -106,15 +110,22 @@ def _score(name: str, logp: Tensor, full: Tensor | None, windows: Tensor, stats:
                       seconds=seconds, budget=budget)
 
 
+def _timed_run(model, windows: Tensor, batch: int, mode: str, name: str, show: bool) -> Tensor:
+    """:func:`_run` with a progress bar over the window positions (one bar per policy)."""
+    with bar(windows.shape[0] * (windows.shape[1] - 1), name, show, unit="tok") as b:
+        return _run(model, windows, batch, mode, tick=b.update)
+
+
 def evaluate(model, policies: list[PolicyIR], windows: Tensor, batch_size: int = 16, mode: str = "decode",
-             progress=None) -> list[EvalResult]:
+             progress=None, show_progress: bool = False) -> list[EvalResult]:
     """Full top-k, then each policy, on the same windows; returns one result per run (full first)."""
     if mode not in ("decode", "prefill"):
         raise ValueError("mode must be decode or prefill")
     results = []
+    _run(model, windows[:1, :2], 1, mode)  # warm-up: one-time costs must not be billed to full top-k
     t0 = time.perf_counter()
     stats = _RouterStats(model)
-    full = _run(model, windows, batch_size, mode)
+    full = _timed_run(model, windows, batch_size, mode, "full top-k", show_progress)
     results.append(_score("full top-k", full, None, windows, stats.remove(), time.perf_counter() - t0, None))
     if progress:
         progress(results[-1])
@@ -122,7 +133,7 @@ def evaluate(model, policies: list[PolicyIR], windows: Tensor, batch_size: int =
         t0 = time.perf_counter()
         stats = _RouterStats(model)
         with apply_policy(model, ir):
-            logp = _run(model, windows, batch_size, mode)
+            logp = _timed_run(model, windows, batch_size, mode, ir.name, show_progress)
         b = ir.budget_rules[0].value.experts_per_token if ir.budget_rules else None
         results.append(_score(ir.name, logp, full, windows, stats.remove(), time.perf_counter() - t0, b))
         if progress:

@@ -17,6 +17,7 @@ from ...lang import compile_policy
 from ...spec import ModelSpec
 from .adapter import apply_policy
 from .evaluate import kl_to_reference
+from .progress import bar
 
 
 @torch.no_grad()
@@ -25,22 +26,28 @@ def _logp(model, windows: Tensor, batch: int) -> list[Tensor]:
             for i in range(0, windows.shape[0], batch)]
 
 
-def profile_layers(model, spec: ModelSpec, windows: Tensor, batch_size: int = 8, source: str = "",
-                   show_progress: bool = True) -> Profile:
-    """Measure ``loss[layer][k]`` = mean KL(full || layer-at-k) per token on ``windows``."""
-    from tqdm import tqdm
+def _layer_loss(model, spec: ModelSpec, windows: Tensor, batch: int, full: list[Tensor], layer: int,
+                k: int) -> float:
+    """Mean KL(full || model with only ``layer`` at ``k``) per token."""
+    ir = compile_policy(f'policy "profile-{layer}-{k}" {{ layers {{ layer {layer}: k = {k} }} }}', spec)
+    total, count = 0.0, 0
+    with apply_policy(model, ir):
+        for f, q in zip(full, _logp(model, windows, batch)):
+            total += float(kl_to_reference(f, q).sum())
+            count += f.shape[0] * f.shape[1]
+    return max(0.0, total / count)
 
+
+def profile_layers(model, spec: ModelSpec, windows: Tensor, batch_size: int = 8, source: str = "",
+                   show_progress: bool = False) -> Profile:
+    """Measure ``loss[layer][k]`` = mean KL(full || layer-at-k) per token on ``windows``."""
     full = _logp(model, windows, batch_size)
     loss: dict[int, dict[int, float]] = {l: {} for l in spec.moe_layers}
     jobs = [(l, k) for l in spec.moe_layers for k in range(1, spec.top_k)]
-    for layer, k in tqdm(jobs, desc="profiling (layer, k)", disable=not show_progress):
-        ir = compile_policy(f'policy "profile-{layer}-{k}" {{ layers {{ layer {layer}: k = {k} }} }}', spec)
-        total, count = 0.0, 0
-        with apply_policy(model, ir):
-            for f, q in zip(full, _logp(model, windows, batch_size)):
-                total += float(kl_to_reference(f, q).sum())
-                count += f.shape[0] * f.shape[1]
-        loss[layer][k] = max(0.0, total / count)
+    with bar(len(jobs), "profiling (layer, k)", show_progress) as b:
+        for layer, k in jobs:
+            loss[layer][k] = _layer_loss(model, spec, windows, batch_size, full, layer, k)
+            b.update(1)
     for row in loss.values():
         row[spec.top_k] = 0.0  # the full model; jobs ran k in ascending order, so rows stay sorted
     return Profile(loss=loss, metric="kl",

@@ -14,11 +14,13 @@ from ...spec import ModelSpec
 from ...traces import Trace
 from ...traces.format import DECODE, PREFILL
 from .adapter import moe_blocks
+from .progress import bar
 
 
 @torch.no_grad()
 def record_trace(model, spec: ModelSpec, windows: Tensor, batch_size: int = 16, prefill_len: int = 16,
-                 source: str = "") -> Trace:
+                 source: str = "", show_progress: bool = False) -> Trace:
+    """Record every MoE layer's router logits while prefilling, then decoding, ``windows`` B at a time."""
     from transformers import DynamicCache
 
     blocks = moe_blocks(model)
@@ -26,6 +28,7 @@ def record_trace(model, spec: ModelSpec, windows: Tensor, batch_size: int = 16, 
     hooks = [b.gate.register_forward_hook(lambda m, a, out, l=l: current.__setitem__(l, out[0].detach().float()))
              for l, b in blocks.items()]
     per_seq: list[dict[int, list[Tensor]]] = []
+    progress = bar(windows.numel(), "recording", show_progress, unit="tok")
     try:
         for i in range(0, windows.shape[0], batch_size):
             x = windows[i:i + batch_size]
@@ -35,17 +38,20 @@ def record_trace(model, spec: ModelSpec, windows: Tensor, batch_size: int = 16, 
             cache = DynamicCache()
             out = model(input_ids=x[:, :p], past_key_values=cache, use_cache=True)
             cache = out.past_key_values
+            progress.update(b * p)
             for l, logits in current.items():
                 for j, chunk in enumerate(logits.view(b, p, -1)):
                     rows[j][l].append(chunk)
             for t in range(p, s):
                 out = model(input_ids=x[:, t:t + 1], past_key_values=cache, use_cache=True)
                 cache = out.past_key_values
+                progress.update(b)
                 for l, logits in current.items():
                     for j in range(b):
                         rows[j][l].append(logits[j:j + 1])
             per_seq += rows
     finally:
+        progress.close()
         for h in hooks:
             h.remove()
     s, p = windows.shape[1], max(1, min(prefill_len, windows.shape[1]))

@@ -18,6 +18,7 @@ from torch import Tensor
 from ...similarity import SimilarityTable, derive_critical
 from ...spec import ModelSpec
 from .adapter import moe_blocks
+from .progress import bar
 
 METHODS = ("frobenius", "cosine", "cka")
 
@@ -54,23 +55,34 @@ def similarity_matrix(outs: Tensor, method: str) -> Tensor:
     return sim
 
 
+def bar_iter(items, total: int, desc: str, show: bool):
+    """Iterate ``items`` under a progress bar of ``total`` steps."""
+    with bar(total, desc, show) as b:
+        for item in items:
+            yield item
+            b.update(1)
+
+
 @torch.no_grad()
 def expert_similarity(model, spec: ModelSpec, windows: Tensor, method: str = "frobenius", tokens: int = 2048,
-                      batch_size: int = 8, seed: int = 0, source: str = "") -> SimilarityTable:
+                      batch_size: int = 8, seed: int = 0, source: str = "",
+                      show_progress: bool = False) -> SimilarityTable:
     """Per-layer similarity of the model's experts, from their outputs on a sample of calibration tokens."""
     blocks = moe_blocks(model)
     inputs: dict[int, list[Tensor]] = {l: [] for l in blocks}
     hooks = [b.register_forward_pre_hook(lambda m, a, l=l: inputs[l].append(a[0].reshape(-1, a[0].shape[-1])))
              for l, b in blocks.items()]
     try:
-        for i in range(0, windows.shape[0], batch_size):
-            model(input_ids=windows[i:i + batch_size])
+        with bar(windows.shape[0], "calibration forwards", show_progress, unit="window") as b:
+            for i in range(0, windows.shape[0], batch_size):
+                model(input_ids=windows[i:i + batch_size])
+                b.update(min(batch_size, windows.shape[0] - i))
     finally:
         for h in hooks:
             h.remove()
     g = torch.Generator().manual_seed(seed)
     matrices = {}
-    for l, chunks in inputs.items():
+    for l, chunks in bar_iter(inputs.items(), len(inputs), "expert similarity per layer", show_progress):
         h = torch.cat(chunks).float()
         pick = torch.randperm(h.shape[0], generator=g)[:tokens]
         matrices[l] = similarity_matrix(expert_outputs(blocks[l].experts, h[pick]), method)

@@ -20,8 +20,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...errors import PolicyError
+from ...errors import PolicyError  # noqa: F401  (re-exported: callers catch it from here)
 from ...lang import load_policy
+from ...lang.limits import check_engine
 from ...lang.ir import PolicyIR
 from ...spec import ModelSpec, SpecError
 
@@ -94,17 +95,8 @@ def _read_spec(model_path: str, trust_remote_code: bool, revision: str | None) -
 
 
 def validate(policy: str | Path, spec: ModelSpec, engine_top_k: int | None = None) -> PolicyIR:
-    """Compile ``policy`` for ``spec`` and check what SGLang can run; raises :class:`PolicyError`."""
-    ir = load_policy(policy, spec)
-    limit = engine_top_k or spec.top_k
-    too_wide = {l: w for l, w in ir.widths.items() if w > limit}
-    if too_wide:
-        layer, width = next(iter(too_wide.items()))
-        rules = [r for r in (*ir.token_rules, *ir.piggyback_rules) if r.value.max_k > limit]
-        span = rules[0].span if rules else None
-        raise PolicyError(
-            f"this policy routes up to {width} experts per token (layer {layer}); SGLang's MoE runners are "
-            f"sized for the model's top-{limit}", span,
-            f"keep max_k <= {limit} when serving with SGLang (replay and the HF adapter allow more)",
-            file=str(policy))
-    return ir
+    """Compile ``policy`` for ``spec`` and check what SGLang can run; raises :class:`PolicyError`.
+
+    The engine rule lives in :mod:`sgl_budget.lang.limits`, shared with ``sgl-budget check``.
+    """
+    return check_engine(load_policy(policy, spec), "sglang", engine_top_k, file=str(policy))
