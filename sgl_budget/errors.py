@@ -183,11 +183,11 @@ class PolicyError(Exception):
 
     @property
     def line(self) -> int | None:
-        return self.span.line if self.span else None
+        return self.diagnostics[0].line
 
     @property
     def column(self) -> int | None:
-        return self.span.column if self.span else None
+        return self.diagnostics[0].column
 
     def format(self) -> str:
         """Every diagnostic rustc-style, then ``N errors`` when there is more than one."""
