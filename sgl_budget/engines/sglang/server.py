@@ -22,10 +22,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 READY_MARK = "The server is fired up and ready to roll"
+BIND_ERROR = "error while attempting to bind on address"
 
 
 class ServerError(RuntimeError):
     """The server did not start, or died; carries the tail of its log."""
+
+
+class PortTaken(Exception):
+    """The chosen port was taken before the server bound it."""
 
 
 def free_port() -> int:
@@ -69,9 +74,22 @@ class Server:
             cmd += ["--moe-policy", str(self.policy)]
         return cmd + list(self.extra_args)
 
-    def start(self, timeout: float = 600.0) -> "Server":
-        if not self.port:
-            self.port = free_port()
+    def start(self, timeout: float = 600.0, tries: int = 3) -> "Server":
+        """Launch and wait until ready. A port picked here can be taken by another process before the server
+        binds it (uvicorn then logs the error and hangs in shutdown): that launch is stopped and retried."""
+        pick = not self.port
+        for attempt in range(tries):
+            if pick:
+                self.port = free_port()
+            try:
+                return self._start_once(timeout)
+            except PortTaken:
+                if not pick or attempt == tries - 1:
+                    raise ServerError(f"port {self.port} is already in use:\n{self.log_tail()}") from None
+                self.log_path = None
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout: float) -> "Server":
         if self.log_path is None:
             fd, name = tempfile.mkstemp(prefix="sglang-server-", suffix=".log")
             os.close(fd)
@@ -85,7 +103,11 @@ class Server:
             if self.proc.poll() is not None:
                 raise ServerError(f"the server exited with status {self.proc.returncode} before it was ready:\n"
                                   f"{self.log_tail()}")
-            if READY_MARK in self.log() and self._healthy():
+            text = self.log()
+            if BIND_ERROR in text:
+                self.stop()
+                raise PortTaken(self.port)
+            if READY_MARK in text and self._healthy():
                 self.started_s = time.monotonic() - t0
                 return self
             if time.monotonic() - t0 > timeout:
