@@ -375,6 +375,8 @@ def test_phase_and_batch_from_sglang_forward_context(sglang_topk, tmp_path) -> N
 def test_no_host_sync_and_repeatable(sglang_topk, tmp_path) -> None:
     from conftest import write_similarity
 
+    from sgl_budget.routing import routed_per_policy
+
     spec, topk_kw = _variant("sigmoid-bias-grouped")
     write_similarity(spec, tmp_path)
     _use(spec, f'policy "all" {{ budget 50%; tokens {{ reallocate by score; min_k 1; max_k 4 }} '
@@ -386,11 +388,16 @@ def test_no_host_sync_and_repeatable(sglang_topk, tmp_path) -> None:
     router = routing.router(2, topk.topk_config, 16)
     router.prepare("cpu")
     ctx = RouteContext("decode", 16)
+    rows = torch.tensor([0, 1] * 8)  # a mixed batch: the policy and stock rows
+    mask = torch.arange(16) < 14  # two padded rows
     with _NoHostSync() as mode:
         w1, i1 = router(x, ctx, correction_bias=topk_kw["correction_bias"])
+        wm, im = router(x, ctx, correction_bias=topk_kw["correction_bias"], row_policy=rows, row_mask=mask)
+        routed_per_policy((im >= 0).sum(-1), rows, 2, mask)
     assert mode.seen == []
     w2, i2 = router(x, ctx, correction_bias=topk_kw["correction_bias"])
     assert torch.equal(w1, w2) and torch.equal(i1, i2)
+    assert not torch.equal(im[rows == 0], im[rows == 1])
     a = topk.forward_native(torch.zeros(16, 8), x)
     b = topk.forward_native(torch.zeros(16, 8), x)
     assert torch.equal(a.topk_ids, b.topk_ids) and torch.equal(a.topk_weights, b.topk_weights)

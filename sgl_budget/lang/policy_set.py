@@ -40,11 +40,9 @@ def name_problem(name: str) -> str | None:
 
 
 def parse_named(text: str) -> tuple[str, str]:
-    """``NAME=PATH`` -> ``(NAME, PATH)``; a ValueError says what is wrong."""
-    name, sep, path = text.partition("=")
-    if not sep or not path:
-        raise ValueError(f"expected NAME=PATH, got {text!r}")
-    return name.strip(), path.strip()
+    """``NAME=PATH`` -> ``(NAME, PATH)``; without ``=`` the path is empty (:func:`load_policy_set` reports it)."""
+    name, _, path = text.partition("=")
+    return (name.strip(), path.strip()) if path.strip() else (text, "")
 
 
 def stock_ir(spec: ModelSpec) -> PolicyIR:
@@ -128,12 +126,14 @@ def load_policy_set(spec: ModelSpec, default_path: str | Path | None = None,
     sources.append(None)
     seen: dict[str, str] = {}
     for name, path in named:
-        problem = name_problem(name)
+        problem = name_problem(name) if str(path) else f"expected NAME=PATH, got {name!r}"
         if problem is None and name in seen:
             problem = f"the policy name {name!r} is given twice ({seen[name]} and {path})"
         if problem is not None:
-            diags.append(Diagnostic(problem, hint=NAME_HINT if "invalid" in problem else "give each policy its own name",
-                                    file=f"--moe-named-policy {name}={path}"))
+            diags.append(Diagnostic(problem, hint=NAME_HINT if "invalid" in problem else
+                                    "e.g. --moe-named-policy fast=policies/fast.policy" if not str(path) else
+                                    "give each policy its own name",
+                                    file=f"--moe-named-policy {name}={path}" if str(path) else f"--moe-named-policy {name}"))
             continue
         seen[name] = str(path)
         add(name, path)

@@ -15,33 +15,63 @@ static shapes, no host synchronisation, no branch on the map, so it can be captu
 CUDA graph. When the caller knows on the host that every row shares one policy
 (``uniform``), only that policy routes, with its own router (the Triton kernels where they
 apply). The kernels take padded rows as a trailing count, not an arbitrary mask, so the
-mixed path always uses the torch reference.
+mixed path always uses the torch reference (also for a router built from
+``kernels.backend.KernelRouter``: a uniform batch gets the kernels' result, a mixed batch the
+reference's).
+
+Logits may be ``[T, E]`` (one batch) or ``[N, T, E]`` (N independent batches, as replay routes
+them); the row map is then ``[T]`` (the same for every batch) or ``[N, T]``.
+:meth:`MixedRouter.route_scores` routes already-scored batches, with per-slot details for replay.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
 from torch import Tensor
 
 from ..lang.ir import RouteContext
-from .outputs import RouteOutput
+from .outputs import RouteDetails, RouteOutput
 from .router import LayerRouter
+from .scoring import GateScores
 
 
-def pad_output(out: RouteOutput, width: int) -> RouteOutput:
-    """Padding slots (id -1, weight 0) appended up to ``width``."""
-    w, ids = out.topk_weights, out.topk_ids
-    extra = width - ids.shape[-1]
+def _pad(t: Tensor, extra: int, value) -> Tensor:
+    return torch.cat([t, t.new_full((*t.shape[:-1], extra), value)], dim=-1)
+
+
+def pad_output(out: RouteOutput | RouteDetails, width: int) -> RouteOutput | RouteDetails:
+    """Padding slots (id -1, weight 0; not re-routed or piggybacked) appended up to ``width``."""
+    extra = width - out.topk_ids.shape[-1]
     if extra <= 0:
         return out
-    return RouteOutput(torch.cat([w, w.new_zeros(*w.shape[:-1], extra)], dim=-1),
-                       torch.cat([ids, ids.new_full((*ids.shape[:-1], extra), -1)], dim=-1))
+    w, ids = _pad(out.topk_weights, extra, 0.0), _pad(out.topk_ids, extra, -1)
+    if isinstance(out, RouteOutput):
+        return RouteOutput(w, ids)
+    return replace(out, topk_weights=w, topk_ids=ids, rerouted=_pad(out.rerouted, extra, False),
+                   piggybacked=_pad(out.piggybacked, extra, False))
+
+
+def _select(rows: Tensor, new: RouteOutput | RouteDetails, old: RouteOutput | RouteDetails):
+    """``new`` on ``rows`` (``[.., T]`` bool), ``old`` elsewhere."""
+    sel = rows.unsqueeze(-1)
+    if isinstance(new, RouteOutput):
+        return RouteOutput(torch.where(sel, new.topk_weights, old.topk_weights),
+                           torch.where(sel, new.topk_ids, old.topk_ids))
+    assert isinstance(old, RouteDetails)
+    return RouteDetails(
+        topk_weights=torch.where(sel, new.topk_weights, old.topk_weights),
+        topk_ids=torch.where(sel, new.topk_ids, old.topk_ids),
+        rerouted=torch.where(sel, new.rerouted, old.rerouted),
+        piggybacked=torch.where(sel, new.piggybacked, old.piggybacked),
+        probs=new.probs, num_rerouted=torch.where(rows, new.num_rerouted, old.num_rerouted),
+        primary=None)  # primaries are per policy: a mixed batch has one set per policy, not one
 
 
 class MixedRouter:
-    """One layer's routers by policy id; routes ``[T, E]`` logits with a ``[T]`` row -> policy map."""
+    """One layer's routers by policy id; routes ``[T, E]`` (or ``[N, T, E]``) logits with a row -> policy map."""
 
     def __init__(self, routers: Sequence[LayerRouter], width: int | None = None) -> None:
         if not routers:
@@ -54,41 +84,55 @@ class MixedRouter:
     def __len__(self) -> int:
         return len(self.routers)
 
+    def prepare(self, device: torch.device | str) -> None:
+        """Every policy's re-routing tables on ``device`` now (before CUDA-graph capture)."""
+        for r in self.routers:
+            r.prepare(device)
+
     def __call__(self, router_logits: Tensor, ctx: RouteContext, correction_bias: Tensor | None = None,
                  row_policy: Tensor | None = None, row_mask: Tensor | None = None,
                  uniform: int | None = None) -> RouteOutput:
-        """``(topk_weights [T, width], topk_ids [T, width])``; rows of policy p exactly as p routes them alone
-        with the other rows masked out. ``uniform``: every row is known (on the host) to use that policy."""
+        """``(topk_weights [.., T, width], topk_ids [.., T, width])``; rows of policy p exactly as p routes them
+        alone with the other rows masked out. ``uniform``: every row is known (on the host) to use that policy."""
         if uniform is not None or row_policy is None:
             router = self.routers[0 if uniform is None else uniform]
-            return pad_output(router(router_logits, ctx, correction_bias, row_mask=row_mask), self.width)
-        out_w = out_ids = None
+            return pad_output(router(router_logits, ctx, correction_bias, row_mask=row_mask),  # type: ignore
+                              self.width)
+        # the reference on purpose (also for a KernelRouter): the kernels read a mask as a trailing count
+        return self._mixed(lambda r, rows: LayerRouter.__call__(r, router_logits, ctx, correction_bias, row_mask=rows),
+                           row_policy, row_mask, router_logits.shape[:-1])
+
+    def route_scores(self, gs: GateScores, ctx: RouteContext, row_policy: Tensor, row_mask: Tensor | None = None,
+                     details: bool = False) -> RouteOutput | RouteDetails:
+        """Route already-scored ``[N, T, E]`` batches (replay); with ``details`` per-slot provenance
+        (``primary`` is None: each policy has its own primaries)."""
+        return self._mixed(lambda r, rows: r.route_scores(gs, ctx, details=details, row_mask=rows),
+                           row_policy, row_mask, gs.scores.shape[:-1])
+
+    def _mixed(self, route: Callable[[LayerRouter, Tensor], RouteOutput | RouteDetails], row_policy: Tensor,
+               row_mask: Tensor | None, shape: torch.Size):
+        row_policy = row_policy.expand(shape)  # a [T] map serves every batch of [N, T, E] logits
+        out = None
         for p, router in enumerate(self.routers):
             rows = row_policy == p
             if row_mask is not None:
-                rows = rows & row_mask
-            # the reference on purpose (also for a KernelRouter): the kernels read a mask as a trailing count
-            got = pad_output(LayerRouter.__call__(router, router_logits, ctx, correction_bias, row_mask=rows),
-                             self.width)
-            if out_w is None:
-                out_w, out_ids = got.topk_weights, got.topk_ids
-            else:
-                sel = rows.unsqueeze(-1)
-                out_w = torch.where(sel, got.topk_weights, out_w)
-                out_ids = torch.where(sel, got.topk_ids, out_ids)
-        assert out_w is not None and out_ids is not None
-        return RouteOutput(out_w, out_ids)
+                rows = rows & row_mask.expand(shape)
+            got = pad_output(route(router, rows), self.width)
+            out = got if out is None else _select(rows, got, out)
+        assert out is not None
+        return out
 
 
-def routed_per_policy(valid: Tensor, row_policy: Tensor, num_policies: int,
+def routed_per_policy(per_row: Tensor, row_policy: Tensor, num_policies: int,
                       row_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """``([P] routed slots, [P] tokens)`` of one layer's routing (``valid`` ``[T, K]`` bool); device-side, no sync."""
-    per_row = valid.sum(dim=-1).to(torch.int64)
+    """``([P] routed slots, [P] tokens)`` of one layer from each row's routed slot count ``per_row`` ``[T]``
+    (e.g. ``(topk_ids >= 0).sum(-1)``); padded rows (``row_mask`` False) do not count. Device-side, no sync."""
+    per_row = per_row.to(torch.int64)
     ones = torch.ones_like(per_row)
     if row_mask is not None:
         per_row = per_row * row_mask
         ones = ones * row_mask
     idx = row_policy.long()
-    slots = torch.zeros(num_policies, dtype=torch.int64, device=valid.device).index_add_(0, idx, per_row)
-    tokens = torch.zeros(num_policies, dtype=torch.int64, device=valid.device).index_add_(0, idx, ones)
+    slots = torch.zeros(num_policies, dtype=torch.int64, device=per_row.device).index_add_(0, idx, per_row)
+    tokens = torch.zeros(num_policies, dtype=torch.int64, device=per_row.device).index_add_(0, idx, ones)
     return slots, tokens

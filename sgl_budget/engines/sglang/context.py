@@ -25,9 +25,16 @@ def current_forward_batch():
     return getattr(getter, "__self__", None)
 
 
-def route_context(num_tokens: int) -> RouteContext:
-    """Phase and batch size of the running forward (decode at batch = tokens when SGLang gives none)."""
-    fb = current_forward_batch()
+_UNSET = object()
+
+
+def route_context(num_tokens: int, fb=_UNSET) -> RouteContext:
+    """Phase and batch size of the running forward (decode at batch = tokens when SGLang gives none).
+
+    In a batch mixing policies this is the whole forward's: every policy's ``when`` conditions see it.
+    """
+    if fb is _UNSET:
+        fb = current_forward_batch()
     if fb is None:
         return RouteContext("decode", max(1, num_tokens), max(1, num_tokens))
     mode = fb.forward_mode

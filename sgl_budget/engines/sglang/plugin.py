@@ -21,7 +21,7 @@ import logging
 import os
 import sys
 
-from .settings import DEFAULT_RECORD_MAX_TOKENS, ENV_RECORD_ALL_RANKS, Settings
+from .settings import DEFAULT_LOG_INTERVAL, DEFAULT_RECORD_MAX_TOKENS, ENV_RECORD_ALL_RANKS, Settings
 
 log = logging.getLogger("sgl_budget")
 _STATE: dict = {}
@@ -31,7 +31,14 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("sgl-budget (expert-activation policies)")
     g.add_argument("--moe-policy", type=str, default=None, metavar="PATH",
                    help="Route MoE layers with this sgl_budget .policy file (checked against the model before "
-                        "serving; see `sgl-budget explain`).")
+                        "serving; see `sgl-budget explain`): the policy of requests that name none ('default').")
+    g.add_argument("--moe-named-policy", action="append", default=None, metavar="NAME=PATH",
+                   help="A policy requests may pick by name with sampling_params.custom_params "
+                        '{"moe_policy": NAME} (repeatable). "stock" (the model\'s own routing) and "default" '
+                        "are always available; an unknown name is refused with HTTP 400.")
+    g.add_argument("--moe-policy-log-interval", type=float, default=DEFAULT_LOG_INTERVAL, metavar="SECONDS",
+                   help="Log per-policy requests, tokens and experts/token every SECONDS (default %(default)s; "
+                        "Prometheus series with --enable-metrics).")
     g.add_argument("--moe-record-trace", type=str, default=None, metavar="DIR",
                    help="Record router logits into sgl_budget trace files in DIR (for offline replay). "
                         "Decode steps replayed from CUDA graphs are not seen: disable CUDA graphs to record them.")
@@ -41,28 +48,59 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_namespace(args: argparse.Namespace) -> Settings:
     return Settings(policy=getattr(args, "moe_policy", None), record_dir=getattr(args, "moe_record_trace", None),
-                    record_max_tokens=getattr(args, "moe_record_max_tokens", DEFAULT_RECORD_MAX_TOKENS))
+                    record_max_tokens=getattr(args, "moe_record_max_tokens", DEFAULT_RECORD_MAX_TOKENS),
+                    named=named_policies(getattr(args, "moe_named_policy", None)),
+                    log_interval=getattr(args, "moe_policy_log_interval", DEFAULT_LOG_INTERVAL))
+
+
+def named_policies(value) -> tuple[tuple[str, str], ...]:
+    """``--moe-named-policy`` values, or ``Engine(moe_named_policies=...)``: a dict, or NAME=PATH strings."""
+    from ...lang.policy_set import parse_named
+
+    if not value:
+        return ()
+    if isinstance(value, dict):
+        return tuple((str(k), str(v)) for k, v in value.items())
+    if isinstance(value, str):
+        value = [value]
+    return tuple(parse_named(v) if isinstance(v, str) else (str(v[0]), str(v[1])) for v in value)
+
+
+def per_request_blocker(server_args) -> str | None:
+    """Why requests cannot carry their own policy in this launch (their tokens do not map to batch rows)."""
+    if getattr(server_args, "speculative_algorithm", None):
+        return "speculative decoding (--speculative-algorithm) forwards draft tokens that are not batch rows"
+    if getattr(server_args, "enable_dp_attention", False):
+        return "with --enable-dp-attention the MoE layers see tokens gathered from other data-parallel ranks"
+    return None
 
 
 def apply_settings(settings: Settings, model_path: str | None, trust_remote_code: bool = False,
-                   revision: str | None = None, exit_on_error: bool = True):
-    """Validate ``settings`` against the model and publish them for the workers.
+                   revision: str | None = None, exit_on_error: bool = True, server_args=None):
+    """Validate ``settings`` against the model and publish them for the workers; returns the PolicySet (or None).
 
     A bad policy ends a CLI launch with the compiler-style message and exit status 2
     (``exit_on_error``); the Python API raises the PolicyError instead.
     """
     from ...errors import PolicyError
     from ...spec import SpecError
-    from .settings import model_spec_for, validate
+    from .requests import ENV_PER_REQUEST_OFF
+    from .settings import model_spec_for, validate_set
 
-    spec = ir = None
+    spec = pset = None
+    blocker = per_request_blocker(server_args)
     try:
-        if settings.policy or settings.record_dir:
+        if not settings.log_interval > 0:
+            raise SpecError(f"--moe-policy-log-interval must be a positive number of seconds, not "
+                            f"{settings.log_interval}")
+        if settings.named and blocker:
+            raise SpecError(f"--moe-named-policy: per-request policies cannot be served here: {blocker}")
+        if settings.active:
             if not model_path:
-                raise SpecError("--moe-policy / --moe-record-trace need --model-path")
+                raise SpecError("--moe-policy / --moe-named-policy / --moe-record-trace need --model-path")
             spec = model_spec_for(model_path, trust_remote_code, revision)
-        if settings.policy:
-            ir = validate(settings.policy, spec)
+        if settings.routes:
+            pset = validate_set(settings, spec)
     except (PolicyError, SpecError) as e:
         if not exit_on_error:
             raise
@@ -70,10 +108,14 @@ def apply_settings(settings: Settings, model_path: str | None, trust_remote_code
         print(f"sgl-budget: the MoE policy cannot be served\n{text}", file=sys.stderr)
         raise SystemExit(2) from None
     settings.export(spec)
-    if ir is not None:
-        log.info("sgl_budget: policy %r (%s) validated for %s; it routes %d MoE layers", ir.name, settings.policy,
-                 spec.name, spec.num_moe_layers)
-    return ir
+    if blocker:
+        os.environ[ENV_PER_REQUEST_OFF] = blocker
+    else:
+        os.environ.pop(ENV_PER_REQUEST_OFF, None)
+    if pset is not None:
+        log.info("sgl_budget: MoE policies validated for %s (%d MoE layers): %s", spec.name, spec.num_moe_layers,
+                 pset.describe())
+    return pset
 
 
 def _add_cli_args_hook(original, parser, *args, **kwargs):
@@ -118,12 +160,13 @@ def _from_cli_args_hook(original, cls, args, *rest, **kwargs):
     settings = settings_from_namespace(args)
     if settings.active:
         apply_settings(settings, getattr(args, "model_path", None), bool(getattr(args, "trust_remote_code", False)),
-                       getattr(args, "revision", None))
+                       getattr(args, "revision", None), server_args=server_args)
     return server_args
 
 
 def build_server_args(**kwargs):
-    """``ServerArgs(**kwargs)`` that also takes ``moe_policy``, ``moe_record_trace``, ``moe_record_max_tokens``.
+    """``ServerArgs(**kwargs)`` that also takes ``moe_policy``, ``moe_named_policies`` (``{name: path}``),
+    ``moe_policy_log_interval``, ``moe_record_trace`` and ``moe_record_max_tokens``.
 
     SGLang's ``ServerArgs`` is a sealed msgspec record that cannot grow fields from
     outside, so ``Engine`` builds its record through this function (installed as
@@ -132,13 +175,15 @@ def build_server_args(**kwargs):
     from sglang.srt.server_args import ServerArgs
 
     settings = Settings(policy=kwargs.pop("moe_policy", None), record_dir=kwargs.pop("moe_record_trace", None),
-                        record_max_tokens=kwargs.pop("moe_record_max_tokens", DEFAULT_RECORD_MAX_TOKENS))
+                        record_max_tokens=kwargs.pop("moe_record_max_tokens", DEFAULT_RECORD_MAX_TOKENS),
+                        named=named_policies(kwargs.pop("moe_named_policies", None)),
+                        log_interval=kwargs.pop("moe_policy_log_interval", DEFAULT_LOG_INTERVAL))
     kwargs.update(before_server_args(kwargs.get("model_path"), {k: kwargs.get(k) for k in CPU_ARGS},
                                      exit_on_error=False))
     server_args = ServerArgs(**kwargs)
     if settings.active:
         apply_settings(settings, kwargs.get("model_path"), bool(kwargs.get("trust_remote_code", False)),
-                       kwargs.get("revision"), exit_on_error=False)
+                       kwargs.get("revision"), exit_on_error=False, server_args=server_args)
     return server_args
 
 
@@ -148,7 +193,7 @@ def _bind_runner_backend_hook(original, self, runner_backend, *args, **kwargs):
 
     fmt = self.topk_config.output_format
     wanted = _STATE.get("pending") or _STATE.get("settings")
-    if wanted is not None and wanted.policy and fmt not in (None, TopKOutputFormat.STANDARD):
+    if wanted is not None and wanted.routes and fmt not in (None, TopKOutputFormat.STANDARD):
         raise RuntimeError(
             f"sgl_budget: --moe-policy needs a MoE runner that consumes standard top-k output; layer "
             f"{self.layer_id} uses {runner_backend} with {TopKOutputFormat(fmt).name} routing (routing fused into "
@@ -156,10 +201,24 @@ def _bind_runner_backend_hook(original, self, runner_backend, *args, **kwargs):
     return result
 
 
-def _select_experts_hook(original, hidden_states, router_logits, topk_config, **kwargs):
+def _activate_pending() -> None:
     pending = _STATE.pop("pending", None)
     if pending is not None:
         activate(pending)
+
+
+def _init_new_hook(original, cls, batch, *args, **kwargs):
+    """Around ``ForwardBatch.init_new``: the new batch's row -> policy map, before its forward runs."""
+    forward_batch = original(cls, batch, *args, **kwargs)
+    _activate_pending()
+    routing = _STATE.get("routing")
+    if routing is not None and getattr(batch, "reqs", None) is not None:
+        routing.on_forward_batch(batch, forward_batch)
+    return forward_batch
+
+
+def _select_experts_hook(original, hidden_states, router_logits, topk_config, **kwargs):
+    _activate_pending()
     recorder = _STATE.get("recorder")
     if recorder is not None:
         recorder.observe(kwargs.get("layer_id"), router_logits, kwargs.get("num_token_non_padded"),
@@ -172,10 +231,11 @@ def _select_experts_hook(original, hidden_states, router_logits, topk_config, **
 
 def activate(settings: Settings) -> None:
     """Build this worker's routing / recording state from ``settings`` (idempotent)."""
-    from ...lang import load_policy
+    from ...lang.policy_set import load_policy_set
     from .record import Recorder
     from .routing import PolicyRouting
     from .settings import model_spec_for, spec_from_env
+    from .stats import PolicyStats
 
     if _STATE.get("settings") == settings:
         return
@@ -185,10 +245,37 @@ def activate(settings: Settings) -> None:
 
         spec = model_spec_for(get_global_server_args().model_path)
     _STATE["settings"] = settings
-    _STATE["routing"] = PolicyRouting(load_policy(settings.policy, spec)) if settings.policy else None
+    routing = None
+    if settings.routes:
+        pset = load_policy_set(spec, settings.policy, settings.named)
+        routing = PolicyRouting(pset, stats=PolicyStats(pset, settings.log_interval, report=_reports()))
+        log.info("sgl_budget: routing with %s", pset.describe())
+    _STATE["routing"] = routing
     _STATE["recorder"] = Recorder(settings.record_dir, spec, settings.record_max_tokens,
                                   rank0_only=os.environ.get(ENV_RECORD_ALL_RANKS) != "1") if settings.record_dir \
         else None
+
+
+def _reports() -> bool:
+    """Rank 0 of the tensor-parallel group logs and exports the statistics (every rank counts the same batches)."""
+    try:
+        from sglang.srt.distributed import get_tensor_model_parallel_rank
+
+        return get_tensor_model_parallel_rank() == 0
+    except Exception:  # not initialised (tests): this process reports
+        return True
+
+
+def _register_request_hooks(settings: Settings) -> None:
+    """Per-request policy choice: the request check everywhere, the row map in workers of a routing launch."""
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    from .requests import verify_hook
+
+    HookRegistry.register("sglang.srt.sampling.sampling_params.SamplingParams.verify", verify_hook, HookType.AROUND)
+    if settings.routes:
+        HookRegistry.register("sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new", _init_new_hook,
+                              HookType.AROUND)
 
 
 def install_fork_hook() -> None:
@@ -205,6 +292,8 @@ def register() -> None:
     import sglang.srt.server_args as server_args_module
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
+    settings = Settings.from_env()
+    _register_request_hooks(settings)
     if getattr(server_args_module, "SGL_BUDGET_PATCHED", False):
         return  # a fork with the patch series: the flags and the routing hook are already built in
 
@@ -216,7 +305,6 @@ def register() -> None:
     from .cpu import register_worker_hooks
 
     register_worker_hooks()
-    settings = Settings.from_env()
     if settings.active:  # a worker of a launch that asked for a policy or a recording
         HookRegistry.register("sglang.srt.layers.moe.topk.select_experts", _select_experts_hook, HookType.AROUND)
         HookRegistry.register("sglang.srt.layers.moe.topk.TopK.bind_runner_backend", _bind_runner_backend_hook,

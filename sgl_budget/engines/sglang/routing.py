@@ -29,9 +29,12 @@ import torch
 from torch import Tensor
 
 from ...lang.ir import PolicyIR
-from ...routing import Conventions, LayerRouter
+from ...lang.policy_set import PolicySet
+from ...routing import Conventions, LayerRouter, MixedRouter, routed_per_policy
 from ...spec import ModelSpec
-from .context import route_context
+from .context import current_forward_batch, route_context
+from .requests import ROWS_ATTR, BatchRows, RowPolicies, request_policies, token_ids
+from .stats import PolicyStats
 
 log = logging.getLogger("sgl_budget")
 SGLANG_RENORM_EPSILON = 1e-20  # sglang.srt.layers.moe.topk._RENORMALIZE_SUM_EPSILON
@@ -95,23 +98,52 @@ def fill_padding(ids: Tensor, valid: Tensor, num_experts: int) -> Tensor:
 
 @dataclass
 class PolicyRouting:
-    """One process's compiled policy and its per-layer routers (built on first use of each layer)."""
+    """One worker's policies (default, stock, named) and their per-layer routers (built on first use of each layer).
 
-    ir: PolicyIR
-    routers: dict[int, LayerRouter] = field(default_factory=dict)
+    Each forward's rows carry a policy id (:mod:`.requests`); a batch whose rows share one policy
+    routes with that policy alone, a mixed batch with :class:`~sgl_budget.routing.MixedRouter`.
+    """
+
+    pset: PolicySet
+    stats: PolicyStats | None = None
+    routers: dict[int, MixedRouter] = field(default_factory=dict)
+    rows: RowPolicies | None = None
     stock_fast_path: bool = True  # stock plans run SGLang's own select_experts (tests turn this off)
 
-    def router(self, layer_id: int, topk_config, num_experts: int) -> LayerRouter:
+    def __post_init__(self) -> None:
+        if self.rows is None:
+            self.rows = RowPolicies(self.pset.default)
+
+    @property
+    def ir(self) -> PolicyIR:
+        """The default policy."""
+        return self.pset.irs[self.pset.default]
+
+    def router(self, layer_id: int, topk_config, num_experts: int) -> MixedRouter:
         got = self.routers.get(layer_id)
         if got is None:
-            if not self.ir.spec.is_moe_layer(layer_id):
+            spec = self.ir.spec
+            if not spec.is_moe_layer(layer_id):
                 raise RuntimeError(f"sgl_budget: SGLang routed layer {layer_id}, which is not an MoE layer of "
-                                   f"{self.ir.spec.name} (MoE layers {list(self.ir.spec.moe_layers)})")
-            check_topk_matches_spec(self.ir.spec, topk_config, num_experts, layer_id)
-            got = self.routers[layer_id] = _router(self.ir, layer_id, sglang_conventions(topk_config))
+                                   f"{spec.name} (MoE layers {list(spec.moe_layers)})")
+            check_topk_matches_spec(spec, topk_config, num_experts, layer_id)
+            conv = sglang_conventions(topk_config)
             device = topk_config.correction_bias.device if topk_config.correction_bias is not None else None
-            got.prepare(device or ("cuda" if torch.cuda.is_available() else "cpu"))  # tables before any capture
+            per_policy = []
+            for ir in self.pset.irs:
+                r = _router(ir, layer_id, conv)
+                r.prepare(device or ("cuda" if torch.cuda.is_available() else "cpu"))  # tables before any capture
+                per_policy.append(r)
+            got = self.routers[layer_id] = MixedRouter(per_policy, spec.top_k)
         return got
+
+    def on_forward_batch(self, batch, forward_batch) -> None:
+        """Host side, when SGLang builds a forward batch: its row -> policy map (device buffer) and counts."""
+        per_req, lens, decoding = request_policies(batch, self.pset)
+        ids = forward_batch.input_ids if forward_batch.input_ids is not None else forward_batch.seq_lens
+        setattr(forward_batch, ROWS_ATTR, self.rows.fill(token_ids(per_req, lens), ids.device))
+        if self.stats is not None:
+            self.stats.on_batch(per_req, decoding, lens, batch.reqs)
 
     def select_experts(self, original, hidden_states: Tensor, router_logits: Tensor, topk_config, *,
                        layer_id=None, num_token_non_padded=None, expert_location_dispatch_info=None,
@@ -124,12 +156,25 @@ class PolicyRouting:
                       dynamic_expert_bias=dynamic_expert_bias, router_logits_partials=router_logits_partials)
         if layer_id is None or dynamic_expert_bias is not None:
             return original(hidden_states, router_logits, topk_config, **kwargs)
-        ctx = route_context(router_logits.shape[0])
-        if not self.ir.spec.is_moe_layer(layer_id):
+        spec = self.ir.spec
+        num_tokens = router_logits.shape[0]
+        fb = current_forward_batch()
+        ctx = route_context(num_tokens, fb)
+        if not spec.is_moe_layer(layer_id):
             self.router(layer_id, topk_config, router_logits.shape[-1])  # raises the explanatory error
-        plan = self.ir.plan(layer_id, ctx)
-        if self.stock_fast_path and plan.is_stock_shape and plan.k == self.ir.spec.top_k:
-            return original(hidden_states, router_logits, topk_config, **kwargs)  # stock: SGLang's own path
+        info: BatchRows | None = getattr(fb, ROWS_ATTR, None) if fb is not None else None
+        # every row of one policy (known on the host), else a mixed batch (the row map on the device)
+        uniform = info.uniform if info is not None else (0 if len(self.pset) == 1 else None)
+        stock = [self.stock_fast_path and p.is_stock_shape and p.k == spec.top_k
+                 for p in (ir.plan(layer_id, ctx) for ir in self.pset.irs)]
+        if (stock[uniform] if uniform is not None else all(stock)):  # stock: SGLang's own path
+            if self.stats is not None:
+                if uniform is not None:
+                    self.stats.add_stock(uniform, num_tokens, spec.top_k)
+                else:
+                    self._count(torch.full((num_tokens,), spec.top_k, device=router_logits.device), None,
+                                num_tokens, info, num_token_non_padded, router_logits.device)
+            return original(hidden_states, router_logits, topk_config, **kwargs)
         router = self.router(layer_id, topk_config, router_logits.shape[-1])
 
         if router_logits_partials is not None:
@@ -139,14 +184,17 @@ class PolicyRouting:
             info=expert_location_dispatch_info)
         row_mask = None
         if num_token_non_padded is not None:  # CUDA-graph padding rows take no part in batch-wide stages
-            row_mask = torch.arange(router_logits.shape[0], device=router_logits.device) < num_token_non_padded
-        weights, ids = router(router_logits, ctx, correction_bias=bias, row_mask=row_mask)
-        weights, ids = _pad_to(weights, ids, self.ir.spec.top_k)
+            row_mask = torch.arange(num_tokens, device=router_logits.device) < num_token_non_padded
+        rows = None if uniform is not None else self.rows.rows(num_tokens, router_logits.device, info)
+        weights, ids = router(router_logits, ctx, correction_bias=bias, row_policy=rows, row_mask=row_mask,
+                              uniform=uniform)
         valid = ids >= 0
-        ids = fill_padding(ids, valid, self.ir.spec.num_experts)  # valid ids everywhere through SGLang's remap
+        if self.stats is not None:
+            self._count(valid.sum(dim=-1), uniform, num_tokens, info, row_mask, router_logits.device)
+        ids = fill_padding(ids, valid, spec.num_experts)  # valid ids everywhere through SGLang's remap
         n_shared = topk_config.num_shared_topk_slots
         if n_shared and not (T._use_aiter or T.has_per_rank_fused_shared_slots(n_shared)):
-            weights, ids = _append_shared(weights, ids, topk_config, self.ir.spec.num_experts)
+            weights, ids = _append_shared(weights, ids, topk_config, spec.num_experts)
         ids, weights, recorder_ids = T._post_process_topk_ids(
             topk_ids=ids, topk_weights=weights, topk_config=topk_config, router_logits=router_logits,
             num_token_non_padded=num_token_non_padded, layer_id=layer_id,
@@ -155,6 +203,17 @@ class PolicyRouting:
         if recorder_ids is not None:
             T.get_global_expert_distribution_recorder().on_select_experts(topk_ids=recorder_ids)
         return T.StandardTopKOutput(weights, ids, router_logits)
+
+    def _count(self, per_row: Tensor, uniform: int | None, num_tokens: int, info, row_mask, device) -> None:
+        """Routed slots (``per_row`` ``[T]``) and tokens of this layer into the per-policy device counters (no sync)."""
+        assert self.stats is not None
+        if row_mask is not None and not isinstance(row_mask, Tensor):  # num_token_non_padded
+            row_mask = torch.arange(num_tokens, device=device) < row_mask
+        if uniform is not None:
+            rows = torch.full((num_tokens,), uniform, dtype=torch.int32, device=device)
+        else:
+            rows = self.rows.rows(num_tokens, device, info)
+        self.stats.add_routed(*routed_per_policy(per_row, rows, len(self.pset), row_mask))
 
 
 def _router(ir: PolicyIR, layer: int, conv: Conventions) -> LayerRouter:
@@ -167,14 +226,6 @@ def _router(ir: PolicyIR, layer: int, conv: Conventions) -> LayerRouter:
     except ImportError:  # no triton in this environment
         return LayerRouter(ir, layer, conv)
     return KernelRouter(ir, layer, conv, backend)  # type: ignore[arg-type]
-
-
-def _pad_to(weights: Tensor, ids: Tensor, width: int) -> tuple[Tensor, Tensor]:
-    extra = width - ids.shape[1]
-    if extra <= 0:
-        return weights, ids
-    return (torch.cat([weights, weights.new_zeros(weights.shape[0], extra)], dim=1),
-            torch.cat([ids, ids.new_full((ids.shape[0], extra), -1)], dim=1))
 
 
 def _append_shared(weights: Tensor, ids: Tensor, topk_config, num_experts: int) -> tuple[Tensor, Tensor]:

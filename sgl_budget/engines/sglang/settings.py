@@ -4,7 +4,10 @@ SGLang starts its scheduler / TP / DP / EP workers with ``multiprocessing``
 (spawn), so nothing patched in the launcher survives into them. The settings
 travel in environment variables, which every spawned child inherits:
 
-* ``SGLBUDGET_MOE_POLICY`` — absolute path of the policy file;
+* ``SGLBUDGET_MOE_POLICY`` — absolute path of the default policy file;
+* ``SGLBUDGET_MOE_NAMED_POLICIES`` — JSON ``[[name, absolute path], ...]`` of the policies a request
+  may pick by name (``stock`` and ``default`` are always available);
+* ``SGLBUDGET_POLICY_LOG_INTERVAL`` — seconds between the per-policy statistics log lines;
 * ``SGLBUDGET_MOE_SPEC`` — the model spec the launcher validated against (JSON);
 * ``SGLBUDGET_RECORD_DIR`` / ``SGLBUDGET_RECORD_MAX_TOKENS`` — router-logit recording
   (``SGLBUDGET_RECORD_ALL_RANKS=1``: every TP rank records, to check that ranks agree).
@@ -24,14 +27,18 @@ from ...errors import PolicyError  # noqa: F401  (re-exported: callers catch it 
 from ...lang import load_policy
 from ...lang.limits import check_engine
 from ...lang.ir import PolicyIR
+from ...lang.policy_set import PolicySet, load_policy_set
 from ...spec import ModelSpec, SpecError
 
 ENV_POLICY = "SGLBUDGET_MOE_POLICY"
+ENV_NAMED = "SGLBUDGET_MOE_NAMED_POLICIES"
+ENV_LOG_INTERVAL = "SGLBUDGET_POLICY_LOG_INTERVAL"
 ENV_SPEC = "SGLBUDGET_MOE_SPEC"
 ENV_RECORD_DIR = "SGLBUDGET_RECORD_DIR"
 ENV_RECORD_MAX = "SGLBUDGET_RECORD_MAX_TOKENS"
 ENV_RECORD_ALL_RANKS = "SGLBUDGET_RECORD_ALL_RANKS"  # "1": every TP rank records (to compare ranks), not rank 0 only
 DEFAULT_RECORD_MAX_TOKENS = 65536
+DEFAULT_LOG_INTERVAL = 30.0
 # Model families whose SGLang MoE blocks route through TopK with the rules ModelSpec describes.
 SUPPORTED_MODEL_TYPES = ("qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "mixtral", "olmoe")
 
@@ -43,15 +50,23 @@ class Settings:
     policy: str | None = None
     record_dir: str | None = None
     record_max_tokens: int = DEFAULT_RECORD_MAX_TOKENS
+    named: tuple[tuple[str, str], ...] = ()  # (name, path) of the policies a request may pick
+    log_interval: float = DEFAULT_LOG_INTERVAL
 
     @property
     def active(self) -> bool:
-        return bool(self.policy or self.record_dir)
+        return bool(self.policy or self.record_dir or self.named)
+
+    @property
+    def routes(self) -> bool:
+        """A policy (default or named) routes some requests: the worker installs the routing hook."""
+        return bool(self.policy or self.named)
 
     @classmethod
     def from_env(cls) -> "Settings":
         return cls(policy=os.environ.get(ENV_POLICY) or None, record_dir=os.environ.get(ENV_RECORD_DIR) or None,
-                   record_max_tokens=int(os.environ.get(ENV_RECORD_MAX, DEFAULT_RECORD_MAX_TOKENS)))
+                   record_max_tokens=int(os.environ.get(ENV_RECORD_MAX, DEFAULT_RECORD_MAX_TOKENS)),
+                   named=named_from_env(), log_interval=float(os.environ.get(ENV_LOG_INTERVAL, DEFAULT_LOG_INTERVAL)))
 
     def export(self, spec: ModelSpec | None) -> None:
         """Publish to this process's environment, so every worker spawned from now on sees it."""
@@ -60,9 +75,26 @@ class Settings:
                 os.environ[key] = str(Path(value).resolve())
             else:
                 os.environ.pop(key, None)
+        if self.named:
+            os.environ[ENV_NAMED] = json.dumps([[n, str(Path(p).resolve())] for n, p in self.named])
+        else:
+            os.environ.pop(ENV_NAMED, None)
         os.environ[ENV_RECORD_MAX] = str(self.record_max_tokens)
+        os.environ[ENV_LOG_INTERVAL] = str(self.log_interval)
         if spec is not None:
             os.environ[ENV_SPEC] = json.dumps(spec.to_dict())
+
+
+def named_from_env() -> tuple[tuple[str, str], ...]:
+    raw = os.environ.get(ENV_NAMED)
+    return tuple((str(n), str(p)) for n, p in json.loads(raw)) if raw else ()
+
+
+def request_names() -> tuple[str, ...]:
+    """The policy names a request may give in this process's launch (``default``, ``stock``, named extras)."""
+    from ...lang.policy_set import DEFAULT, STOCK
+
+    return (DEFAULT, STOCK, *(n for n, _ in named_from_env()))
 
 
 def spec_from_env() -> ModelSpec | None:
@@ -100,3 +132,8 @@ def validate(policy: str | Path, spec: ModelSpec, engine_top_k: int | None = Non
     The engine rule lives in :mod:`sgl_budget.lang.limits`, shared with ``sgl-budget check``.
     """
     return check_engine(load_policy(policy, spec), "sglang", engine_top_k, file=str(policy))
+
+
+def validate_set(settings: Settings, spec: ModelSpec) -> PolicySet:
+    """Every policy of the launch (default, stock, named) compiled and checked; one PolicyError lists all problems."""
+    return load_policy_set(spec, settings.policy, settings.named, loader=validate)
