@@ -188,19 +188,42 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- policy mixes (eval, replay) ----------------------------------------------
+
+def load_mixes(specs: Sequence[str] | None, spec=None) -> list:
+    """``--mix`` values compiled against ``spec`` (a malformed one is a CliError; bad files a PolicyError);
+    without a spec only their syntax is checked (before a model loads)."""
+    from .lang.mix import MixError, load_mix, parse_mix
+
+    try:
+        return [load_mix(text, spec) if spec is not None else parse_mix(text) for text in specs or ()]
+    except MixError as e:
+        raise CliError(f"--mix: {e}") from None
+
+
+MIX_HELP = ("a per-row policy mix, reported as one more row: PART[,PART...] with PART = [NAME=]POLICY[:FRACTION] or "
+            "stock[:FRACTION] (stock: the model's own routing); each batch's rows are split between the parts in "
+            "these shares (in order; parts without a share split what is left; shares sum to 1), e.g. "
+            "--mix fast=policies/brown-moe/uniform-25.policy:0.5,stock:0.5; repeat for more mixes")
+
+
 # -- replay ------------------------------------------------------------------
 
 def _replay(policy_paths: Sequence[str | Path], trace_path: str | Path, batch_size: int, phase: str,
-            max_batches: int | None, plot: str | None, as_json: bool, per_layer: bool) -> int:
+            max_batches: int | None, plot: str | None, as_json: bool, per_layer: bool,
+            mix_specs: Sequence[str] = ()) -> int:
     from .lang import load_policy
     from .replay import plot_report, replay
     from .traces import load_trace
 
+    if not policy_paths and not mix_specs:
+        raise CliError("give at least one policy file or --mix")
     trace = load_trace(trace_path)
     policies = [(load_policy(Path(p), trace.spec)) for p in policy_paths]
+    mixes = load_mixes(mix_specs, trace.spec)
     try:
         report = replay(policies, trace, batch_size=batch_size, phase=phase, max_batches=max_batches,
-                        trace_path=str(trace_path))
+                        trace_path=str(trace_path), mixes=mixes)
     except ValueError as e:
         raise CliError(f"cannot replay {trace_path}: {e}") from None
     if as_json:
@@ -218,7 +241,7 @@ def _replay(policy_paths: Sequence[str | Path], trace_path: str | Path, batch_si
 
 def cmd_replay(args: argparse.Namespace) -> int:
     return _replay(args.policies, args.trace, args.batch_size, args.phase, args.max_batches, args.plot,
-                   args.json, args.layers)
+                   args.json, args.layers, args.mix or ())
 
 
 # -- trace -------------------------------------------------------------------
@@ -399,7 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(func=cmd_allocate)
 
     r = sub.add_parser("replay", help="replay policies on a recorded trace against stock top-k")
-    r.add_argument("policies", nargs="+", help=".policy files (resolved against the trace's model spec)")
+    r.add_argument("policies", nargs="*", help=".policy files (resolved against the trace's model spec)")
+    r.add_argument("--mix", action="append", metavar="PART[,PART...]",
+                   help=MIX_HELP + "; the mix's distinct experts per batch are the union its rows need")
     r.add_argument("--trace", required=True, help="trace file (.safetensors, docs/formats.md)")
     r.add_argument("--batch-size", type=int, default=16, help="sequences per batch (default 16)")
     r.add_argument("--phase", choices=["decode", "prefill"], default="decode",

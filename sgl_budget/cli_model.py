@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .cli import CliError
+from .cli import MIX_HELP, CliError, load_mixes
 
 
 def show_progress(quiet: bool = False) -> bool:
@@ -88,9 +88,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .engines.hf.evaluate import evaluate
     from .lang import load_policy
 
+    mix_specs = getattr(args, "mix", None)
+    if not args.policies and not mix_specs:
+        raise CliError("give at least one policy file or --mix")
+    load_mixes(mix_specs)  # a malformed --mix fails before the model loads
     model, windows = _windows(args, args.text)
     spec = _spec(model)
     policies = [load_policy(Path(p), spec) for p in args.policies]
+    mixes = load_mixes(mix_specs, spec)
     console = Console() if sys.stdout.isatty() else Console(width=160)
 
     def progress(r) -> None:
@@ -98,7 +103,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(f"  {r.name}: ppl {r.perplexity:.3f} ({r.seconds:.0f} s)", file=sys.stderr)
 
     results = evaluate(model, policies, windows, batch_size=args.batch_size, mode=args.mode, progress=progress,
-                       show_progress=show_progress(quiet=args.json))
+                       show_progress=show_progress(quiet=args.json), mixes=mixes)
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=2))
     else:
@@ -109,11 +114,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for col in ("policy", "perplexity", "Δ ppl", "top-1 acc", "KL to full", "act/token", "unique experts/batch"):
             t.add_column(col, justify="left" if col == "policy" else "right")
         for r in results:
-            t.add_row(r.name, f"{r.perplexity:.3f}", f"{r.perplexity - full.perplexity:+.3f}", f"{r.accuracy:.4f}",
-                      f"{r.kl_to_full:.4f}", f"{r.activations_per_token:.3f}", f"{r.unique_per_batch:.2f}")
+            ref = r.full_perplexity if r.full_perplexity is not None else full.perplexity  # a share: its rows
+            t.add_row(f"  ↳ {r.name} (its rows)" if r.mix else r.name, f"{r.perplexity:.3f}",
+                      f"{r.perplexity - ref:+.3f}", f"{r.accuracy:.4f}", f"{max(r.kl_to_full, 0.0):.4f}", f"{r.activations_per_token:.3f}", f"{r.unique_per_batch:.2f}")
+        if mixes:
+            t.caption = ("mix: each batch's rows split between policies in the given shares; ↳: one policy of the mix "
+                         "on its own rows (Δ ppl against full top-k on those rows); a mixed batch reads the union of "
+                         "the experts its rows need")
+            t.caption_justify = "left"
         console.print(t)
     if args.plot:
-        plot_quality(results, args.plot, title=f"{Path(args.model).name}: {args.mode}, batch {args.batch_size}")
+        plot_quality([r for r in results if not r.mix], args.plot,
+                     title=f"{Path(args.model).name}: {args.mode}, batch {args.batch_size}")
         print(f"wrote {args.plot}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
@@ -191,7 +203,9 @@ def add_model_commands(sub, model_help: str) -> None:
     s.set_defaults(func=cmd_similarity)
 
     e = sub.add_parser("eval", help="quality and cost of policies on a real model vs full top-k")
-    e.add_argument("policies", nargs="+")
+    e.add_argument("policies", nargs="*", help=".policy files")
+    e.add_argument("--mix", action="append", metavar="PART[,PART...]",
+                   help=MIX_HELP + "; also reported: each policy of the mix on its own rows")
     common(e, "--text", 32, 128, 16)
     e.add_argument("--mode", choices=["decode", "prefill"], default="decode",
                    help="decode: B sequences decoded in lock-step with a KV cache (default); prefill: whole windows")

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from ..lang.ir import PolicyIR, RouteContext
-from ..routing import compile_routers, stock_route
+from ..lang.mix import PolicyMix
+from ..routing import MixedRouter, compile_routers, stock_route
 from ..routing.scoring import gate_probs, score_experts
 from ..spec import ModelSpec
 from .report import LayerStats, PolicyResult, Report
@@ -67,7 +68,8 @@ def _max_k(ir: PolicyIR) -> int:
 
 
 def _batches(trace, batch_size: int, phase: str, max_batches: int | None):
-    """Yield ``(ctx, {layer: logits [N, B, E]})`` groups of equally shaped batches."""
+    """Yield ``(ctx, {layer: logits [N, T, E]}, rows [T])`` groups of equally shaped batches; ``rows``: the
+    batch row (sequence, 0..B-1) of each token."""
     from ..traces import prefill_batches, stack_decode_batches
 
     if phase == "decode":
@@ -75,34 +77,47 @@ def _batches(trace, batch_size: int, phase: str, max_batches: int | None):
         first = next(iter(stacked.values()), None)
         if first is None or first.shape[0] == 0:
             return
-        yield RouteContext("decode", batch_size, batch_size), stacked
+        yield RouteContext("decode", batch_size, batch_size), stacked, torch.arange(batch_size)
         return
-    for b in prefill_batches(trace, batch_size, max_batches=max_batches):
+    for i, b in enumerate(prefill_batches(trace, batch_size, max_batches=max_batches)):
         logits = {l: x.unsqueeze(0) for l, x in b.layer_logits.items()}
         t = next(iter(logits.values())).shape[1]
-        yield RouteContext("prefill", batch_size, t), logits
+        lengths = torch.tensor([e - s for s, e in trace.sequences[i * batch_size:(i + 1) * batch_size]])
+        yield RouteContext("prefill", batch_size, t), logits, torch.arange(batch_size).repeat_interleave(lengths)
 
 
 def replay(policies: Sequence[PolicyIR], trace, batch_size: int = 16, phase: str = "decode",
-           max_batches: int | None = None, trace_path: str = "") -> Report:
-    """Replay ``policies`` on ``trace``; returns a :class:`Report` with stock top-k as baseline."""
+           max_batches: int | None = None, trace_path: str = "", mixes: Sequence[PolicyMix] = ()) -> Report:
+    """Replay ``policies`` on ``trace``; returns a :class:`Report` with stock top-k as baseline.
+
+    Each mix of ``mixes`` is one more result: the rows (sequences) of every batch are split between its
+    policies (:meth:`PolicyMix.rows`) and routed by a :class:`MixedRouter`; its distinct experts per batch
+    are the union its rows need.
+    """
     spec: ModelSpec = trace.spec
-    for ir in policies:
+    irs = [*policies, *(ir for m in mixes for ir in m.policies.irs)]
+    for ir in irs:
         if ir.spec.num_experts != spec.num_experts or set(ir.spec.moe_layers) != set(spec.moe_layers):
             raise ValueError(f"policy {ir.name!r} was resolved for {ir.spec.name}, the trace is of {spec.name}")
-    routers = [compile_routers(ir) for ir in policies]
+    compiled = [compile_routers(ir) for ir in irs]
+    routers = compiled[:len(policies)]
     layers = list(spec.moe_layers)
+    mixed, at = [], len(policies)
+    for m in mixes:
+        mixed.append({l: MixedRouter([rs[l] for rs in compiled[at:at + len(m.policies)]]) for l in layers})
+        at += len(m.policies)
     e = spec.num_experts
-    acc: list[dict[int, list[tuple[int, LayerStats]]]] = [{l: [] for l in layers} for _ in range(len(policies) + 1)]
-    ks: list[dict[int, int]] = [dict() for _ in policies]
-    widest = {l: max([spec.top_k] + [max(rs[l].width, _max_k(ir)) for ir, rs in zip(policies, routers)])
-              for l in layers}
+    runs = len(policies) + len(mixes)
+    acc: list[dict[int, list[tuple[int, LayerStats]]]] = [{l: [] for l in layers} for _ in range(runs + 1)]
+    ks: list[dict[int, int]] = [dict() for _ in range(runs)]
+    widest = {l: max([spec.top_k] + [max(rs[l].width, _max_k(ir)) for ir, rs in zip(irs, compiled)]) for l in layers}
     num_batches = tokens = 0
     t0 = time.perf_counter()
-    for ctx, logits in _batches(trace, batch_size, phase, max_batches):
+    for ctx, logits, rows in _batches(trace, batch_size, phase, max_batches):
         n = next(iter(logits.values())).shape[0]
         num_batches += n
         tokens += n * ctx.tokens
+        maps = [torch.tensor(m.rows(batch_size))[rows] for m in mixes]  # token -> policy id
         for l in layers:
             x = logits[l].float()
             bias = trace.correction_bias.get(l) if trace.correction_bias else None
@@ -111,9 +126,11 @@ def replay(policies: Sequence[PolicyIR], trace, batch_size: int = 16, phase: str
             probs = gs.scores if spec.scoring_func == "softmax" else gate_probs(spec, x)
             _, sids = stock_route(spec, x, gs=gs)
             acc[0][l].append((n * ctx.tokens, _measure(sids, probs, e)))
-            for i, rs in enumerate(routers):
-                d = rs[l].route_scores(gs, ctx, details=True)
-                ks[i][l] = rs[l].plan(ctx).k
+            routed = [rs[l].route_scores(gs, ctx, details=True) for rs in routers]
+            routed += [mr[l].route_scores(gs, ctx, row_map, details=True) for mr, row_map in zip(mixed, maps)]
+            for i, d in enumerate(routed):
+                if i < len(routers):
+                    ks[i][l] = routers[i][l].plan(ctx).k
                 acc[i + 1][l].append((n * ctx.tokens, _measure(d.topk_ids, probs, e, d.num_rerouted, d.piggybacked)))
     elapsed = time.perf_counter() - t0
     if num_batches == 0:
@@ -124,8 +141,8 @@ def replay(policies: Sequence[PolicyIR], trace, batch_size: int = 16, phase: str
         return LayerStats(*(sum(w * getattr(s, f) for w, s in parts) / total for f in LayerStats.fields()))
 
     results = []
-    names = ["stock top-k"] + [ir.name for ir in policies]
-    sources = ["model's own routing"] + [ir.source for ir in policies]
+    names = ["stock top-k"] + [ir.name for ir in policies] + [m.label for m in mixes]
+    sources = ["model's own routing"] + [ir.source for ir in policies] + [m.describe() for m in mixes]
     for i, name in enumerate(names):
         per_layer = {l: combine(acc[i][l]) for l in layers}
         results.append(PolicyResult(name=name, source=sources[i], layers=per_layer,

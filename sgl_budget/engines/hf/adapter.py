@@ -11,19 +11,24 @@ one-hot has ``num_experts + 1`` classes), with weight 0.
 The context (phase, batch) of a forward comes from the block input ``[B, S, H]``:
 ``S == 1`` is a decode step of B sequences, otherwise a prefill of B sequences and
 B*S tokens; :meth:`PolicyHandle.context` overrides it.
+
+:func:`apply_policy_mix` routes each batch row (sequence) with its own policy of a
+:class:`~sgl_budget.lang.policy_set.PolicySet` (see :mod:`sgl_budget.routing.mixed`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from ...lang.ir import PolicyIR, RouteContext
-from ...routing import Conventions, LayerRouter
+from ...lang.policy_set import PolicySet
+from ...routing import Conventions, LayerRouter, MixedRouter, RouteOutput
 from ...spec import ModelSpec
 from .experts import IMPLEMENTATION as DENSE_EXPERTS
 
@@ -74,6 +79,7 @@ class PolicyHandle:
     _restore: list = field(default_factory=list)
     _ctx: RouteContext | None = None
     _forced: RouteContext | None = None
+    _rows: int = 1  # sequences (B) of the current forward
 
     @contextmanager
     def context(self, phase: str, batch_size: int, num_tokens: int | None = None):
@@ -83,6 +89,10 @@ class PolicyHandle:
             yield
         finally:
             self._forced = prev
+
+    def route(self, layer: int, logits: Tensor, ctx: RouteContext, bias: Tensor | None) -> RouteOutput:
+        """One MoE layer's routing of the forward's ``[B*S, E]`` logits."""
+        return self.routers[layer](logits, ctx, correction_bias=bias)
 
     def remove(self) -> None:
         for undo in reversed(self._restore):
@@ -96,38 +106,80 @@ class PolicyHandle:
         self.remove()
 
 
-def apply_policy(model: nn.Module, ir: PolicyIR) -> PolicyHandle:
-    """Route every MoE block of ``model`` with ``ir`` (resolved against this model's spec)."""
+@dataclass
+class PolicyMixHandle(PolicyHandle):
+    """A policy *mix* applied to a model: batch row (sequence) b is routed by policy ``row_policy[b]``.
+
+    :attr:`ir` is the first policy of the set, :attr:`routers` its routers; :attr:`mixed` routes every layer.
+    """
+
+    policies: PolicySet | None = None
+    mixed: dict[int, MixedRouter] = field(default_factory=dict)
+    row_policy: Tensor | None = None  # [B] int64 policy ids
+    uniform: int | None = None  # every row uses this policy (known on the host)
+
+    def set_rows(self, row_policy: Sequence[int] | Tensor) -> None:
+        """Use this row -> policy map (``[B]`` ids of :attr:`policies`) from the next forward on.
+
+        A map whose rows all name one policy routes every batch with it, whatever its size; a mixed map must
+        have one id per sequence of the forward (a ValueError otherwise).
+        """
+        rows = torch.as_tensor(row_policy, dtype=torch.int64).flatten()
+        n = len(self.policies) if self.policies is not None else 1
+        if rows.numel() == 0 or int(rows.min()) < 0 or int(rows.max()) >= n:
+            raise ValueError(f"row -> policy ids must lie in 0..{n - 1} (one per batch row), got {rows.tolist()}")
+        self.row_policy = rows
+        first = int(rows[0])
+        self.uniform = first if bool((rows == first).all()) else None
+
+    def route(self, layer: int, logits: Tensor, ctx: RouteContext, bias: Tensor | None) -> RouteOutput:
+        assert self.row_policy is not None
+        if self.uniform is not None:
+            return self.mixed[layer](logits, ctx, bias, uniform=self.uniform)
+        b = self.row_policy.numel()
+        if b != self._rows or logits.shape[0] % b:
+            raise ValueError(f"the row -> policy map has {b} rows, the forward {self._rows} sequences "
+                             f"({logits.shape[0]} tokens): call set_rows() with one policy per sequence")
+        rows = self.row_policy.to(logits.device).repeat_interleave(logits.shape[0] // b)  # token (b, s) -> row b
+        return self.mixed[layer](logits, ctx, bias, row_policy=rows)
+
+
+def _check_model(model: nn.Module, spec: ModelSpec) -> tuple[dict[int, nn.Module], Conventions]:
+    """The model's MoE blocks and its family's routing conventions (UnsupportedModel if unknown)."""
     mt = model.config.model_type
     if mt not in FAMILIES:
         raise UnsupportedModel(f"model type {mt!r} is not supported by the transformers adapter "
                                f"(supported: {', '.join(FAMILIES)})")
-    logits_fp32, cast_back, sorted_topk = FAMILIES[mt]
-    spec = ir.spec
     blocks = moe_blocks(model)
     if sorted(blocks) != list(spec.moe_layers):
         raise UnsupportedModel(f"the model's MoE layers {sorted(blocks)} differ from the spec's {list(spec.moe_layers)}")
-    conv = Conventions(sorted_selection=sorted_topk)
-    handle = PolicyHandle(model, ir, {l: LayerRouter(ir, l, conv) for l in blocks})
+    return blocks, Conventions(sorted_selection=FAMILIES[mt][2])
+
+
+def _install(handle: PolicyHandle, blocks: dict[int, nn.Module], spec: ModelSpec, pads: bool) -> PolicyHandle:
+    """Hook every MoE block's gate of ``handle.model`` to route with :meth:`PolicyHandle.route`."""
+    model = handle.model
+    logits_fp32, cast_back, _ = FAMILIES[model.config.model_type]
     # transformers' grouped_mm / batched_mm experts mishandle the padding index on CPU (NaN rows were seen
     # with 5.19's fallback); a policy that pads runs the eager experts, which skip it. Own-k policies keep
     # whatever the model uses, so they stay bit-exact. sgl-budget's dense experts (experts.py) skip it too.
     impl = getattr(model.config, "_experts_implementation", None)
-    if not ir.is_stock and impl not in PADDING_SAFE:
+    if pads and impl not in PADDING_SAFE:
         model.config._experts_implementation = "eager"
         handle._restore.append(lambda: setattr(model.config, "_experts_implementation", impl))
 
     for layer, block in blocks.items():
-        gate, router = block.gate, handle.routers[layer]
+        gate = block.gate
 
         def pre_hook(module, args, kwargs, handle=handle):
             h = args[0] if args else kwargs["hidden_states"]
             if h.dim() == 3:
                 b, s = h.shape[0], h.shape[1]
                 handle._ctx = RouteContext("decode", b, b) if s == 1 else RouteContext("prefill", b, b * s)
+                handle._rows = b
             return None
 
-        def gate_forward(hidden_states, gate=gate, router=router, handle=handle):
+        def gate_forward(hidden_states, gate=gate, layer=layer, handle=handle):
             h = hidden_states.reshape(-1, gate.weight.shape[1])
             if logits_fp32:
                 logits = F.linear(h.type(torch.float32), gate.weight.type(torch.float32))
@@ -135,7 +187,7 @@ def apply_policy(model: nn.Module, ir: PolicyIR) -> PolicyHandle:
                 logits = F.linear(h, gate.weight)
             ctx = handle._forced or handle._ctx or RouteContext("prefill", 1, h.shape[0])
             bias = getattr(gate, "e_score_correction_bias", None) if spec.has_correction_bias else None
-            weights, ids = router(logits, ctx, correction_bias=bias)
+            weights, ids = handle.route(layer, logits, ctx, bias)
             ids = torch.where(ids >= 0, ids, spec.num_experts).long()
             if cast_back:
                 weights = weights.to(logits.dtype)
@@ -148,3 +200,26 @@ def apply_policy(model: nn.Module, ir: PolicyIR) -> PolicyHandle:
         handle._restore.append(lambda gate=gate, original=original: setattr(gate, "forward", original))
     return handle
 
+
+def apply_policy(model: nn.Module, ir: PolicyIR) -> PolicyHandle:
+    """Route every MoE block of ``model`` with ``ir`` (resolved against this model's spec)."""
+    blocks, conv = _check_model(model, ir.spec)
+    handle = PolicyHandle(model, ir, {l: LayerRouter(ir, l, conv) for l in blocks})
+    return _install(handle, blocks, ir.spec, pads=not ir.is_stock)
+
+
+def apply_policy_mix(model: nn.Module, policies: PolicySet, row_policy: Sequence[int] | Tensor) -> PolicyMixHandle:
+    """Route batch row b (sequence b of the ``[B, S]`` input) of every forward with ``policies`` id ``row_policy[b]``.
+
+    Each layer routes with a :class:`~sgl_budget.routing.MixedRouter` of the policies' routers (per-token rules
+    per row; Alloc-T, SERE and piggybacking within the rows of one policy; ``when batch`` sees all B rows).
+    A map whose rows all name one policy routes exactly as :func:`apply_policy` with it. Change the map between
+    forwards with :meth:`PolicyMixHandle.set_rows`; it is per sequence, so prefill and decode steps share it.
+    """
+    spec = policies.irs[0].spec
+    blocks, conv = _check_model(model, spec)
+    per_layer = {l: [LayerRouter(ir, l, conv) for ir in policies.irs] for l in blocks}
+    handle = PolicyMixHandle(model, policies.irs[0], {l: rs[0] for l, rs in per_layer.items()}, policies=policies,
+                             mixed={l: MixedRouter(rs) for l, rs in per_layer.items()})
+    handle.set_rows(row_policy)
+    return _install(handle, blocks, spec, pads=not all(ir.is_stock for ir in policies.irs))

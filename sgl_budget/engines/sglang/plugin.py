@@ -217,6 +217,17 @@ def _init_new_hook(original, cls, batch, *args, **kwargs):
     return forward_batch
 
 
+def _req_init_hook(original, self, *args, **kwargs):
+    """Around ``Req.__init__``: a request's policy scopes its prefix-cache entries (see :func:`.requests.cache_key`)."""
+    original(self, *args, **kwargs)
+    _activate_pending()
+    routing = _STATE.get("routing")
+    if routing is not None:
+        from .requests import cache_key
+
+        self.extra_key = cache_key(self.extra_key, self.sampling_params.custom_params, routing.pset)
+
+
 def _select_experts_hook(original, hidden_states, router_logits, topk_config, **kwargs):
     _activate_pending()
     recorder = _STATE.get("recorder")
@@ -241,9 +252,9 @@ def activate(settings: Settings) -> None:
         return
     spec = spec_from_env()
     if spec is None and settings.active:
-        from sglang.srt.server_args import get_global_server_args
+        from sglang.srt.runtime_context import get_server_args
 
-        spec = model_spec_for(get_global_server_args().model_path)
+        spec = model_spec_for(get_server_args().model_path)
     _STATE["settings"] = settings
     routing = None
     if settings.routes:
@@ -276,6 +287,7 @@ def _register_request_hooks(settings: Settings) -> None:
     if settings.routes:
         HookRegistry.register("sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new", _init_new_hook,
                               HookType.AROUND)
+        HookRegistry.register("sglang.srt.managers.schedule_batch.Req.__init__", _req_init_hook, HookType.AROUND)
 
 
 def install_fork_hook() -> None:

@@ -62,6 +62,23 @@ def verify_hook(original, self, *args, **kwargs):
     return result
 
 
+def cache_key(extra_key: str | None, custom_params, pset: PolicySet) -> str | None:
+    """The request's prefix-cache scope: SGLang's ``extra_key`` plus its policy unless it is the default.
+
+    KV computed under one policy is not what another policy computes for the same tokens (every layer
+    after the first reads the routing of the layers before it), so the radix cache must never hand one
+    policy's prefix to a request of another. SGLang scopes its radix tree by ``Req.extra_key`` (as it
+    does for LoRA adapters); default-policy requests keep the plain key and share the cache as before.
+    """
+    try:
+        p = pset.index(requested_name(custom_params))
+    except UnknownPolicy:
+        return extra_key
+    if p == pset.default:
+        return extra_key
+    return f"{extra_key or ''}\x1fsgl_budget.moe_policy={pset.names[p]}"
+
+
 @dataclass
 class BatchRows:
     """What :func:`fill_rows` learnt about one forward batch on the host."""

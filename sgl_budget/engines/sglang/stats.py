@@ -159,13 +159,17 @@ class PolicyStats:
             return self._metrics or None
         self._metrics = ()
         try:
-            from sglang.srt.server_args import get_global_server_args
+            from sglang.srt.runtime_context import get_server_args
 
-            args = get_global_server_args()
-            if not getattr(args, "enable_metrics", False):
-                return None
+            args = get_server_args()
+        except Exception:  # no server args: not inside a server (tests)
+            return None
+        if not getattr(args, "enable_metrics", False):
+            return None
+        try:
             from prometheus_client import Counter, Gauge
-        except Exception:  # no server args (tests), or no prometheus_client
+        except ImportError:
+            log.warning("sgl_budget: --enable-metrics without prometheus_client: no per-policy metrics")
             return None
         self._model_name = str(getattr(args, "served_model_name", None) or args.model_path)
         labels = ["model_name", "policy"]
@@ -178,4 +182,5 @@ class PolicyStats:
         g = Gauge(METRIC_PREFIX + "experts_per_token", "Mean routed experts per token and MoE layer since start, "
                   "by MoE policy.", labelnames=labels, multiprocess_mode="mostrecent")
         self._metrics = (*c, g)
+        log.info("sgl_budget: per-policy metrics exported as %s*", METRIC_PREFIX)
         return self._metrics
