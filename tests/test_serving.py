@@ -242,7 +242,8 @@ def test_sglang_serve_help_lists_the_flags() -> None:
     r = subprocess.run([str(Path(sys.executable).parent / "sglang"), "serve", "--help"], capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    for flag in ("--moe-policy PATH", "--moe-record-trace DIR", "--moe-record-max-tokens N"):
+    for flag in ("--moe-policy PATH", "--moe-named-policy NAME=PATH", "--moe-policy-log-interval SECONDS",
+                 "--moe-record-trace DIR", "--moe-record-max-tokens N"):
         assert flag in r.stdout
 
 
