@@ -123,11 +123,12 @@ def test_stats_count_requests_tokens_and_experts(caplog) -> None:
         per_row = torch.where(rows == 2, 2, 8)
         st.add_routed(*routed_per_policy(per_row, rows, 3, torch.arange(8) < 7))
     st.add_stock(1, 1, 8)
+    st.add_uniform(2, torch.tensor(4), 2)  # a batch of 2 fast rows, 2 experts each
     with caplog.at_level("INFO", logger="sgl_budget"):
         st.report_now()
     snap = st.snapshot()
     assert snap["fast"] == {"requests": 1, "prompt_tokens": 7, "generation_tokens": 1, "experts_per_token": 2.0}
     assert snap["stock"]["requests"] == 1 and snap["stock"]["experts_per_token"] == 8.0
     assert snap["default"]["experts_per_token"] is None  # the warm-up forward does not count
-    assert st.token_layers == [0, 2 * 8 + 1, 5 * 8]
+    assert st.token_layers == [0, 2 * 8 + 1, 5 * 8 + 2]
     assert "fast: 1 requests, 8 tokens (prompt 7, generated 1), 2.000 experts/token" in caplog.text

@@ -209,6 +209,9 @@ class PolicyRouting:
         assert self.stats is not None
         if row_mask is not None and not isinstance(row_mask, Tensor):  # num_token_non_padded
             row_mask = torch.arange(num_tokens, device=device) < row_mask
+        if uniform is not None and row_mask is None:  # one device op: every row is the policy's
+            self.stats.add_uniform(uniform, per_row.sum(), num_tokens)
+            return
         if uniform is not None:
             rows = torch.full((num_tokens,), uniform, dtype=torch.int32, device=device)
         else:

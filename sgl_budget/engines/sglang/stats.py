@@ -74,11 +74,21 @@ class PolicyStats:
 
     def add_routed(self, slots: Tensor, tokens: Tensor) -> None:
         """Device side, once per routed layer: ``[P]`` slots and tokens (no sync)."""
-        if self._dev is None or self._dev.device != slots.device:
-            self._dev = torch.zeros(2, len(self.pset), dtype=torch.int64, device=slots.device)
+        dev = self._device(slots.device)
+        dev[0].add_(slots)
+        dev[1].add_(tokens)
+
+    def _device(self, device: torch.device) -> Tensor:
+        if self._dev is None or self._dev.device != device:
+            self._dev = torch.zeros(2, len(self.pset), dtype=torch.int64, device=device)
             self._dev_seen = [0] * (2 * len(self.pset))
-        self._dev[0].add_(slots)
-        self._dev[1].add_(tokens)
+        return self._dev
+
+    def add_uniform(self, policy: int, slots: Tensor, num_tokens: int) -> None:
+        """A layer whose rows all use ``policy``: its routed slot count (a device scalar) and token count."""
+        self._device(slots.device)[0, policy].add_(slots)
+        with self._lock:
+            self._host[len(self.pset) + policy] += num_tokens
 
     def add_stock(self, policy: int, num_tokens: int, top_k: int) -> None:
         """A layer SGLang's own top-k routed for rows all of one policy (known on the host)."""
