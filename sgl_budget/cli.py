@@ -204,7 +204,8 @@ def load_mixes(specs: Sequence[str] | None, spec=None) -> list:
 MIX_HELP = ("a per-row policy mix, reported as one more row: PART[,PART...] with PART = [NAME=]POLICY[:FRACTION] or "
             "stock[:FRACTION] (stock: the model's own routing); each batch's rows are split between the parts in "
             "these shares (in order; parts without a share split what is left; shares sum to 1), e.g. "
-            "--mix fast=policies/brown-moe/uniform-25.policy:0.5,stock:0.5; repeat for more mixes")
+            "--mix fast=policies/brown-moe/uniform-25.policy:0.5,stock:0.5; repeat for more mixes (docs/quality.md, "
+            "Policy mixes)")
 
 
 # -- replay ------------------------------------------------------------------

@@ -116,11 +116,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for r in results:
             ref = r.full_perplexity if r.full_perplexity is not None else full.perplexity  # a share: its rows
             t.add_row(f"  ↳ {r.name} (its rows)" if r.mix else r.name, f"{r.perplexity:.3f}",
-                      f"{r.perplexity - ref:+.3f}", f"{r.accuracy:.4f}", f"{max(r.kl_to_full, 0.0):.4f}", f"{r.activations_per_token:.3f}", f"{r.unique_per_batch:.2f}")
+                      f"{r.perplexity - ref:+.3f}", f"{r.accuracy:.4f}", f"{max(r.kl_to_full, 0.0):.4f}",
+                      f"{r.activations_per_token:.3f}", f"{r.unique_per_batch:.2f}")
         if mixes:
-            t.caption = ("mix: each batch's rows split between policies in the given shares; ↳: one policy of the mix "
-                         "on its own rows (Δ ppl against full top-k on those rows); a mixed batch reads the union of "
-                         "the experts its rows need")
+            t.caption = ("mix: each batch's rows split between policies in the given shares; ↳: one policy of "
+                         "the mix on its own rows (Δ ppl against full top-k on those rows); a mixed batch reads the "
+                         "union of the experts its rows need")
             t.caption_justify = "left"
         console.print(t)
     if args.plot:
