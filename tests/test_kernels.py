@@ -484,3 +484,37 @@ def test_kernels_match_the_reference_on_tie_heavy_logits(tmp_path, variant, body
         (ri, rw), (ti, tw) = _both_backends(ir, x, ctx, bias, mask)
         assert torch.equal(ti, ri), (spec.name, body, seed)
         assert torch.allclose(tw, rw, rtol=1e-5, atol=1e-6), (spec.name, body, seed)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")
+def test_mixed_batch_routing_captures_in_a_cuda_graph() -> None:
+    """A mixed batch (row -> policy map in a device buffer) captured once, replayed with new logits and a new map:
+    equals eager routing each time (the per-request serving path under CUDA-graph decode)."""
+    from conftest import TINY_SOFTMAX
+    from sgl_budget.kernels.backend import KernelRouter
+    from sgl_budget.lang import compile_policy
+    from sgl_budget.lang.ir import RouteContext
+    from sgl_budget.lang.policy_set import stock_ir
+    from sgl_budget.routing import MixedRouter
+
+    irs = [compile_policy('policy "t" { budget 50%; tokens { reallocate by score; min_k 1; max_k 4 } }', TINY_SOFTMAX),
+           stock_ir(TINY_SOFTMAX),
+           compile_policy('policy "u" { budget 25% }', TINY_SOFTMAX)]
+    router = MixedRouter([KernelRouter(ir, 1, backend="auto") for ir in irs], TINY_SOFTMAX.top_k)
+    ctx = RouteContext("decode", 16)
+    logits = torch.zeros(16, 16, device="cuda")
+    rows = torch.zeros(16, dtype=torch.int32, device="cuda")
+    mask = torch.ones(16, dtype=torch.bool, device="cuda")
+    router(logits, ctx, row_policy=rows, row_mask=mask)  # warm up outside the capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        w, ids = router(logits, ctx, row_policy=rows, row_mask=mask)
+    for seed in (1, 2, 3):
+        gen = torch.Generator().manual_seed(seed)
+        logits.copy_(torch.randn(16, 16, generator=gen).cuda() * 3)
+        rows.copy_(torch.randint(0, 3, (16,), generator=gen).to(torch.int32).cuda())
+        mask.copy_((torch.arange(16) < 16 - seed).cuda())
+        g.replay()
+        ew, eids = router(logits, ctx, row_policy=rows, row_mask=mask)
+        real = mask.cpu()
+        assert torch.equal(ids.cpu()[real], eids.cpu()[real]) and torch.allclose(w.cpu()[real], ew.cpu()[real])
