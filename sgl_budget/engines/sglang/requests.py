@@ -11,8 +11,9 @@ worker's ``Req`` without any server option.
 * In each scheduler worker, :func:`fill_rows` runs when SGLang builds a ``ForwardBatch`` (before
   the forward, eager or CUDA-graph replay): it writes the batch's token -> policy ids into one
   persistent device buffer (:class:`RowPolicies`) with a host-to-device copy on the current
-  stream (as SGLang copies the batch's other inputs), and notes on the batch whether every row
-  shares one policy (then only that policy routes).
+  stream (as SGLang copies the batch's other inputs; with the overlap scheduler SGLang 0.5.23 builds
+  the batch on its forward stream, so the copy is ordered after the previous forward's reads), and
+  notes on the batch whether every row shares one policy (then only that policy routes).
 """
 
 from __future__ import annotations
