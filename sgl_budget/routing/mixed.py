@@ -17,7 +17,7 @@ CUDA graph. When the caller knows on the host that every row shares one policy
 apply). The kernels take padded rows as a trailing count, not an arbitrary mask, so the
 mixed path always uses the torch reference (also for a router built from
 ``kernels.backend.KernelRouter``: a uniform batch gets the kernels' result, a mixed batch the
-reference's).
+reference's). A captured CUDA graph cannot know the map on the host, so it always holds the mixed path.
 
 Logits may be ``[T, E]`` (one batch) or ``[N, T, E]`` (N independent batches, as replay routes
 them); the row map is then ``[T]`` (the same for every batch) or ``[N, T]``.
