@@ -457,3 +457,17 @@ def test_fillers_prefer_experts_the_batch_loads() -> None:
     out = fill_padding(ids, ids >= 0, 16)
     assert out[0].tolist() == [3, 5, 7, 9] and out[1].tolist() == [5, 7, 9, 3]
     assert out.dtype == torch.int32
+
+
+def test_policy_stats_leave_cuda_graph_padding_rows_out(sglang_topk, tmp_path) -> None:
+    """A forward without a row map (as a CUDA-graph capture or replay) whose policies are all stock here runs
+    SGLang's own top-k; the per-policy counts take num_token_non_padded as a row mask, not as a factor."""
+    T = sglang_topk.T
+    spec, topk_kw = _variant("softmax-renorm")
+    _use(spec, 'policy "d" { layers when batch >= 1000 { k = 2 } }', tmp_path)  # batch 8: stock in every layer
+    routing = plugin._STATE["routing"]
+    topk = T.TopK(top_k=4, layer_id=1, **topk_kw)
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(2))
+    topk.forward_native(torch.zeros(8, 8), x, num_token_non_padded=torch.tensor(5))
+    routing.stats._collect()
+    assert routing.stats.token_layers == [5, 0] and routing.stats.slots == [5 * 4, 0]

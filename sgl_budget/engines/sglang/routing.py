@@ -165,15 +165,19 @@ class PolicyRouting:
         info: BatchRows | None = getattr(fb, ROWS_ATTR, None) if fb is not None else None
         # every row of one policy (known on the host), else a mixed batch (the row map on the device)
         uniform = info.uniform if info is not None else (0 if len(self.pset) == 1 else None)
-        stock = [self.stock_fast_path and p.is_stock_shape and p.k == spec.top_k
-                 for p in (ir.plan(layer_id, ctx) for ir in self.pset.irs)]
-        if (stock[uniform] if uniform is not None else all(stock)):  # stock: SGLang's own path
-            if self.stats is not None:
+
+        def stock(ir: PolicyIR) -> bool:  # the model's own k and nothing else at this layer and context
+            plan = ir.plan(layer_id, ctx)
+            return self.stock_fast_path and plan.is_stock_shape and plan.k == spec.top_k
+
+        if stock(self.pset.irs[uniform]) if uniform is not None else all(map(stock, self.pset.irs)):
+            if self.stats is not None:  # SGLang's own path routes top-k for every row
                 if uniform is not None:
                     self.stats.add_stock(uniform, num_tokens, spec.top_k)
                 else:
                     self._count(torch.full((num_tokens,), spec.top_k, device=router_logits.device), None,
-                                num_tokens, info, num_token_non_padded, router_logits.device)
+                                num_tokens, info, _row_mask(num_tokens, num_token_non_padded, router_logits.device),
+                                router_logits.device)
             return original(hidden_states, router_logits, topk_config, **kwargs)
         router = self.router(layer_id, topk_config, router_logits.shape[-1])
 
@@ -182,9 +186,7 @@ class PolicyRouting:
         router_logits, bias = T.expert_location_dispatch.transform_select_experts_inputs(
             router_logits=router_logits, correction_bias=topk_config.correction_bias,
             info=expert_location_dispatch_info)
-        row_mask = None
-        if num_token_non_padded is not None:  # CUDA-graph padding rows take no part in batch-wide stages
-            row_mask = torch.arange(num_tokens, device=router_logits.device) < num_token_non_padded
+        row_mask = _row_mask(num_tokens, num_token_non_padded, router_logits.device)
         rows = None if uniform is not None else self.rows.rows(num_tokens, router_logits.device, info)
         weights, ids = router(router_logits, ctx, correction_bias=bias, row_policy=rows, row_mask=row_mask,
                               uniform=uniform)
@@ -204,11 +206,10 @@ class PolicyRouting:
             T.get_global_expert_distribution_recorder().on_select_experts(topk_ids=recorder_ids)
         return T.StandardTopKOutput(weights, ids, router_logits)
 
-    def _count(self, per_row: Tensor, uniform: int | None, num_tokens: int, info, row_mask, device) -> None:
+    def _count(self, per_row: Tensor, uniform: int | None, num_tokens: int, info, row_mask: Tensor | None,
+               device) -> None:
         """Routed slots (``per_row`` ``[T]``) and tokens of this layer into the per-policy device counters (no sync)."""
         assert self.stats is not None
-        if row_mask is not None and not isinstance(row_mask, Tensor):  # num_token_non_padded
-            row_mask = torch.arange(num_tokens, device=device) < row_mask
         if uniform is not None and row_mask is None:  # one device op: every row is the policy's
             self.stats.add_uniform(uniform, per_row.sum(), num_tokens)
             return
@@ -217,6 +218,13 @@ class PolicyRouting:
         else:
             rows = self.rows.rows(num_tokens, device, info)
         self.stats.add_routed(*routed_per_policy(per_row, rows, len(self.pset), row_mask))
+
+
+def _row_mask(num_tokens: int, num_token_non_padded: Tensor | None, device) -> Tensor | None:
+    """``[T]`` bool: the real rows (CUDA-graph padding rows take no part in batch-wide stages nor in the counts)."""
+    if num_token_non_padded is None:
+        return None
+    return torch.arange(num_tokens, device=device) < num_token_non_padded
 
 
 def _router(ir: PolicyIR, layer: int, conv: Conventions) -> LayerRouter:
