@@ -18,6 +18,7 @@ from ..errors import Diagnostic, PolicyError
 from ..spec import ModelSpec
 from .ir import PolicyIR
 
+REQUEST_KEY = "moe_policy"  # where a request names its policy: custom_params {"moe_policy": NAME}
 STOCK = "stock"  # the model's own routing
 DEFAULT = "default"  # the launch's --moe-policy file (or stock without one)
 RESERVED = (STOCK, DEFAULT)
@@ -28,6 +29,11 @@ STOCK_SOURCE = 'policy "stock" { }\n'
 
 class UnknownPolicy(ValueError):
     """A request named a policy the server does not serve (the message lists the names it does)."""
+
+    @classmethod
+    def of(cls, name, names: Sequence[str]) -> "UnknownPolicy":
+        return cls(f"unknown MoE policy {name!r}: this server serves {', '.join(names)} "
+                   f"(choose one with custom_params {{\"{REQUEST_KEY}\": NAME}})")
 
 
 def name_problem(name: str) -> str | None:
@@ -82,8 +88,7 @@ class PolicySet:
                 return self.names.index(name)
             except ValueError:
                 pass
-        raise UnknownPolicy(f"unknown MoE policy {name!r}: this server serves {', '.join(self.request_names)} "
-                            f"(choose one with custom_params {{\"moe_policy\": NAME}})")
+        raise UnknownPolicy.of(name, self.request_names)
 
     def describe(self) -> str:
         parts = []

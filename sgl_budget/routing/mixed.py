@@ -27,31 +27,14 @@ them); the row map is then ``[T]`` (the same for every batch) or ``[N, T]``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 
 import torch
 from torch import Tensor
 
 from ..lang.ir import RouteContext
-from .outputs import RouteDetails, RouteOutput
+from .outputs import RouteDetails, RouteOutput, pad_output
 from .router import LayerRouter
 from .scoring import GateScores
-
-
-def _pad(t: Tensor, extra: int, value) -> Tensor:
-    return torch.cat([t, t.new_full((*t.shape[:-1], extra), value)], dim=-1)
-
-
-def pad_output(out: RouteOutput | RouteDetails, width: int) -> RouteOutput | RouteDetails:
-    """Padding slots (id -1, weight 0; not re-routed or piggybacked) appended up to ``width``."""
-    extra = width - out.topk_ids.shape[-1]
-    if extra <= 0:
-        return out
-    w, ids = _pad(out.topk_weights, extra, 0.0), _pad(out.topk_ids, extra, -1)
-    if isinstance(out, RouteOutput):
-        return RouteOutput(w, ids)
-    return replace(out, topk_weights=w, topk_ids=ids, rerouted=_pad(out.rerouted, extra, False),
-                   piggybacked=_pad(out.piggybacked, extra, False))
 
 
 def _select(rows: Tensor, new: RouteOutput | RouteDetails, old: RouteOutput | RouteDetails):

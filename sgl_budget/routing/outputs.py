@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
 
@@ -35,3 +36,19 @@ class RouteDetails:
     def valid(self) -> Tensor:
         """``[..., T, K]`` bool: slots that route to an expert."""
         return self.topk_ids >= 0
+
+
+def _pad(t: Tensor, extra: int, value) -> Tensor:
+    return torch.cat([t, t.new_full((*t.shape[:-1], extra), value)], dim=-1)
+
+
+def pad_output(out: RouteOutput | RouteDetails, width: int) -> RouteOutput | RouteDetails:
+    """Padding slots (id -1, weight 0; not re-routed or piggybacked) appended up to ``width``."""
+    extra = width - out.topk_ids.shape[-1]
+    if extra <= 0:
+        return out
+    w, ids = _pad(out.topk_weights, extra, 0.0), _pad(out.topk_ids, extra, -1)
+    if isinstance(out, RouteOutput):
+        return RouteOutput(w, ids)
+    return replace(out, topk_weights=w, topk_ids=ids, rerouted=_pad(out.rerouted, extra, False),
+                   piggybacked=_pad(out.piggybacked, extra, False))

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..lang.ir import LayerPlan, PolicyIR, RouteContext
-from .outputs import RouteDetails, RouteOutput
+from .outputs import RouteDetails, RouteOutput, pad_output
 from .piggyback import piggyback
 from .reallocate import reallocate
 from .reroute import RerouteTables, reroute_slots
@@ -111,13 +111,8 @@ class LayerRouter:
         if plan.is_stock_shape and not details:  # padded rows are routed too; the engine masks them
             slots = select_topk(gs, plan.k, maybe_masked=False, stock=self.is_stock_plan(plan),
                                 sorted=self.conv.sorted_selection)
-            w = finalize_weights(self.spec, slots.raw, None, self.conv)
-            ids = slots.ids.to(torch.int32)
-            if plan.k < self.width:  # padding after the k real slots
-                extra = self.width - plan.k
-                w = torch.cat([w, w.new_zeros(*w.shape[:-1], extra)], dim=-1)
-                ids = torch.cat([ids, ids.new_full((*ids.shape[:-1], extra), -1)], dim=-1)
-            return RouteOutput(w, ids)
+            w = finalize_weights(self.spec, slots.raw, None, self.conv)  # padding after the k real slots
+            return pad_output(RouteOutput(w, slots.ids.to(torch.int32)), self.width)
 
         slots, primary, n_moved = self._stages(plan, gs, gs.scores.device, row_mask)
         slots = pad(slots, self.width) if plan.is_stock_shape else compact(slots, self.width)

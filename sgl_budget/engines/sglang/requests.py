@@ -25,10 +25,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ...lang.policy_set import DEFAULT, PolicySet, UnknownPolicy
+from ...lang.policy_set import DEFAULT, REQUEST_KEY, PolicySet, UnknownPolicy
 
 log = logging.getLogger("sgl_budget")
-REQUEST_KEY = "moe_policy"  # custom_params key
 ENV_PER_REQUEST_OFF = "SGLBUDGET_PER_REQUEST_OFF"  # why per-request choice is off in this launch, if it is
 ROWS_ATTR = "_sgl_budget_rows"  # set on each ForwardBatch by fill_rows
 CAPACITY = 16384  # rows of the persistent buffer (CUDA-graph batches are far smaller; larger prefills get their own)
@@ -50,8 +49,7 @@ def check_request(custom_params, names: tuple[str, ...]) -> None:
     if off and name != DEFAULT:
         raise ValueError(f"MoE policy {name!r} cannot be chosen per request in this launch: {off}")
     if not isinstance(name, str) or name not in names:
-        raise UnknownPolicy(f"unknown MoE policy {name!r}: this server serves {', '.join(names)} "
-                            f"(choose one with custom_params {{\"{REQUEST_KEY}\": NAME}})")
+        raise UnknownPolicy.of(name, names)
 
 
 def verify_hook(original, self, *args, **kwargs):

@@ -47,21 +47,19 @@ class PolicyStats:
         self._logged: tuple | None = None
         self._metrics = None
         self._exported = [(0, 0, 0, 0, 0)] * p
-        self._thread: threading.Thread | None = None
+        self._started = False  # a real batch was seen (the reporting thread runs from then on)
 
     # -- counting -----------------------------------------------------------------------------
     def on_batch(self, per_req: list[int], decoding: list[bool], lens: list[int], reqs) -> None:
         """Host side, once per forward batch: new requests and the tokens each policy's rows forward."""
-        if self._thread is None:  # the first real batch: warm-up and graph-capture forwards before it do not count
+        if not self._started:  # the first real batch: warm-up and graph-capture forwards before it do not count
+            self._started = True
             with self._lock:
                 self._collect()
                 self.slots = [0] * len(self.pset)
                 self.token_layers = [0] * len(self.pset)
             if self.report:
-                self._thread = threading.Thread(target=self._loop, name="sgl_budget-stats", daemon=True)
-                self._thread.start()
-            else:
-                self._thread = threading.current_thread()
+                threading.Thread(target=self._loop, name="sgl_budget-stats", daemon=True).start()
         with self._lock:
             for p, dec, n, r in zip(per_req, decoding, lens, reqs):
                 if dec:
