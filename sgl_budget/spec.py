@@ -8,6 +8,7 @@ numbers come from the published configs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -229,31 +230,25 @@ class _Fields:
             return lo
         return int(v)
 
-    def flag(self, key: str, default: bool) -> bool:
+    def _typed(self, key: str, ok: Callable[[Any], bool], what: str) -> tuple[bool, Any]:
+        """``(present, value)``; a present value failing ``ok`` is a problem and reads as None."""
         v = self.cfg.get(key)
-        if v is None:
-            return default
-        if not isinstance(v, bool):
-            self.problems.append(f"{key} must be true or false, not {describe(v)}")
-        return v is True
+        if v is not None and not ok(v):
+            self.problems.append(f"{key} must be {what}, not {describe(v)}")
+            return True, None
+        return v is not None, v
+
+    def flag(self, key: str, default: bool) -> bool:
+        present, v = self._typed(key, lambda v: isinstance(v, bool), "true or false")
+        return v is True if present else default
 
     def text(self, key: str, default: str) -> str:
-        v = self.cfg.get(key)
-        if v is None:
-            return default
-        if not isinstance(v, str):
-            self.problems.append(f"{key} must be a string, not {describe(v)}")
-            return default
-        return v
+        v = self._typed(key, lambda v: isinstance(v, str), "a string")[1]
+        return default if v is None else v
 
     def number(self, key: str, default: float) -> float:
-        v = self.cfg.get(key)
-        if v is None:
-            return default
-        if not is_number(v) or not v > 0:
-            self.problems.append(f"{key} must be a finite number > 0, not {describe(v)}")
-            return default
-        return float(v)
+        v = self._typed(key, lambda v: is_number(v) and v > 0, "a finite number > 0")[1]
+        return default if v is None else float(v)
 
     def layer_list(self, key: str) -> set[int]:
         v = self.cfg.get(key)
