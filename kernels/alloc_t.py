@@ -6,8 +6,9 @@ every token): it ranks each block of ``BLOCK_T`` tokens' top ``max_k`` experts
 with :func:`~sgl_budget.kernels.fused_topk.route_rows` (raw gate scores, ids and
 cross-token keys into a scratch buffer), then sorts the candidates of rank
 ``min_k..max_k-1`` by (key descending, token, rank) as one 64-bit composite, keeps
-the best ``T*(k - min_k)`` and writes weights renormalised over each token's kept
-slots (padding id -1, weight 0). Each token keeps a prefix of its ranking, so the
+the best ``n*(k - min_k)`` (``n``: the rows in ``row_mask``, all ``T`` without one) and writes
+weights renormalised over each token's kept slots (padding id -1, weight 0; rows outside the
+mask get padding only). Each token keeps a prefix of its ranking, so the
 valid slots come first, as the contract requires. Static shapes, no host sync.
 """
 
@@ -25,12 +26,12 @@ MAX_SORT = 8192  # candidates one program sorts (T * (max_k - min_k), padded); l
 
 
 @triton.jit(do_not_specialize=["T"])
-def _alloc_t_kernel(logits_ptr, bias_ptr, raw_ptr, ids_ptr, key_ptr, scratch_ptr, w_out_ptr, ids_out_ptr, nv_ptr,
+def _alloc_t_kernel(logits_ptr, bias_ptr, raw_ptr, ids_ptr, key_ptr, scratch_ptr, w_out_ptr, ids_out_ptr, mask_ptr,
                     T, E: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr, SIGMOID: tl.constexpr,
                     HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
                     MAXK: tl.constexpr, MIN_K: tl.constexpr, EXTRA: tl.constexpr, CANDS: tl.constexpr,
                     CANDS_PAD: tl.constexpr, T_PAD: tl.constexpr, WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr,
-                    RENORM: tl.constexpr, EPS: tl.constexpr, SCALE: tl.constexpr, HAS_NV: tl.constexpr):
+                    RENORM: tl.constexpr, EPS: tl.constexpr, SCALE: tl.constexpr, HAS_MASK: tl.constexpr):
     # 1. every token's top max_k: raw gate scores, ids and Alloc-T keys (block by block, into scratch)
     wo = tl.arange(0, WIDTH_PAD)
     for tb in range(0, tl.cdiv(T, BLOCK_T)):
@@ -46,14 +47,21 @@ def _alloc_t_kernel(logits_ptr, bias_ptr, raw_ptr, ids_ptr, key_ptr, scratch_ptr
     tl.debug_barrier()
 
     # 2. the best T*(k - min_k) candidates of rank min_k.. across the batch
-    n_real = T
-    if HAS_NV:  # trailing padded rows (a CUDA-graph batch): they get no slots and no share of the budget
-        n_real = tl.load(nv_ptr).to(tl.int32)
+    # rows outside the mask (CUDA-graph padding, another policy's rows): no slots and no share of the budget
+    rows = tl.arange(0, T_PAD)
+    rmask = rows < T
+    if HAS_MASK:
+        real = rmask & (tl.load(mask_ptr + rows, mask=rmask, other=0) != 0)
+    else:
+        real = rmask
+    n_real = tl.sum(real.to(tl.int32), 0)
     if CANDS > 0:
         offs = tl.arange(0, T_PAD * CANDS_PAD)
         t = offs // CANDS_PAD
         c = offs % CANDS_PAD
-        m = (t < n_real) & (c < CANDS)
+        m = (t < T) & (c < CANDS)
+        if HAS_MASK:
+            m = m & (tl.load(mask_ptr + t, mask=t < T, other=0) != 0)
         key = tl.load(key_ptr + t * MAXK + MIN_K + c, mask=m, other=-1.0)
         bits = key.to(tl.int32, bitcast=True).to(tl.int64)  # non-negative floats keep their order as integers
         composite = (bits << 32) | (0x7FFFFFFF - offs).to(tl.int64)
@@ -66,9 +74,7 @@ def _alloc_t_kernel(logits_ptr, bias_ptr, raw_ptr, ids_ptr, key_ptr, scratch_ptr
         tl.debug_barrier()
 
     # 3. each token's kept prefix, its weights renormalised over the kept slots
-    rows = tl.arange(0, T_PAD)
-    rmask = rows < T
-    in_k = (rows < n_real)[:, None] & (wo[None, :] < MAXK)
+    in_k = real[:, None] & (wo[None, :] < MAXK)
     raw = tl.load(raw_ptr + rows[:, None] * MAXK + wo[None, :], mask=in_k, other=0.0)
     ids = tl.load(ids_ptr + rows[:, None] * MAXK + wo[None, :], mask=in_k, other=-1)
     valid = in_k & (wo[None, :] < MIN_K) & (ids >= 0)
@@ -102,10 +108,11 @@ def alloc_t_fits(num_tokens: int, k: int, min_k: int, max_k: int) -> bool:
 def alloc_t(router_logits: torch.Tensor, k: int, min_k: int, max_k: int, width: int, *, sigmoid: bool = False,
             correction_bias: torch.Tensor | None = None, n_group: int = 1, topk_group: int = 1,
             renormalize: bool = True, eps: float = 0.0, scale: float = 1.0,
-            num_valid: torch.Tensor | None = None, block_t: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+            row_mask: torch.Tensor | None = None, block_t: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """``(weights [T, width] float32, ids [T, width] int32)`` of Alloc-T for one batch of ``T`` tokens.
 
-    ``num_valid`` (a device scalar): only the first ``num_valid`` rows are real tokens.
+    ``row_mask`` (``[T]`` bool, on the device): the rows that take part (CUDA-graph padding and, in a mixed
+    batch, other policies' rows do not: they get no slots and the budget is ``k`` per real row).
     """
     x = router_logits.contiguous()
     t, e = x.shape
@@ -118,15 +125,15 @@ def alloc_t(router_logits: torch.Tensor, k: int, min_k: int, max_k: int, width: 
     w = torch.empty(t, width, dtype=torch.float32, device=dev)
     out_ids = torch.empty(t, width, dtype=torch.int32, device=dev)
     bias = correction_bias.contiguous().float() if correction_bias is not None else x
-    nv = num_valid.reshape(1).to(device=dev, dtype=torch.int32) if num_valid is not None else ids
+    mask = row_mask.to(device=dev, dtype=torch.int8).contiguous() if row_mask is not None else ids
     e_pad = triton.next_power_of_2(e)
     t_pad = token_tile(t)
     cands_pad = max(1, triton.next_power_of_2(cands))
     width_pad = triton.next_power_of_2(max(width, max_k))
-    _alloc_t_kernel[(1,)](x, bias, raw, ids, keys, scratch, w, out_ids, nv, t, E=e, E_PAD=e_pad, BLOCK_T=block_t,
+    _alloc_t_kernel[(1,)](x, bias, raw, ids, keys, scratch, w, out_ids, mask, t, E=e, E_PAD=e_pad, BLOCK_T=block_t,
                           SIGMOID=sigmoid, HAS_BIAS=correction_bias is not None, N_GROUP=n_group,
                           TOPK_GROUP=topk_group, MAXK=max_k, MIN_K=min_k_eff, EXTRA=extra, CANDS=cands,
                           CANDS_PAD=cands_pad, T_PAD=t_pad, WIDTH=width, WIDTH_PAD=width_pad, RENORM=renormalize,
-                          EPS=eps, SCALE=scale, HAS_NV=num_valid is not None,
+                          EPS=eps, SCALE=scale, HAS_MASK=row_mask is not None,
                           num_warps=whole_batch_warps(max(block_t * e_pad, t_pad * cands_pad, t_pad * width_pad)))
     return w, out_ids

@@ -68,8 +68,6 @@ class KernelRouter(LayerRouter):
         plan = self.plan(ctx)
         if not self.kernel_applies(plan, router_logits):
             return super().__call__(router_logits, ctx, correction_bias, row_mask)
-        # the kernels take padded rows as a trailing count (SGLang's row mask is arange(T) < n)
-        num_valid = row_mask.sum() if row_mask is not None else None
         spec = self.spec
         kw = dict(sigmoid=spec.scoring_func == "sigmoid", correction_bias=correction_bias, n_group=spec.n_group,
                   topk_group=spec.topk_group, renormalize=spec.norm_topk_prob,
@@ -92,7 +90,7 @@ class KernelRouter(LayerRouter):
 
             r = plan.reallocation
             width = r.max_k if later else self.width
-            w, ids = alloc_t(router_logits, plan.k, r.min_k, r.max_k, width, num_valid=num_valid, **stage)
+            w, ids = alloc_t(router_logits, plan.k, r.min_k, r.max_k, width, row_mask=row_mask, **stage)
         if rr is not None:
             from .sere import sere_reroute
 
@@ -104,7 +102,7 @@ class KernelRouter(LayerRouter):
         if pig is not None:
             from .piggyback import piggyback
 
-            w, ids = piggyback(router_logits, ids, w, pig.max_k, pig.min_score, self.width, num_valid=num_valid,
+            w, ids = piggyback(router_logits, ids, w, pig.max_k, pig.min_score, self.width, row_mask=row_mask,
                                **kw)
         return RouteOutput(w, ids)
 

@@ -26,15 +26,12 @@ MAX_TOKENS = 1024  # one program; larger (prefill) batches take the reference
 
 
 @triton.jit(do_not_specialize=["T"])
-def _piggyback_kernel(logits_ptr, bias_ptr, ids_ptr, raw_ptr, nv_ptr, w_out_ptr, ids_out_ptr, T,
+def _piggyback_kernel(logits_ptr, bias_ptr, ids_ptr, raw_ptr, mask_ptr, w_out_ptr, ids_out_ptr, T,
                       E: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr, T_PAD: tl.constexpr,
                       W_IN: tl.constexpr, W_IN_PAD: tl.constexpr, WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr,
                       MAX_K: tl.constexpr, ADD: tl.constexpr, MIN_SCORE: tl.constexpr, SIGMOID: tl.constexpr,
                       HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
-                      RENORM: tl.constexpr, EPS: tl.constexpr, SCALE: tl.constexpr, HAS_NV: tl.constexpr):
-    n_real = T
-    if HAS_NV:
-        n_real = tl.load(nv_ptr).to(tl.int32)
+                      RENORM: tl.constexpr, EPS: tl.constexpr, SCALE: tl.constexpr, HAS_MASK: tl.constexpr):
     cols = tl.arange(0, E_PAD)
     ks = tl.arange(0, W_IN_PAD)
     wo = tl.arange(0, WIDTH_PAD)
@@ -57,7 +54,10 @@ def _piggyback_kernel(logits_ptr, bias_ptr, ids_ptr, raw_ptr, nv_ptr, w_out_ptr,
         for j in tl.static_range(W_IN):
             id_j = tl.sum(tl.where(ks[None, :] == j, ids, 0), 1)
             held = held | (cols[None, :] == id_j[:, None])
-        ok = in_set[None, :] & ~held & eligible & (rows < n_real)[:, None]
+        real = rows < T
+        if HAS_MASK:  # rows outside the mask (padding, other policies' rows) take no experts
+            real = real & (tl.load(mask_ptr + rows, mask=rows < T, other=0) != 0)
+        ok = in_set[None, :] & ~held & eligible & real[:, None]
         if MIN_SCORE > 0:
             ok = ok & (scores >= MIN_SCORE)
         cand = tl.where(ok, select, NEG)
@@ -94,9 +94,10 @@ def piggyback_fits(num_tokens: int) -> bool:
 def piggyback(router_logits: torch.Tensor, ids: torch.Tensor, raw: torch.Tensor, max_k: int, min_score: float,
               width: int, *, sigmoid: bool = False, correction_bias: torch.Tensor | None = None, n_group: int = 1,
               topk_group: int = 1, renormalize: bool = True, eps: float = 0.0, scale: float = 1.0,
-              num_valid: torch.Tensor | None = None, block_t: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+              row_mask: torch.Tensor | None = None, block_t: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """Piggyback onto one batch's slots ``ids``/``raw`` (``[T, W]``, -1 padding, raw gate scores)
-    -> ``(weights [T, width] float32, ids [T, width] int32)``."""
+    -> ``(weights [T, width] float32, ids [T, width] int32)``; rows outside ``row_mask`` (``[T]`` bool) take
+    nothing (their slots should already be -1: they must not add to the batch's expert set)."""
     x = router_logits.contiguous()
     t, e = x.shape
     w_in = ids.shape[1]
@@ -105,17 +106,17 @@ def piggyback(router_logits: torch.Tensor, ids: torch.Tensor, raw: torch.Tensor,
     out = torch.empty(t, width, dtype=torch.int32, device=dev)
     ids = ids.to(torch.int32).contiguous()
     bias = correction_bias.contiguous().float() if correction_bias is not None else x
-    nv = num_valid.reshape(1).to(device=dev, dtype=torch.int32) if num_valid is not None else ids
+    mask = row_mask.to(device=dev, dtype=torch.int8).contiguous() if row_mask is not None else ids
     e_pad = triton.next_power_of_2(e + 1)
     t_pad = token_tile(t)
     w_in_pad = triton.next_power_of_2(w_in)
     width_pad = triton.next_power_of_2(max(width, max_k, w_in))
-    _piggyback_kernel[(1,)](x, bias, ids, raw.float().contiguous(), nv, w, out, t, E=e, E_PAD=e_pad,
+    _piggyback_kernel[(1,)](x, bias, ids, raw.float().contiguous(), mask, w, out, t, E=e, E_PAD=e_pad,
                             BLOCK_T=block_t, T_PAD=t_pad, W_IN=w_in, W_IN_PAD=w_in_pad, WIDTH=width,
                             WIDTH_PAD=width_pad, MAX_K=max_k, ADD=min(max_k, e), MIN_SCORE=float(min_score),
                             SIGMOID=sigmoid, HAS_BIAS=correction_bias is not None, N_GROUP=n_group,
                             TOPK_GROUP=topk_group, RENORM=renormalize, EPS=eps, SCALE=scale,
-                            HAS_NV=num_valid is not None,
+                            HAS_MASK=row_mask is not None,
                             num_warps=whole_batch_warps(max(block_t * e_pad, t_pad * w_in_pad,
                                                             block_t * w_in_pad * width_pad)))
     return w, out

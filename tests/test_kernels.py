@@ -478,12 +478,70 @@ def test_kernels_match_the_reference_on_tie_heavy_logits(tmp_path, variant, body
     sim = _quantised_similarity(spec, tmp_path).name
     ir = compile_policy(f'policy "ties" {{ {body.replace("SIM", sim)} }}', spec, base_dir=tmp_path)
     ctx = RouteContext("decode", 24)
-    for seed in range(3):
+    for seed in range(4):
         x, bias = _tie_logits(spec, 24, seed)
-        mask = torch.arange(24) < (24 if seed < 2 else 19)
+        # all real, trailing CUDA-graph padding, and a scattered mask (a mixed batch's rows of one policy)
+        mask = (torch.arange(24) < (24 if seed < 2 else 19)) if seed < 3 else (torch.arange(24) % 3 != 1)
         (ri, rw), (ti, tw) = _both_backends(ir, x, ctx, bias, mask)
         assert torch.equal(ti, ri), (spec.name, body, seed)
         assert torch.allclose(tw, rw, rtol=1e-5, atol=1e-6), (spec.name, body, seed)
+
+
+MIXED_BODIES = [
+    "budget 25%",
+    "budget 50%; tokens { reallocate by score; min_k 1; max_k 4 }",
+    'reroute { similarity "SIM"; primary top 1; min_similarity 0.5 }',
+    "budget 50%; piggyback { max_k 4 }",
+    'budget 50%; tokens { reallocate by score; min_k 1; max_k 4 } reroute { similarity "SIM"; primary count 4; '
+    "min_similarity 0.25 } piggyback { max_k 3 }",
+]
+
+
+@pytest.mark.parametrize("variant", [0, 2, 3])
+def test_mixed_batches_route_with_the_kernels_as_the_reference_does(tmp_path, monkeypatch, variant) -> None:
+    """A mixed batch through KernelRouters (each policy's kernels with its rows as a device mask) equals the same
+    batch through the torch reference: per row, for scattered maps and CUDA-graph padding."""
+    import sgl_budget.kernels.alloc_t as alloc_t_mod
+    import sgl_budget.kernels.piggyback as piggyback_mod
+    import sgl_budget.kernels.sere as sere_mod
+    from conftest import write_similarity
+    from sgl_budget.kernels.backend import KernelRouter
+    from sgl_budget.lang import compile_policy
+    from sgl_budget.lang.ir import RouteContext
+    from sgl_budget.lang.policy_set import stock_ir
+    from sgl_budget.routing import LayerRouter, MixedRouter
+    from sgl_budget.routing.outputs import pad_output
+
+    spec = _spec_variants()[variant]
+    sim = write_similarity(spec, tmp_path).name
+    irs = [stock_ir(spec)] + [compile_policy(f'policy "p{i}" {{ {body.replace("SIM", sim)} }}', spec,
+                                             base_dir=tmp_path) for i, body in enumerate(MIXED_BODIES)]
+    ref = MixedRouter([LayerRouter(ir, 1) for ir in irs], spec.top_k)
+    tri = MixedRouter([KernelRouter(ir, 1, backend="triton") for ir in irs], spec.top_k)
+    tri.prepare(DEVICE)
+    launched: list[str] = []
+    for mod, name in ((alloc_t_mod, "alloc_t"), (sere_mod, "sere_reroute"), (piggyback_mod, "piggyback")):
+        kernel = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _k=kernel, _n=name, **kw: launched.append(_n) or _k(*a, **kw))
+    ctx = RouteContext("decode", 16)
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(16, spec.num_experts, generator=g) * 3
+        bias = torch.rand(spec.num_experts, generator=g) * 0.1 if spec.has_correction_bias else None
+        rows = torch.randint(0, len(irs), (16,), generator=g, dtype=torch.int32)
+        mask = torch.arange(16) < 16 - 3 * seed
+        assert all(router.kernel_applies(router.plan(ctx), x.to(DEVICE)) for router in tri.routers[1:])
+        rw, ri = ref(x, ctx, correction_bias=bias, row_policy=rows, row_mask=mask)
+        tw, ti = tri(x.to(DEVICE), ctx, correction_bias=None if bias is None else bias.to(DEVICE),
+                     row_policy=rows.to(DEVICE), row_mask=mask.to(DEVICE))
+        real = mask  # padded rows are the engine's to mask (a plain top-k routes them, batch stages do not)
+        assert torch.equal(ti.cpu()[real], ri[real]), (spec.name, seed)
+        assert torch.allclose(tw.cpu()[real], rw[real], rtol=1e-5, atol=1e-6), (spec.name, seed)
+        for p in range(1, len(irs)):  # and each policy's rows as that policy routes them alone
+            own = (rows == p) & mask
+            aw, ai = pad_output(LayerRouter(irs[p], 1)(x, ctx, correction_bias=bias, row_mask=own), spec.top_k)
+            assert torch.equal(ti.cpu()[own], ai[own]), (spec.name, seed, p)
+    assert {"alloc_t", "sere_reroute", "piggyback"} <= set(launched)  # the mixed path ran the kernels
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")

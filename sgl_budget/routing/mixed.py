@@ -9,15 +9,13 @@ Semantics (the routing contract's mixed-batch part):
   batch size of all rows together, as a uniform batch of that size would (the batch size is
   what the step costs, and it is what CUDA graphs are captured for).
 
-The row -> policy map is a device tensor; the mixed path runs every policy's reference
-routing over the whole batch with its row mask and selects per row with ``torch.where``:
-static shapes, no host synchronisation, no branch on the map, so it can be captured in a
-CUDA graph. When the caller knows on the host that every row shares one policy
-(``uniform``), only that policy routes, with its own router (the Triton kernels where they
-apply). The kernels take padded rows as a trailing count, not an arbitrary mask, so the
-mixed path always uses the torch reference (also for a router built from
-``kernels.backend.KernelRouter``: a uniform batch gets the kernels' result, a mixed batch the
-reference's). A captured CUDA graph cannot know the map on the host, so it always holds the mixed path.
+The row -> policy map is a device tensor; the mixed path runs every policy's own router over
+the whole batch with its row mask (the Triton kernels of a ``kernels.backend.KernelRouter`` where
+they apply: they take the mask as device data, like the reference) and selects per row with
+``torch.where``: static shapes, no host synchronisation, no branch on the map, so it can be
+captured in a CUDA graph. When the caller knows on the host that every row shares one policy
+(``uniform``), only that policy routes. A captured CUDA graph cannot know the map on the host,
+so it always holds the mixed path: one routing pass per policy of the server.
 
 Logits may be ``[T, E]`` (one batch) or ``[N, T, E]`` (N independent batches, as replay routes
 them); the row map is then ``[T]`` (the same for every batch) or ``[N, T]``.
@@ -81,8 +79,7 @@ class MixedRouter:
             router = self.routers[0 if uniform is None else uniform]
             return pad_output(router(router_logits, ctx, correction_bias, row_mask=row_mask),  # type: ignore
                               self.width)
-        # the reference on purpose (also for a KernelRouter): the kernels read a mask as a trailing count
-        return self._mixed(lambda r, rows: LayerRouter.__call__(r, router_logits, ctx, correction_bias, row_mask=rows),
+        return self._mixed(lambda r, rows: r(router_logits, ctx, correction_bias, row_mask=rows),
                            row_policy, row_mask, router_logits.shape[:-1])
 
     def route_scores(self, gs: GateScores, ctx: RouteContext, row_policy: Tensor, row_mask: Tensor | None = None,
