@@ -17,6 +17,7 @@ sglang = pytest.importorskip("sglang", reason="install the sglang extra: pip ins
 ROOT = Path(__file__).resolve().parent.parent
 PATCHES = sorted((ROOT / "patches").glob("*.patch"))
 FILES = ("srt/server_args.py", "srt/layers/moe/topk.py")
+FORK_MARK = "sgl-budget-test: patched sglang fork imported"
 GIT = ["git", "-c", "user.name=ci", "-c", "user.email=ci@example.invalid", "-c", "commit.gpgsign=false"]
 
 
@@ -34,6 +35,8 @@ def patched_sglang(tmp_path_factory) -> Path:
     run("commit", "-qm", f"sglang {sglang.__version__}")
     r = subprocess.run([*GIT, "am", "--3way", *map(str, PATCHES)], cwd=work, capture_output=True, text=True)
     assert r.returncode == 0, f"the patch series does not apply to sglang {sglang.__version__}:\n{r.stderr}"
+    with open(work / "python/sglang/srt/server_args.py", "a") as f:  # (after the series) a process that imports
+        f.write(f"\nimport sys as _s\nprint({FORK_MARK!r}, file=_s.stderr)\n")  # this fork says so
     return work / "python"
 
 
@@ -84,7 +87,9 @@ print(torch.equal(out.topk_ids.long(), ref.indices),
     assert r.stdout.split()[-2:] == ["True", "True"], r.stderr[-3000:]
 
 
-def test_patched_worker_installs_the_policy_hook(patched_sglang, tmp_path) -> None:
+@pytest.mark.parametrize("named", [False, True])
+def test_patched_worker_installs_the_policy_hook(patched_sglang, tmp_path, named) -> None:
+    """A worker of a launch with a default policy, or with named policies only, routes through the fork's hook."""
     import json
 
     from sgl_budget.spec import ModelSpec
@@ -103,5 +108,34 @@ t = T.TopK(top_k=4, layer_id=1, renormalize=True)
 out = t.forward_native(torch.zeros(5, 8), torch.randn(5, 16))
 print(T._SELECT_EXPERTS_HOOK is not None, int((out.topk_weights > 0).sum()))
 """
-    r = _run(patched_sglang, code, {"SGLBUDGET_MOE_POLICY": str(pol), "SGLBUDGET_MOE_SPEC": json.dumps(spec.to_dict())})
-    assert r.stdout.split()[-2:] == ["True", "5"], r.stderr[-3000:]
+    env = {"SGLBUDGET_MOE_SPEC": json.dumps(spec.to_dict())}
+    if named:  # the default is then stock: 4 experts per token; the hook is installed all the same
+        env["SGLBUDGET_MOE_NAMED_POLICIES"] = json.dumps([["k1", str(pol)]])
+    else:
+        env["SGLBUDGET_MOE_POLICY"] = str(pol)
+    r = _run(patched_sglang, code, env)
+    assert r.stdout.split()[-2:] == ["True", "20" if named else "5"], r.stderr[-3000:]
+
+
+def test_patched_fork_serves_per_request_policies_over_http(patched_sglang) -> None:
+    """The fork as its users run it: the patched stock launcher (CPU), named policies only, requests over HTTP
+    picking ``fast`` / ``default`` (= stock here) / an unknown name; outputs equal the transformers adapter's."""
+    pytest.importorskip("transformers", reason="install the hf extra")
+    from test_serving import BROWN, MODEL, SERVER_ENV, _ids, _reference
+    from sgl_budget.engines.hf.data import load_model
+    from sgl_budget.engines.sglang.server import HTTPError, Server
+
+    hf = load_model(MODEL)
+    fast = BROWN / "uniform-25.policy"
+    env = {**SERVER_ENV, "PYTHONPATH": str(patched_sglang)}
+    ids = _ids(hf[1], "Early in the spring the farmers")
+    with Server(MODEL, extra_args=["--moe-named-policy", f"fast={fast}"], env=env) as server:
+        for name, policy in (("fast", fast), ("default", None), ("stock", None)):
+            got = server.post("/generate", {"input_ids": ids, "sampling_params": {
+                "max_new_tokens": 12, "temperature": 0.0, "ignore_eos": True, "custom_params": {"moe_policy": name}}})
+            assert got["output_ids"] == _reference(hf, policy, [ids])[0], name
+        with pytest.raises(HTTPError, match="HTTP 400.*default, stock, fast"):
+            server.post("/generate", {"input_ids": ids, "sampling_params": {
+                "max_new_tokens": 2, "custom_params": {"moe_policy": "nope"}}})
+        log = server.log()
+    assert FORK_MARK in log and "Traceback" not in log, log[-3000:]  # the launcher and workers ran the fork

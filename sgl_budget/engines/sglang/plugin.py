@@ -152,15 +152,26 @@ def before_server_args(model_path: str | None, args: dict, exit_on_error: bool =
     return state.overrides
 
 
-def _from_cli_args_hook(original, cls, args, *rest, **kwargs):
+def before_from_cli_args(args: argparse.Namespace) -> None:
+    """Before ``ServerArgs.from_cli_args`` builds its record (the plugin's hook and the fork series alike):
+    checkpoint warnings and the CPU-serving values (:func:`before_server_args`) written into ``args``."""
     overrides = before_server_args(getattr(args, "model_path", None), {k: getattr(args, k, None) for k in CPU_ARGS})
     for name, value in overrides.items():
         setattr(args, name, value)
-    server_args = original(cls, args, *rest, **kwargs)
+
+
+def after_from_cli_args(args: argparse.Namespace, server_args) -> None:
+    """After it: every policy of the launch validated against the model and published, before any worker starts."""
     settings = settings_from_namespace(args)
     if settings.active:
         apply_settings(settings, getattr(args, "model_path", None), bool(getattr(args, "trust_remote_code", False)),
                        getattr(args, "revision", None), server_args=server_args)
+
+
+def _from_cli_args_hook(original, cls, args, *rest, **kwargs):
+    before_from_cli_args(args)
+    server_args = original(cls, args, *rest, **kwargs)
+    after_from_cli_args(args, server_args)
     return server_args
 
 
@@ -291,7 +302,8 @@ def _register_request_hooks(settings: Settings) -> None:
 
 
 def install_fork_hook() -> None:
-    """Worker side of the patch series (``patches/``): install the routing hook via ``set_select_experts_hook``."""
+    """Worker side of the patch series (``patches/``): in a worker of a launch that asked for a policy (default
+    or named) or a recording, install the routing hook via ``set_select_experts_hook``."""
     topk = sys.modules["sglang.srt.layers.moe.topk"]  # called while that module finishes importing
     settings = Settings.from_env()
     if settings.active:
@@ -300,17 +312,22 @@ def install_fork_hook() -> None:
 
 
 def register() -> None:
-    """The ``sglang.srt.plugins`` entry point: register sgl_budget's hooks with SGLang's HookRegistry."""
+    """The ``sglang.srt.plugins`` entry point: register sgl_budget's hooks with SGLang's HookRegistry.
+
+    In a fork with the patch series (``SGL_BUDGET_PATCHED``) the series already calls into sgl_budget for the
+    launcher's flags, their validation and the routing hook; everything else (``Engine`` keywords, per-request
+    choice, CPU serving, the runner check) is registered here in both builds.
+    """
     import sglang.srt.server_args as server_args_module
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     settings = Settings.from_env()
+    patched = getattr(server_args_module, "SGL_BUDGET_PATCHED", False)
     _register_request_hooks(settings)
-    if getattr(server_args_module, "SGL_BUDGET_PATCHED", False):
-        return  # a fork with the patch series: the flags and the routing hook are already built in
-
-    HookRegistry.register("sglang.srt.server_args.ServerArgs.add_cli_args", _add_cli_args_hook, HookType.AROUND)
-    HookRegistry.register("sglang.srt.server_args.ServerArgs.from_cli_args", _from_cli_args_hook, HookType.AROUND)
+    if not patched:
+        HookRegistry.register("sglang.srt.server_args.ServerArgs.add_cli_args", _add_cli_args_hook, HookType.AROUND)
+        HookRegistry.register("sglang.srt.server_args.ServerArgs.from_cli_args", _from_cli_args_hook,
+                              HookType.AROUND)
     engine = sys.modules.get("sglang.srt.entrypoints.engine")
     if engine is not None and engine.Engine.__dict__.get("server_args_class") is not None:
         engine.Engine.server_args_class = staticmethod(build_server_args)
@@ -318,10 +335,12 @@ def register() -> None:
 
     register_worker_hooks()
     if settings.active:  # a worker of a launch that asked for a policy or a recording
-        HookRegistry.register("sglang.srt.layers.moe.topk.select_experts", _select_experts_hook, HookType.AROUND)
+        if not patched:  # (the series installs this hook itself: install_fork_hook)
+            HookRegistry.register("sglang.srt.layers.moe.topk.select_experts", _select_experts_hook,
+                                  HookType.AROUND)
+            _STATE["pending"] = settings  # compiled on the first routed forward (a warmup, before graph capture)
         HookRegistry.register("sglang.srt.layers.moe.topk.TopK.bind_runner_backend", _bind_runner_backend_hook,
                               HookType.AROUND)
         from . import native_moe
 
         native_moe.register()
-        _STATE["pending"] = settings  # compiled on the first routed forward (a warmup, before graph capture)
