@@ -139,9 +139,11 @@ def before_server_args(model_path: str | None, args: dict, exit_on_error: bool =
     from .cpu import prepare
 
     problem = untied_head_problem(model_path)
-    if problem:
-        log.warning("sgl_budget: %s", problem)
-        print(f"sgl_budget: warning: {problem}", file=sys.stderr)
+    if problem:  # once: through logging where SGLang configured it, else on stderr
+        if log.hasHandlers():
+            log.warning("sgl_budget: %s", problem)
+        else:
+            print(f"sgl_budget: warning: {problem}", file=sys.stderr)
     state = prepare(args)
     if state.refused:
         text = "\n".join(f"error: {r}" for r in state.refused)
