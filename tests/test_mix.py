@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sgl_budget.cli import main
-from sgl_budget.lang import compile_policy, load_policy
+from sgl_budget.lang import compile_policy
 from sgl_budget.lang.ir import RouteContext
 from sgl_budget.lang.mix import MixError, assign_rows, load_mix, parse_mix
 from sgl_budget.lang.policy_set import load_policy_set

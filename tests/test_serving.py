@@ -36,7 +36,7 @@ from sgl_budget.cli import bundled_dir, default_model_dir  # noqa: E402
 from sgl_budget.engines.hf.adapter import apply_policy, moe_blocks, spec_of  # noqa: E402
 from sgl_budget.engines.hf.data import load_model  # noqa: E402
 from sgl_budget.engines.hf.generate import greedy  # noqa: E402
-from sgl_budget.engines.sglang.server import HTTPError, Server  # noqa: E402
+from sgl_budget.engines.sglang.server import Server  # noqa: E402
 from sgl_budget.lang import load_policy  # noqa: E402
 from sgl_budget.traces import load_trace  # noqa: E402
 
@@ -231,8 +231,7 @@ def test_bad_policy_ends_the_launch_with_the_compiler_message(entry, tmp_path) -
     bad = tmp_path / "bad.policy"
     bad.write_text(BAD)
     s = Server(MODEL, policy=bad, entry=entry, env=SERVER_ENV)
-    r = subprocess.run(s.command(), capture_output=True, text=True, timeout=300,
-                       env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    r = s.run_to_exit()
     assert r.returncode == 2, r.stderr[-2000:]
     assert f"{bad}:3:" in r.stderr and "min_k 3 is above max_k 2" in r.stderr and "^" in r.stderr
     assert "Traceback" not in r.stderr and "sglang::scheduler" not in r.stderr
@@ -265,7 +264,7 @@ def test_engine_in_process_with_a_policy(hf, tmp_path) -> None:
     prompts = [_ids(tok, t)[:5] for t in BATCH]
     script = tmp_path / "engine.py"
     script.write_text(ENGINE.format(model=str(MODEL), policy=str(policy), ids=prompts, new=NEW))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = Server(MODEL, env=SERVER_ENV).environment()  # what a server launched by these tests sees
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     line = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")][-1]
@@ -306,8 +305,7 @@ def test_untied_head_warning_at_launch(tmp_path) -> None:
     save_file({"model.embed_tokens.weight": torch.zeros(4, 2)}, str(d / "model.safetensors"))
     pol = tmp_path / "bad.policy"
     pol.write_text(BAD)
-    r = subprocess.run(Server(d, policy=pol).command(), capture_output=True, text=True, timeout=300,
-                       env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    r = Server(d, policy=pol, env=SERVER_ENV).run_to_exit()
     assert r.returncode == 2 and re.search(r"warning.*UNTRAINED output head", r.stderr, re.I), r.stderr[-2000:]
     assert r.stderr.count("UNTRAINED output head") == 1, r.stderr[-2000:]  # said once
 
@@ -358,8 +356,7 @@ def test_cpu_mode_refuses_what_the_stand_in_lacks() -> None:
     if _torch.cuda.is_available():
         pytest.skip("CUDA machine: CPU mode is off")
     s = Server(MODEL, extra_args=["--speculative-algorithm", "NGRAM"], env=SERVER_ENV)
-    r = subprocess.run(s.command(), capture_output=True, text=True, timeout=300,
-                       env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    r = s.run_to_exit()
     if "using sgl_budget's pure-torch stand-in" not in r.stderr:
         pytest.skip("a CPU build of sgl_kernel is installed: the real ops are used")
     assert r.returncode == 2, r.stderr[-2000:]

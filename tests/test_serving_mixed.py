@@ -207,7 +207,7 @@ def test_engine_generate_picks_a_policy(hf, tmp_path) -> None:
     script = tmp_path / "engine.py"
     script.write_text(ENGINE.format(model=str(MODEL), default=str(DEFAULT), fast=str(NAMED["fast"]), ids=prompts,
                                     new=NEW))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = Server(MODEL, env=SERVER_ENV).environment()  # what a server launched by these tests sees
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads([l for l in r.stdout.splitlines() if l.startswith("RESULT ")][-1][len("RESULT "):])
@@ -223,8 +223,7 @@ def test_launch_refuses_bad_named_policies_listing_every_problem(tmp_path) -> No
              "--moe-named-policy", f"fast={NAMED['alloc']}", "--moe-named-policy", "two words=x.policy",
              "--moe-named-policy", f"worse={bad}", "--moe-named-policy", "nopath"]
     s = Server(MODEL, policy=DEFAULT, extra_args=extra, env=SERVER_ENV)
-    r = subprocess.run(s.command(), capture_output=True, text=True, timeout=300,
-                       env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    r = s.run_to_exit()
     assert r.returncode == 2, r.stderr[-2000:]
     err = r.stderr
     assert "the policy name 'stock' is reserved" in err

@@ -89,12 +89,22 @@ class Server:
                 self.log_path = None
         raise AssertionError("unreachable")
 
+    def environment(self) -> dict[str, str]:
+        """The server's environment: this process's, with :attr:`env` added (None removes a variable)."""
+        return {k: v for k, v in {**os.environ, **self.env}.items() if v is not None}
+
+    def run_to_exit(self, timeout: float = 300.0) -> subprocess.CompletedProcess:
+        """Run the launch command in the foreground until it exits, capturing its output (for launches that
+        end by themselves: refused settings, ``--help``)."""
+        return subprocess.run(self.command(), capture_output=True, text=True, timeout=timeout,
+                              env=self.environment())
+
     def _start_once(self, timeout: float) -> "Server":
         if self.log_path is None:
             fd, name = tempfile.mkstemp(prefix="sglang-server-", suffix=".log")
             os.close(fd)
             self.log_path = Path(name)
-        env = {k: v for k, v in {**os.environ, **self.env}.items() if v is not None}
+        env = self.environment()
         t0 = time.monotonic()
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
