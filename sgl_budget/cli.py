@@ -201,6 +201,13 @@ def load_mixes(specs: Sequence[str] | None, spec=None) -> list:
         raise CliError(f"--mix: {e}") from None
 
 
+def require_policies_or_mixes(policies: Sequence, mix_specs: Sequence[str] | None) -> None:
+    """``eval`` and ``replay`` need something to measure; a malformed ``--mix`` fails here, before any loading."""
+    if not policies and not mix_specs:
+        raise CliError("give at least one policy file or --mix")
+    load_mixes(mix_specs)
+
+
 MIX_HELP = ("a per-row policy mix, reported as one more row: PART[,PART...] with PART = [NAME=]POLICY[:FRACTION] or "
             "stock[:FRACTION] (stock: the model's own routing); each batch's rows are split between the parts in "
             "these shares (in order; parts without a share split what is left; shares sum to 1), e.g. "
@@ -217,8 +224,7 @@ def _replay(policy_paths: Sequence[str | Path], trace_path: str | Path, batch_si
     from .replay import plot_report, replay
     from .traces import load_trace
 
-    if not policy_paths and not mix_specs:
-        raise CliError("give at least one policy file or --mix")
+    require_policies_or_mixes(policy_paths, mix_specs)
     trace = load_trace(trace_path)
     policies = [(load_policy(Path(p), trace.spec)) for p in policy_paths]
     mixes = load_mixes(mix_specs, trace.spec)

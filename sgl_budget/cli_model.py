@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .cli import MIX_HELP, CliError, load_mixes
+from .cli import MIX_HELP, CliError, load_mixes, require_policies_or_mixes
 
 
 def show_progress(quiet: bool = False) -> bool:
@@ -89,9 +89,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .lang import load_policy
 
     mix_specs = getattr(args, "mix", None)
-    if not args.policies and not mix_specs:
-        raise CliError("give at least one policy file or --mix")
-    load_mixes(mix_specs)  # a malformed --mix fails before the model loads
+    require_policies_or_mixes(args.policies, mix_specs)  # before the model loads
     model, windows = _windows(args, args.text)
     spec = _spec(model)
     policies = [load_policy(Path(p), spec) for p in args.policies]
