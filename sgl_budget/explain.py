@@ -119,6 +119,21 @@ def explain_dict(ir: PolicyIR) -> dict[str, Any]:
     }
 
 
+def summary_dict(ir: PolicyIR) -> dict[str, Any]:
+    """A compact :func:`explain_dict`: the budgets and, per situation, where it applies, its rules and the
+    experts per token it routes (no per-layer plans); what a server lists for its clients."""
+    sits = situations(ir)
+    top = max(c.batch_size for _, cs in sits for c in cs)
+    out = []
+    for key, ctxs in sits:
+        mean, lo, hi, exact = routed_per_token(ir.plans(ctxs[0]))
+        out.append({"applies_to": _where(ctxs, top),
+                    "rules": {k: v for k in KINDS if (v := _describe_rule(ir, k, key)) != "off"},
+                    "experts_per_token": {"mean": round(mean, 4), "min": lo, "max": hi, "exact": exact}})
+    return {"policy": ir.name, "budgets": [{"when": str(r.condition), "experts_per_token": r.value.experts_per_token}
+                                           for r in ir.budget_rules], "situations": out}
+
+
 def explain_policy(ir: PolicyIR, as_json: bool = False, console: Console | None = None) -> None:
     """Print the resolved plan (rich tables, or JSON)."""
     if as_json:

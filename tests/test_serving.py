@@ -36,7 +36,7 @@ from sgl_budget.cli import bundled_dir, default_model_dir  # noqa: E402
 from sgl_budget.engines.hf.adapter import apply_policy, moe_blocks, spec_of  # noqa: E402
 from sgl_budget.engines.hf.data import load_model  # noqa: E402
 from sgl_budget.engines.hf.generate import greedy  # noqa: E402
-from sgl_budget.engines.sglang.server import Server  # noqa: E402
+from sgl_budget.engines.sglang.server import HTTPError, Server  # noqa: E402
 from sgl_budget.lang import load_policy  # noqa: E402
 from sgl_budget.traces import load_trace  # noqa: E402
 
@@ -115,6 +115,19 @@ def served(request, tmp_path_factory):
 
 
 PER_TOKEN = [c for c, (_, per_token) in CASES.items() if per_token]
+
+
+def test_policy_listing(served) -> None:
+    """GET /moe_policies on a policy server: default (its file) and stock; a server without sgl_budget flags has
+    no such route (SGLang answers 404)."""
+    policy = CASES[served.case][0]
+    if policy is None:
+        with pytest.raises(HTTPError, match="HTTP 404"):
+            served.get("/moe_policies")
+        return
+    got = served.get("/moe_policies")
+    assert [(p["name"], p["file"]) for p in got["policies"]] == [("default", str(policy.resolve())), ("stock", None)]
+    assert got["policies"][0]["policy"] == policy.stem  # the name in the file (each is named as its file)
 
 
 def test_alone_equals_transformers(served, hf) -> None:

@@ -126,6 +126,20 @@ def test_unknown_policy_is_a_client_error_and_the_server_keeps_serving(server, h
     assert _ask(server, ids, "fast") == _reference(hf, FILE["fast"], [ids])[0]
 
 
+def test_moe_policies_lists_what_requests_may_pick(server) -> None:
+    """GET /moe_policies: every name a request may give (in the order the 400 lists them), the default, and what
+    each routes (from the compiled policies, as ``sgl-budget explain`` says)."""
+    got = server.get("/moe_policies")
+    assert [p["name"] for p in got["policies"]] == ["default", "stock", *NAMED]
+    assert got["request_field"] == "custom_params.moe_policy" and got["default"] == "default" and got["per_request"]
+    by = {p["name"]: p for p in got["policies"]}
+    assert by["default"]["file"] == str(DEFAULT.resolve()) and by["stock"]["file"] is None
+    mean = {n: [s["experts_per_token"]["mean"] for s in p["situations"]] for n, p in by.items()}
+    assert mean["stock"] == [8.0] and mean["default"] == [4.0] and mean["fast"] == [2.0]
+    assert len(by["mix4"]["situations"]) > 1  # SERE only in decode batches of 4 or more: its own situation
+    assert any("reroute" in s["rules"] for s in by["mix4"]["situations"])
+
+
 def test_openai_endpoints_pick_a_policy(server, hf) -> None:
     import openai
 

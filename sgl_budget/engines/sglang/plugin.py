@@ -165,9 +165,14 @@ def before_from_cli_args(args: argparse.Namespace) -> None:
 def after_from_cli_args(args: argparse.Namespace, server_args) -> None:
     """After it: every policy of the launch validated against the model and published, before any worker starts."""
     settings = settings_from_namespace(args)
-    if settings.active:
-        apply_settings(settings, getattr(args, "model_path", None), bool(getattr(args, "trust_remote_code", False)),
-                       getattr(args, "revision", None), server_args=server_args)
+    if not settings.active:
+        return
+    pset = apply_settings(settings, getattr(args, "model_path", None), bool(getattr(args, "trust_remote_code", False)),
+                          getattr(args, "revision", None), server_args=server_args)
+    if pset is not None:  # the launcher's HTTP app lists what requests may pick
+        from .listing import add_listing_route, policy_listing
+
+        add_listing_route(policy_listing(pset, per_request_blocker(server_args)))
 
 
 def _from_cli_args_hook(original, cls, args, *rest, **kwargs):

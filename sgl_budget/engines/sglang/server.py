@@ -174,6 +174,14 @@ class Server:
 
     # -- HTTP ------------------------------------------------------------------------------------
 
+    def get(self, path: str, timeout: float = 60.0) -> Any:
+        """GET JSON; returns the decoded reply (:class:`HTTPError` on an HTTP error)."""
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            raise HTTPError(e.code, e.read().decode(errors="replace")) from None
+
     def post(self, path: str, payload: dict, timeout: float = 600.0) -> Any:
         """POST JSON; returns the decoded reply. An HTTP error raises :class:`HTTPError` with the body."""
         req = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
