@@ -24,7 +24,9 @@ Per row (per layer, mean over the step): latency, speedup vs stock, unique
 experts, the roofline ratio (weight bytes read by stock / by the policy: routed
 experts used + shared experts),
 achieved HBM bandwidth as % of the device's peak, and routing + dispatch time as
-% of the layer time. Then the issue's goals, met or missed. Not a test.
+% of the layer time. Then the issue's goals, met or missed. ``--per-request`` adds two policies routed as
+a per-request server's captured decode step routes them (policy and stock both, each row its own) and
+reports their cost against the policy alone. Not a test.
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ PEAK_TBPS = (("H100 PCIe", 2.0), ("H100 NVL", 3.9), ("H100", 3.35), ("H200", 4.8
 POLICIES = ("stock top-k", "uniform-50", "alloc-l-50", "alloc-t-50", "sere", "alloc-moe-sere-50",
             "uniform-50+piggyback")
 GOAL_ROOFLINE_GAP, GOAL_OVERHEAD, GOAL_SPEEDUP = 0.05, 0.03, 1.34
+# --per-request: these policies again, as a per-request server's captured decode step routes them
+PER_REQUEST = ("uniform-50", "alloc-moe-sere-50")
+PER_REQUEST_TAG = " [per-request]"
 
 
 @dataclass
@@ -302,16 +307,35 @@ def kernel_profile(fn, device: str, top: int = 12) -> list[str]:
             for e in events[:top]]
 
 
+class PerRequestRouter:
+    """A policy as a per-request server routes it in a CUDA-graph decode step: the map of rows to policies is
+    device data, so the policy and ``stock`` both route every row and each row takes its own policy's result
+    (:class:`~sgl_budget.routing.MixedRouter`); here every row picks the policy (a ``--moe-policy`` server's
+    usual traffic), so only the routing cost differs from the policy's own row."""
+
+    def __init__(self, policy_router, stock_router, batch: int, device: str) -> None:
+        from sgl_budget.routing import MixedRouter
+
+        self.mixed = MixedRouter([policy_router, stock_router], stock_router.spec.top_k)
+        self.rows = torch.zeros(batch, dtype=torch.int32, device=device)
+
+    def __call__(self, logits, ctx, correction_bias=None):
+        return self.mixed(logits, ctx, correction_bias, row_policy=self.rows)
+
+
 def measure_batch(spec, name: str, batch: int, irs: dict, weights: MoELayers, moe_layers: list[int], device: str,
-                  timer, configs, profile: tuple[str, ...] = (), routing: str = "triton") -> list[Row]:
+                  timer, configs, profile: tuple[str, ...] = (), routing: str = "triton",
+                  per_request: tuple[str, ...] = ()) -> list[Row]:
     """Every policy's row for one shape and batch size (stock first): one decode step through ``moe_layers``.
 
     ``profile``: policies whose step is also profiled kernel by kernel (printed), to say where time goes.
     ``routing``: the routing backend (``triton`` kernels, or the ``torch`` reference for comparison).
+    ``per_request``: policies measured again as a per-request server routes them (:class:`PerRequestRouter`).
     """
     from sgl_budget.kernels.backend import compile_kernel_routers
     from sgl_budget.kernels.moe_align import moe_align
     from sgl_budget.lang.ir import RouteContext
+    from sgl_budget.lang.policy_set import stock_ir
     from sgl_budget.traces import synthetic_trace
 
     trace = synthetic_trace(spec, num_sequences=batch, seq_len=2, seed=batch)
@@ -329,6 +353,11 @@ def measure_batch(spec, name: str, batch: int, irs: dict, weights: MoELayers, mo
         for li in moe_layers:
             rs[li].prepare(device)
         routers[pname] = rs
+    if per_request:
+        stock = compile_kernel_routers(stock_ir(spec), backend=routing)
+        for pname in per_request:
+            routers[pname + PER_REQUEST_TAG] = {li: PerRequestRouter(routers[pname][li], stock[li], batch, device)
+                                                for li in moe_layers}
 
     def step(rs, config):
         def fn():
@@ -399,6 +428,8 @@ def table(rows: list[Row]) -> list[str]:
 
 def goals(rows: list[Row]) -> list[str]:
     """The issue's targets, each met or missed, with the rows that decide it."""
+    per_request = [r for r in rows if r.policy.endswith(PER_REQUEST_TAG)]
+    rows = [r for r in rows if not r.policy.endswith(PER_REQUEST_TAG)]
     budget = [r for r in rows if r.policy != "stock top-k"]
     gap = [r for r in budget if r.batch >= 16]
     worst_gap = max(gap, key=lambda r: 1 - r.speedup / r.roofline, default=None)
@@ -422,6 +453,12 @@ def goals(rows: list[Row]) -> list[str]:
                      f"{best.batch}: {best.speedup:.2f}x; per batch: "
                      + ", ".join(f"b{b} {max((r.speedup for r in dsv2 if r.batch == b), default=0):.2f}x"
                                  for b in sorted({r.batch for r in dsv2})) + ")")
+    own = {(r.shape, r.batch, r.policy): r for r in rows}
+    for r in per_request:  # not a goal: what per-request choice costs a server whose requests all use one policy
+        alone = own[(r.shape, r.batch, r.policy[: -len(PER_REQUEST_TAG)])]
+        lines.append(f"- per-request server, {r.shape} b{r.batch} {r.policy}: {r.layer_ms / alone.layer_ms:.3f}x "
+                     f"the layer time of the policy alone (routing+dispatch {r.overhead_pct:.1f}% vs "
+                     f"{alone.overhead_pct:.1f}%)")
     return lines
 
 
@@ -468,6 +505,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
     ap.add_argument("--profile", nargs="*", type=int, metavar="BATCH",
                     help="also profile, kernel by kernel, stock top-k and the combined policy at these batch sizes "
                     "(default with no value: 64)")
+    ap.add_argument("--per-request", action="store_true",
+                    help=f"also measure {', '.join(PER_REQUEST)} as a per-request server's CUDA-graph decode step "
+                    "routes them (the policy and stock both route, each row selects its own; sgl_budget.routing."
+                    "MixedRouter)")
     ap.add_argument("--json", type=Path, help="also write the rows and the environment here")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny expert widths, two layers, batches <= 16 (on CPU under Triton's interpreter): "
@@ -520,7 +561,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
                 prof = ("stock top-k", "alloc-moe-sere-50") if args.profile is not None and b in (
                     args.profile or [64]) else ()
                 new = measure_batch(spec, name, b, irs, weights, moe_layers, device, timer, configs, prof,
-                                    args.routing)
+                                    args.routing, PER_REQUEST if args.per_request else ())
                 finish(new, peak)
                 rows += new
                 print("\n".join(table(new)[0 if len(rows) == len(new) else 2:]), flush=True)

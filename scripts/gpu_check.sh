@@ -36,7 +36,8 @@ if [ "$PART" != bench ]; then
   "$PY" -m pytest -q -rs tests/test_kernels.py tests/test_benchmarks.py 2>&1 | tee "$OUT_DIR/kernel_tests.log" || rc=1
 fi
 if [ "$PART" != tests ]; then
-  [ $# -gt 0 ] || set -- --profile 64  # by default also say where the time goes at batch 64
+  # by default also say where the time goes at batch 64, and what per-request choice costs a server
+  [ $# -gt 0 ] || set -- --profile 64 --per-request
   "$PY" benchmarks/moe_decode.py --json "$OUT_DIR/moe_decode.json" "$@" 2>&1 | tee "$OUT_DIR/moe_decode.md" || rc=1
 fi
 exit $rc

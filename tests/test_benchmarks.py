@@ -35,14 +35,20 @@ def test_moe_decode_smoke_run_produces_checked_rows(tmp_path, capsys, gemm) -> N
 
     bench = _bench()
     out = tmp_path / "r.json"
+    per_request = gemm == "own"  # (one of the two runs also measures the per-request server's routing)
     rows = bench.main(["--smoke", "--shapes", "deepseek-v2-lite", "--batches", "1", "--gemm", gemm,
-                       "--json", str(out), "--profile", "1"])
+                       "--json", str(out), "--profile", "1"] + (["--per-request"] if per_request else []))
     printed = capsys.readouterr().out
     assert "SMOKE RUN" in printed and "SYNTHETIC" in printed and "routing triton" in printed
     assert printed.count("| kernel | calls | ms | share |") == 2  # stock and the combined policy profiled
     assert "at 50% budget on deepseek-v2-lite" in printed.split("Goals")[1]
-    assert [r.policy for r in rows] == list(bench.POLICIES)
+    tagged = [p + bench.PER_REQUEST_TAG for p in bench.PER_REQUEST] if per_request else []
+    assert [r.policy for r in rows] == list(bench.POLICIES) + tagged
     by = {r.policy: r for r in rows}
+    for p in tagged:  # every row picks the policy: what it routes is the policy's own, only the cost differs
+        alone = by[p[: -len(bench.PER_REQUEST_TAG)]]
+        assert by[p].unique_experts == alone.unique_experts and by[p].weight_bytes == alone.weight_bytes
+        assert f"per-request server, deepseek-v2-lite b1 {p}:" in printed.split("Goals")[1]
     spec = PRESETS["deepseek-v2-lite"]
     assert by["stock top-k"].unique_experts == spec.top_k  # batch 1: one token, its top-k
     assert by["uniform-50"].unique_experts == spec.top_k // 2
