@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .fused_topk import route_rows
-from .launch import token_tile, whole_batch_warps
+from .launch import as_int8_mask, token_tile, whole_batch_warps
 from .weights import finalize_weights
 
 MAX_SORT = 8192  # candidates one program sorts (T * (max_k - min_k), padded); larger batches use the reference
@@ -125,7 +125,7 @@ def alloc_t(router_logits: torch.Tensor, k: int, min_k: int, max_k: int, width: 
     w = torch.empty(t, width, dtype=torch.float32, device=dev)
     out_ids = torch.empty(t, width, dtype=torch.int32, device=dev)
     bias = correction_bias.contiguous().float() if correction_bias is not None else x
-    mask = row_mask.to(device=dev, dtype=torch.int8).contiguous() if row_mask is not None else ids
+    mask = as_int8_mask(row_mask, dev) if row_mask is not None else ids
     e_pad = triton.next_power_of_2(e)
     t_pad = token_tile(t)
     cands_pad = max(1, triton.next_power_of_2(cands))

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .fused_topk import NEG, score_rows
-from .launch import token_tile, whole_batch_warps
+from .launch import as_int8_mask, token_tile, whole_batch_warps
 from .weights import finalize_weights
 
 MAX_TOKENS = 1024  # one program; larger (prefill) batches take the reference
@@ -106,7 +106,7 @@ def piggyback(router_logits: torch.Tensor, ids: torch.Tensor, raw: torch.Tensor,
     out = torch.empty(t, width, dtype=torch.int32, device=dev)
     ids = ids.to(torch.int32).contiguous()
     bias = correction_bias.contiguous().float() if correction_bias is not None else x
-    mask = row_mask.to(device=dev, dtype=torch.int8).contiguous() if row_mask is not None else ids
+    mask = as_int8_mask(row_mask, dev) if row_mask is not None else ids
     e_pad = triton.next_power_of_2(e + 1)
     t_pad = token_tile(t)
     w_in_pad = triton.next_power_of_2(w_in)

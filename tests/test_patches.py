@@ -103,10 +103,18 @@ import torch
 from sglang.srt.runtime_context import get_context
 from sglang.srt.server_args import ServerArgs
 get_context().set_server_args(ServerArgs(model_path="dummy", device="cpu"))
+from sglang.srt.plugins import load_plugins
+load_plugins()  # as every SGLang worker does: sgl_budget's plugin registers what the series does not build in
+from sgl_budget.engines.sglang import routing
+passes = []
+original = routing.PolicyRouting.select_experts
+routing.PolicyRouting.select_experts = lambda self, *a, **k: passes.append(1) or original(self, *a, **k)
 from sglang.srt.layers.moe import topk as T
 t = T.TopK(top_k=4, layer_id=1, renormalize=True)
 out = t.forward_native(torch.zeros(5, 8), torch.randn(5, 16))
-print(T._SELECT_EXPERTS_HOOK is not None, int((out.topk_weights > 0).sum()))
+from sglang.srt.plugins.hook_registry import HookRegistry
+wrapped = "sglang.srt.layers.moe.topk.select_experts" in HookRegistry._hooks
+print(T._SELECT_EXPERTS_HOOK is not None, wrapped, len(passes), int((out.topk_weights > 0).sum()))
 """
     env = {"SGLBUDGET_MOE_SPEC": json.dumps(spec.to_dict())}
     if named:  # the default is then stock: 4 experts per token; the hook is installed all the same
@@ -114,7 +122,8 @@ print(T._SELECT_EXPERTS_HOOK is not None, int((out.topk_weights > 0).sum()))
     else:
         env["SGLBUDGET_MOE_POLICY"] = str(pol)
     r = _run(patched_sglang, code, env)
-    assert r.stdout.split()[-2:] == ["True", "20" if named else "5"], r.stderr[-3000:]
+    # the fork's hook is set, the plugin does not wrap select_experts as well, sgl_budget routes once per call
+    assert r.stdout.split()[-4:] == ["True", "False", "1", "20" if named else "5"], r.stderr[-3000:]
 
 
 def test_patched_fork_serves_per_request_policies_over_http(patched_sglang) -> None:
@@ -134,6 +143,7 @@ def test_patched_fork_serves_per_request_policies_over_http(patched_sglang) -> N
             got = server.post("/generate", {"input_ids": ids, "sampling_params": {
                 "max_new_tokens": 12, "temperature": 0.0, "ignore_eos": True, "custom_params": {"moe_policy": name}}})
             assert got["output_ids"] == _reference(hf, policy, [ids])[0], name
+        assert [p["name"] for p in server.get("/moe_policies")["policies"]] == ["default", "stock", "fast"]
         with pytest.raises(HTTPError, match="HTTP 400.*default, stock, fast"):
             server.post("/generate", {"input_ids": ids, "sampling_params": {
                 "max_new_tokens": 2, "custom_params": {"moe_policy": "nope"}}})

@@ -318,6 +318,14 @@ def install_fork_hook() -> None:
         topk.set_select_experts_hook(_select_experts_hook)
 
 
+def _topk_has_hook_point() -> bool:
+    """Whether this SGLang's ``select_experts`` is the patch series' dispatcher (0002), which routes through
+    ``set_select_experts_hook``: wrapping it as well would run sgl_budget's routing hook twice."""
+    import sglang.srt.layers.moe.topk as topk
+
+    return hasattr(topk, "set_select_experts_hook")
+
+
 def register() -> None:
     """The ``sglang.srt.plugins`` entry point: register sgl_budget's hooks with SGLang's HookRegistry.
 
@@ -342,7 +350,7 @@ def register() -> None:
 
     register_worker_hooks()
     if settings.active:  # a worker of a launch that asked for a policy or a recording
-        if not patched:  # (the series installs this hook itself: install_fork_hook)
+        if not (patched or _topk_has_hook_point()):  # (a fork's topk.py installs it itself: install_fork_hook)
             HookRegistry.register("sglang.srt.layers.moe.topk.select_experts", _select_experts_hook,
                                   HookType.AROUND)
             _STATE["pending"] = settings  # compiled on the first routed forward (a warmup, before graph capture)
