@@ -30,6 +30,10 @@ def test_names_ids_and_default() -> None:
         ps.index("slow")
     with pytest.raises(UnknownPolicy):
         ps.index(3)  # type: ignore[arg-type]
+    for sent in ("x" * 100_000, list(range(10_000))):  # a client may send anything: the message stays short
+        with pytest.raises(UnknownPolicy) as e:
+            ps.index(sent)  # type: ignore[arg-type]
+        assert len(str(e.value)) < 250 and "this server serves default, stock, fast, lt" in str(e.value)
     no_default = load_policy_set(SPEC, None, [("fast", BROWN / "uniform-25.policy")])
     assert no_default.names == ("stock", "fast") and no_default.default_name == STOCK
     assert no_default.request_names == ("default", "stock", "fast")

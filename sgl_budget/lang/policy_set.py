@@ -10,6 +10,7 @@ refers to the policy a request gets when it names none.
 from __future__ import annotations
 
 import re
+import reprlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +28,21 @@ NAME_HINT = "a name is 1-64 characters: a letter or _, then letters, digits, _ .
 STOCK_SOURCE = 'policy "stock" { }\n'
 
 
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = 64
+
+
+def shown_name(name) -> str:
+    """A requested name as error messages quote it: repr, cut to a readable length (a client may send anything)."""
+    return _SHOWN.repr(name)
+
+
 class UnknownPolicy(ValueError):
     """A request named a policy the server does not serve (the message lists the names it does)."""
 
     @classmethod
     def of(cls, name, names: Sequence[str]) -> "UnknownPolicy":
-        return cls(f"unknown MoE policy {name!r}: this server serves {', '.join(names)} "
+        return cls(f"unknown MoE policy {shown_name(name)}: this server serves {', '.join(names)} "
                    f"(choose one with custom_params {{\"{REQUEST_KEY}\": NAME}})")
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ...lang.policy_set import DEFAULT, REQUEST_KEY, PolicySet, UnknownPolicy
+from ...lang.policy_set import DEFAULT, REQUEST_KEY, PolicySet, UnknownPolicy, shown_name
 
 log = logging.getLogger("sgl_budget")
 ENV_PER_REQUEST_OFF = "SGLBUDGET_PER_REQUEST_OFF"  # why per-request choice is off in this launch, if it is
@@ -47,7 +47,7 @@ def check_request(custom_params, names: tuple[str, ...]) -> None:
         return
     off = os.environ.get(ENV_PER_REQUEST_OFF)
     if off and name != DEFAULT:
-        raise ValueError(f"MoE policy {name!r} cannot be chosen per request in this launch: {off}")
+        raise ValueError(f"MoE policy {shown_name(name)} cannot be chosen per request in this launch: {off}")
     if not isinstance(name, str) or name not in names:
         raise UnknownPolicy.of(name, names)
 
