@@ -87,6 +87,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     spec = _spec(args.model_spec)
     engine = limits_for(args.engine, spec.top_k)
+    launch = args.moe_policy is not None or bool(args.moe_named_policy)
+    if not args.policies and not launch:
+        raise CliError("give policy files, or a launch's --moe-policy / --moe-named-policy flags")
     diags: list[Diagnostic] = []
     checked = []
     for p in args.policies:
@@ -102,17 +105,41 @@ def cmd_check(args: argparse.Namespace) -> int:
         if args.format == "text":
             print(f"ok: {p}: policy {ir.name!r} for {spec.name} ({spec.num_moe_layers} MoE layers, "
                   f"{spec.num_experts} experts, top-{spec.top_k}); servable by {engine.label}")
+    served = _check_launch(args, spec, diags) if launch else None
     if args.format == "json":
         print(json.dumps({"model": spec.name, "engine": args.engine, "files": checked,
+                          **({"launch": {"ok": served is not None, "names": served}} if launch else {}),
                           "errors": [d.to_dict() for d in diags]}, indent=2))
     elif args.format == "gcc":
         for d in diags:
             print(d.gcc())
     elif diags:
         n = len(diags)
-        print(f"{n} error{'s' if n > 1 else ''} in {sum(not c['ok'] for c in checked)} of {len(checked)} "
-              f"file(s) (checked for {engine.label})", file=sys.stderr)
+        where = f"{sum(not c['ok'] for c in checked)} of {len(checked)} file(s)" if checked else "the launch"
+        print(f"{n} error{'s' if n > 1 else ''} in {where} (checked for {engine.label})", file=sys.stderr)
     return EXIT_BAD_INPUT if diags else 0
+
+
+def _check_launch(args: argparse.Namespace, spec, diags: list) -> list[str] | None:
+    """The policies of a launch (``--moe-policy``, ``--moe-named-policy``) as the server checks them before any
+    worker starts: names (invalid, reserved, repeated) and every file; the names requests may give, or None."""
+    from .lang import load_policy
+    from .lang.limits import check_engine, limits_for
+    from .lang.policy_set import load_policy_set, parse_named
+
+    named = [parse_named(v) for v in args.moe_named_policy or ()]
+    try:
+        pset = load_policy_set(spec, args.moe_policy, named, loader=lambda path, sp: check_engine(
+            load_policy(Path(path), sp), args.engine, file=str(path)))
+    except PolicyError as e:
+        diags += e.diagnostics
+        if args.format == "text":
+            print(e.format(), file=sys.stderr)
+        return None
+    if args.format == "text":
+        print(f"ok: the launch serves {', '.join(pset.request_names)} per request (default: "
+              f"{pset.default_name}); servable by {limits_for(args.engine, spec.top_k).label}")
+    return list(pset.request_names)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -403,7 +430,11 @@ def build_parser() -> argparse.ArgumentParser:
     spec_help = f"model spec: a preset ({', '.join(PRESETS)}), a config.json, or a model directory"
 
     c = sub.add_parser("check", help="validate policies against a model spec")
-    c.add_argument("policies", nargs="+", help=".policy files")
+    c.add_argument("policies", nargs="*", help=".policy files")
+    c.add_argument("--moe-policy", metavar="PATH", help="also check a launch: its --moe-policy (the default policy)")
+    c.add_argument("--moe-named-policy", action="append", metavar="NAME=PATH",
+                   help="... and its --moe-named-policy flags (repeatable): names and files as the server checks "
+                        "them before any worker starts")
     c.add_argument("--model-spec", required=True, help=spec_help)
     c.add_argument("--engine", choices=["sglang", "hf"], default="sglang",
                    help="check what this engine can serve: sglang (default; its MoE runners take at most the "

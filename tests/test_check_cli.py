@@ -101,8 +101,40 @@ def test_pre_commit_hook_runs_check(tmp_path) -> None:
 
 def test_check_path_does_not_import_torch() -> None:
     code = ("import sys\nfrom sgl_budget.cli import main\n"
-            f"rc = main(['check', {str(GOOD)!r}, '--model-spec', 'deepseek-v2-lite', '--format', 'gcc'])\n"
+            f"rc = main(['check', {str(GOOD)!r}, '--model-spec', 'deepseek-v2-lite', '--format', 'gcc', "
+            f"'--moe-named-policy', 'half={GOOD}'])\n"
             "from sgl_budget.lang import compile_policy, load_policy\nfrom sgl_budget.lang.limits import check_engine\n"
             "assert rc == 0, rc\nassert 'torch' not in sys.modules, 'the check path imported torch'\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+BROWN = ROOT / "policies" / "brown-moe"
+MODEL = ROOT / "models" / "brown-moe"
+
+
+def test_check_a_launch_as_the_server_does(tmp_path, capsys) -> None:
+    """``--moe-policy`` / ``--moe-named-policy`` on check: the names and files a per-request launch would be refused
+    for, all at once, before any model loads; a good launch lists what requests may pick."""
+    args = ["check", "--model-spec", str(MODEL), "--moe-policy", str(BROWN / "uniform-50.policy")]
+    assert main([*args, "--moe-named-policy", f"fast={BROWN / 'uniform-25.policy'}"]) == 0
+    assert "ok: the launch serves default, stock, fast per request (default: default)" in capsys.readouterr().out
+    bad = tmp_path / "bad.policy"
+    bad.write_text('policy "bad" {\n  budget 50%\n  tokens { reallocate by score; min_k 3; max_k 2 }\n}\n')
+    flags = [f"stock={BROWN / 'uniform-25.policy'}", f"fast={BROWN / 'uniform-25.policy'}",
+             f"fast={BROWN / 'alloc-l-50.policy'}", "two words=x.policy", f"worse={bad}", "nopath"]
+    named = [a for f in flags for a in ("--moe-named-policy", f)]
+    assert main([*args, *named, "--json"]) == 2
+    d = json.loads(capsys.readouterr().out)
+    assert d["launch"] == {"ok": False, "names": None} and d["files"] == []
+    msgs = [e["message"] for e in d["errors"]]
+    assert len(msgs) == 5 and "the policy name 'stock' is reserved" in msgs[0] and "given twice" in msgs[1]
+    assert "invalid policy name 'two words'" in msgs[2] and "expected NAME=PATH" in msgs[3]
+    assert (d["errors"][4]["file"], d["errors"][4]["line"], d["errors"][4]["column"]) == (str(bad), 3, 33)
+    assert main([*args, *named]) == 2  # text: the same report as the launcher's, then the count
+    assert "aborting due to 5 errors" in capsys.readouterr().err
+
+
+def test_check_needs_something_to_check(capsys) -> None:
+    assert main(["check", "--model-spec", "deepseek-v2-lite"]) == 2
+    assert "give policy files, or a launch's --moe-policy / --moe-named-policy flags" in capsys.readouterr().err
