@@ -7,6 +7,7 @@ compiler-style message on stderr and exit status 2 — never a traceback.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from collections.abc import Sequence
@@ -82,8 +83,7 @@ def _budget_arg(text: str, top_k: int) -> float:
 def cmd_check(args: argparse.Namespace) -> int:
     """Check policies for a model and an engine; every error of every file, as text, gcc lines or JSON."""
     from .errors import Diagnostic
-    from .lang import load_policy
-    from .lang.limits import check_engine, limits_for
+    from .lang.limits import limits_for, load_for_engine
 
     spec = _spec(args.model_spec)
     engine = limits_for(args.engine, spec.top_k)
@@ -94,7 +94,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     checked = []
     for p in args.policies:
         try:
-            ir = check_engine(load_policy(Path(p), spec), args.engine, file=str(p))
+            ir = load_for_engine(p, spec, args.engine)
         except PolicyError as e:
             diags += e.diagnostics
             if args.format == "text":
@@ -123,14 +123,13 @@ def cmd_check(args: argparse.Namespace) -> int:
 def _check_launch(args: argparse.Namespace, spec, diags: list) -> list[str] | None:
     """The policies of a launch (``--moe-policy``, ``--moe-named-policy``) as the server checks them before any
     worker starts: names (invalid, reserved, repeated) and every file; the names requests may give, or None."""
-    from .lang import load_policy
-    from .lang.limits import check_engine, limits_for
+    from .lang.limits import limits_for, load_for_engine
     from .lang.policy_set import load_policy_set, parse_named
 
     named = [parse_named(v) for v in args.moe_named_policy or ()]
     try:
-        pset = load_policy_set(spec, args.moe_policy, named, loader=lambda path, sp: check_engine(
-            load_policy(Path(path), sp), args.engine, file=str(path)))
+        pset = load_policy_set(spec, args.moe_policy, named, loader=functools.partial(load_for_engine,
+                                                                                         engine=args.engine))
     except PolicyError as e:
         diags += e.diagnostics
         if args.format == "text":

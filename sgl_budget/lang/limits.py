@@ -8,8 +8,10 @@ policies with the same words.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..errors import Diagnostic, PolicyError
+from ..spec import ModelSpec
 from .ir import PolicyIR
 
 ENGINES = ("sglang", "hf")
@@ -76,3 +78,12 @@ def check_engine(ir: PolicyIR, engine: str = DEFAULT_ENGINE, engine_top_k: int |
     if problems:
         raise PolicyError.of(problems)
     return ir
+
+
+def load_for_engine(path: str | Path, spec: ModelSpec, engine: str = DEFAULT_ENGINE,
+                    engine_top_k: int | None = None) -> PolicyIR:
+    """Compile the policy file ``path`` for ``spec`` and check that ``engine`` can serve it: what ``sgl-budget
+    check`` and the server's launch check run on every file (a :class:`PolicyError` with every reason)."""
+    from . import load_policy
+
+    return check_engine(load_policy(path, spec), engine, engine_top_k, file=str(path))

@@ -24,8 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import PolicyError  # noqa: F401  (re-exported: callers catch it from here)
-from ...lang import load_policy
-from ...lang.limits import check_engine
+from ...lang.limits import load_for_engine
 from ...lang.ir import PolicyIR
 from ...lang.policy_set import PolicySet, load_policy_set
 from ...spec import ModelSpec, SpecError
@@ -131,7 +130,7 @@ def validate(policy: str | Path, spec: ModelSpec, engine_top_k: int | None = Non
 
     The engine rule lives in :mod:`sgl_budget.lang.limits`, shared with ``sgl-budget check``.
     """
-    return check_engine(load_policy(policy, spec), "sglang", engine_top_k, file=str(policy))
+    return load_for_engine(policy, spec, "sglang", engine_top_k)
 
 
 def validate_set(settings: Settings, spec: ModelSpec) -> PolicySet:
