@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import reprlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +55,12 @@ def name_problem(name: str) -> str | None:
     return None
 
 
+def request_names(named: Iterable[str]) -> tuple[str, ...]:
+    """What a request may ask for in a launch with these named extras, in the order errors list them:
+    ``default``, ``stock``, then the named ones."""
+    return (DEFAULT, STOCK, *named)
+
+
 def parse_named(text: str) -> tuple[str, str]:
     """``NAME=PATH`` -> ``(NAME, PATH)``; without ``=`` the path is empty (:func:`load_policy_set` reports it)."""
     name, _, path = text.partition("=")
@@ -87,7 +93,7 @@ class PolicySet:
     @property
     def request_names(self) -> tuple[str, ...]:
         """What a request may ask for (``default`` included)."""
-        return (DEFAULT, *(n for n in self.names if n != DEFAULT))
+        return request_names(n for n in self.names if n not in RESERVED)
 
     def index(self, name: str | None) -> int:
         """The id of the policy ``name`` (None or ``default``: the default); :class:`UnknownPolicy` otherwise."""

@@ -33,9 +33,8 @@ def add_listing_route(listing: dict[str, Any]) -> None:
     """Serve ``listing`` at :data:`ROUTE` from SGLang's HTTP app (the launcher process)."""
     from sglang.srt.entrypoints import http_server
 
-    app = http_server.app
-    if any(getattr(r, "path", None) == ROUTE for r in app.routes):  # a second launch in one process
-        app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) != ROUTE]
+    app = http_server.app  # (a second launch in one process replaces the first one's route)
+    app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) != ROUTE]
 
     async def moe_policies() -> dict[str, Any]:
         return listing

@@ -90,10 +90,11 @@ def named_from_env() -> tuple[tuple[str, str], ...]:
 
 
 def request_names() -> tuple[str, ...]:
-    """The policy names a request may give in this process's launch (``default``, ``stock``, named extras)."""
-    from ...lang.policy_set import DEFAULT, STOCK
+    """The policy names a request may give in this process's launch (read from the environment: the process
+    that checks requests has no compiled :class:`PolicySet`)."""
+    from ...lang.policy_set import request_names as names
 
-    return (DEFAULT, STOCK, *(n for n, _ in named_from_env()))
+    return names(n for n, _ in named_from_env())
 
 
 def spec_from_env() -> ModelSpec | None:
