@@ -46,7 +46,7 @@ def _alloc_t_kernel(logits_ptr, bias_ptr, raw_ptr, ids_ptr, key_ptr, scratch_ptr
             tl.store(key_ptr + at, key_b, mask=m_b)
     tl.debug_barrier()
 
-    # 2. the best T*(k - min_k) candidates of rank min_k.. across the batch
+    # 2. the best n_real*(k - min_k) candidates of rank min_k.. across the real rows of the batch
     # rows outside the mask (CUDA-graph padding, another policy's rows): no slots and no share of the budget
     rows = tl.arange(0, T_PAD)
     rmask = rows < T
