@@ -90,6 +90,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     launch = args.moe_policy is not None or bool(args.moe_named_policy)
     if not args.policies and not launch:
         raise CliError("give policy files, or a launch's --moe-policy / --moe-named-policy flags")
+    refusal = _family_refusal(args.engine, spec)
+    if refusal:  # the engine's own launch check would refuse this model whatever the policy says
+        if args.format == "json":
+            print(json.dumps({"model": spec.name, "engine": args.engine, "files": [], "errors": [
+                {"message": refusal, "file": str(args.model_spec)}]}, indent=2))
+        else:
+            print(f"error: {refusal}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     diags: list[Diagnostic] = []
     checked = []
     for p in args.policies:
@@ -118,6 +126,14 @@ def cmd_check(args: argparse.Namespace) -> int:
         where = f"{sum(not c['ok'] for c in checked)} of {len(checked)} file(s)" if checked else "the launch"
         print(f"{n} error{'s' if n > 1 else ''} in {where} (checked for {engine.label})", file=sys.stderr)
     return EXIT_BAD_INPUT if diags else 0
+
+
+def _family_refusal(engine: str, spec) -> str | None:
+    """Why ``engine`` refuses this model's family (None: it serves it, or the spec names no family): the very
+    function the SGLang launch check calls (:func:`sgl_budget.families.sglang_refusal`)."""
+    from .families import engine_refusal
+
+    return engine_refusal(engine, spec.model_type) if spec.model_type else None
 
 
 def _check_launch(args: argparse.Namespace, spec, diags: list) -> list[str] | None:

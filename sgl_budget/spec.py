@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from .families import family_of
 from .datacheck import decode_utf8, describe, int_problem, is_int, is_number, parse_json
 
 ScoringFunc = Literal["softmax", "sigmoid"]
@@ -268,6 +269,9 @@ def _from_hf(cfg: dict[str, Any], name: str) -> ModelSpec:
         cfg = {**cfg, **cfg["text_config"]}
     f = _Fields(cfg)
     mt = f.text("model_type", "")
+    fam = family_of(mt)
+    if fam is not None and fam.config == "unsupported":
+        _unsupported_fields(f, mt, 0)
     if any(_get(cfg, *keys) is None for keys in (("num_hidden_layers", "n_layers"),
                                                   ("n_routed_experts", "num_experts", "num_local_experts"),
                                                   ("num_experts_per_tok", "moe_topk", "top_k"),
@@ -282,17 +286,18 @@ def _from_hf(cfg: dict[str, Any], name: str) -> ModelSpec:
     hidden = f.integer("hidden_size", "d_model", hi=1 << 24)
     common = dict(name=name, num_layers=n_layers, num_experts=n_experts, top_k=top_k, hidden_size=hidden,
                   model_type=mt)
-    if mt.startswith("deepseek"):
-        kw = _deepseek_fields(f, mt, n_layers)
-    elif mt in ("mixtral", "minimax", "phimoe"):
-        kw = dict(moe_layers=tuple(range(n_layers)), moe_intermediate_size=f.integer("intermediate_size", hi=1 << 24),
-                  norm_topk_prob=True)
-    else:
-        kw = _qwen_fields(f, n_layers)
+    reader = fam.config if fam is not None else _UNKNOWN_FAMILY_READERS.get(mt, "qwen")
+    kw = _READERS[reader](f, mt, n_layers)
     if f.problems:
         raise SpecError(f"config of model_type {mt!r} lacks or garbles fields sgl_budget needs: "
                         + "; ".join(f.problems))
     return ModelSpec(**common, **kw)
+
+
+def _all_layers_fields(f: _Fields, mt: str, n_layers: int) -> dict[str, Any]:
+    """Mixtral-style: every layer is MoE, experts of ``intermediate_size``, always renormalised."""
+    return dict(moe_layers=tuple(range(n_layers)), moe_intermediate_size=f.integer("intermediate_size", hi=1 << 24),
+                norm_topk_prob=True)
 
 
 def _deepseek_fields(f: _Fields, mt: str, n_layers: int) -> dict[str, Any]:
@@ -316,8 +321,13 @@ def _deepseek_fields(f: _Fields, mt: str, n_layers: int) -> dict[str, Any]:
     )
 
 
-def _qwen_fields(f: _Fields, n_layers: int) -> dict[str, Any]:
-    """Qwen2-MoE / Qwen3-MoE / OLMoE and similar: sparse every ``decoder_sparse_step`` layers but ``mlp_only_layers``."""
+def _qwen_fields(f: _Fields, mt: str, n_layers: int, norm_default: bool = False,
+                 always_renorm: bool = False) -> dict[str, Any]:
+    """Qwen2-MoE / Qwen3-MoE / OLMoE and similar: sparse every ``decoder_sparse_step`` layers but ``mlp_only_layers``.
+
+    ``norm_topk_prob`` defaults to False (the transformers default of Qwen2-MoE, Qwen3-MoE and OLMoE configs), to
+    True for Qwen3-Next; Qwen3.5-MoE always renormalises (its config has no such field).
+    """
     step = f.integer("decoder_sparse_step", default=1, hi=100_000)
     mlp_only = f.layer_list("mlp_only_layers")
     shared_inter = f.integer("shared_expert_intermediate_size", default=0, lo=0, hi=1 << 30)
@@ -325,10 +335,56 @@ def _qwen_fields(f: _Fields, n_layers: int) -> dict[str, Any]:
         moe_layers=tuple(i for i in range(n_layers) if i not in mlp_only and (i + 1) % step == 0),
         moe_intermediate_size=f.integer("moe_intermediate_size", "intermediate_size", hi=1 << 24),
         num_shared_experts=1 if shared_inter else 0, shared_expert_intermediate_size=shared_inter,
-        # False is the transformers default for Qwen2-MoE, Qwen3-MoE and OLMoE configs
-        norm_topk_prob=f.flag("norm_topk_prob", False),
+        norm_topk_prob=True if always_renorm else f.flag("norm_topk_prob", norm_default),
     )
 
+
+def _glm4_fields(f: _Fields, mt: str, n_layers: int) -> dict[str, Any]:
+    """GLM-4.5/4.6/4.7 and GLM-4.7-Flash: DeepSeek-V3's rule (sigmoid + correction bias, groups, scaling) with no
+    ``scoring_func`` / ``topk_method`` fields; dense first layers (``mlp_layer_types`` when the config has it)."""
+    first_dense = f.integer("first_k_dense_replace", default=0, lo=0, hi=100_000)
+    inter = f.integer("moe_intermediate_size", hi=1 << 24)
+    n_shared = f.integer("n_shared_experts", default=0, lo=0, hi=1 << 16)
+    kinds = f.cfg.get("mlp_layer_types")
+    if isinstance(kinds, list) and len(kinds) == n_layers and all(k in ("dense", "sparse") for k in kinds):
+        moe_layers = tuple(i for i, k in enumerate(kinds) if k == "sparse")
+    else:
+        moe_layers = tuple(range(first_dense, n_layers))
+    return dict(
+        moe_layers=moe_layers, moe_intermediate_size=inter, num_shared_experts=n_shared,
+        shared_expert_intermediate_size=n_shared * inter, scoring_func="sigmoid",
+        norm_topk_prob=f.flag("norm_topk_prob", True), n_group=f.integer("n_group", default=1, hi=1 << 16),
+        topk_group=f.integer("topk_group", default=1, hi=1 << 16),
+        routed_scaling_factor=f.number("routed_scaling_factor", 1.0), has_correction_bias=True,
+    )
+
+
+def _minimax_m2_fields(f: _Fields, mt: str, n_layers: int) -> dict[str, Any]:
+    """MiniMax-M2: every layer MoE, sigmoid (+ correction bias with ``use_routing_bias``), always renormalised."""
+    return dict(moe_layers=tuple(range(n_layers)), moe_intermediate_size=f.integer("intermediate_size", hi=1 << 24),
+                scoring_func=f.text("scoring_func", "sigmoid"), norm_topk_prob=True,
+                has_correction_bias=f.flag("use_routing_bias", False))
+
+
+def _unsupported_fields(f: _Fields, mt: str, n_layers: int) -> dict[str, Any]:
+    """A known family whose config sgl_budget cannot describe: its engines' refusal, as a SpecError."""
+    from .families import family_of, sglang_refusal
+
+    fam = family_of(mt)
+    raise SpecError(sglang_refusal(mt) if fam is not None and fam.sglang_refusal
+                    else f"model type {mt!r}: sgl_budget cannot read this family's config yet")
+
+
+# families.Family.config -> the reader of that family's config.json fields
+_READERS: dict[str, Callable[[_Fields, str, int], dict[str, Any]]] = {
+    "qwen": _qwen_fields, "deepseek": _deepseek_fields, "all_layers": _all_layers_fields,
+    "qwen_renorm": lambda f, mt, n: _qwen_fields(f, mt, n, norm_default=True),
+    "qwen_always_renorm": lambda f, mt, n: _qwen_fields(f, mt, n, always_renorm=True),
+    "glm4": _glm4_fields, "minimax_m2": _minimax_m2_fields, "unsupported": _unsupported_fields,
+}
+
+# Model types outside families.FAMILIES whose configs still read as a spec (replay, explain), by shape.
+_UNKNOWN_FAMILY_READERS = {"minimax": "all_layers", "phimoe": "all_layers"}
 
 # Numbers from the models' published config.json files.
 PRESETS: dict[str, ModelSpec] = {

@@ -114,5 +114,5 @@ def test_unsupported_family() -> None:
                                    intermediate_size=8)
     model = transformers.AutoModelForCausalLM.from_config(cfg)
     spec_ir = compile_policy('policy "x" { }', spec_of(build("qwen3_moe")))
-    with pytest.raises(UnsupportedModel, match="'llama' is not supported"):
+    with pytest.raises(UnsupportedModel, match="'llama' is not an MoE family sgl_budget knows"):
         apply_policy(model, spec_ir)

@@ -81,7 +81,8 @@ def test_bad_policy_ends_the_launch_before_any_worker(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("cfg,message", [
-    ({**QWEN3, "model_type": "glm4_moe"}, "model type 'glm4_moe' of"),
+    ({**QWEN3, "model_type": "minimax_m2"}, "model type 'minimax_m2' (MiniMax-M2) is not supported by --moe-policy"),
+    ({**QWEN3, "model_type": "acme_moe"}, "model type 'acme_moe' is not an MoE family sgl_budget knows"),
     ({"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 8}, "not an MoE config"),
 ])
 def test_unsupported_model_is_refused_at_launch(tmp_path, cfg, message) -> None:
@@ -210,6 +211,11 @@ VARIANTS = {
     "deepseek-v3-as-built": (
         dict(scoring_func="sigmoid", norm_topk_prob=True, n_group=4, topk_group=2, routed_scaling_factor=2.5,
              has_correction_bias=True, model_type="deepseek_v3"),
+        dict(renormalize=True, use_grouped_topk=True, num_expert_group=4, topk_group=2, routed_scaling_factor=2.5)),
+    # GLM-4.5/4.6/4.7 (glm4_moe.py): DeepSeek-V3's grouped biased path, scoring_func left at its default
+    "glm4-moe-as-built": (
+        dict(scoring_func="sigmoid", norm_topk_prob=True, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+             has_correction_bias=True, model_type="glm4_moe"),
         dict(renormalize=True, use_grouped_topk=True, num_expert_group=4, topk_group=2, routed_scaling_factor=2.5)),
     "sigmoid-bias-grouped-scaled-in-topk": (
         dict(scoring_func="sigmoid", norm_topk_prob=True, n_group=4, topk_group=2, routed_scaling_factor=2.5,

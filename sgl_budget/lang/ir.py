@@ -11,8 +11,9 @@ static output width (``widths``), so routing never needs to validate anything.
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Generic, Iterable, Iterator, Literal, Sequence, TypeVar
 
 from ..errors import SourceSpan
 from ..spec import ModelSpec
@@ -281,6 +282,8 @@ class PolicyIR:
     widths: dict[int, int] = field(default_factory=dict)
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
+    _index: tuple | None = field(default=None, init=False, repr=False, compare=False)
+
     @staticmethod
     def _first(rules: tuple[Rule[T], ...], ctx: RouteContext) -> int:
         for i, r in enumerate(rules):
@@ -288,18 +291,28 @@ class PolicyIR:
                 return i
         return -1
 
+    def rules_by_kind(self) -> tuple[tuple[Rule, ...], ...]:
+        """The budget/layers/tokens/reroute/piggyback rules, in :data:`Match` order."""
+        return (self.budget_rules, self.layer_rules, self.token_rules, self.reroute_rules, self.piggyback_rules)
+
+    def rule_index(self) -> "RuleIndex":
+        """The first-match index of the current rules (built once; rebuilt if a rule tuple is replaced)."""
+        kinds = self.rules_by_kind()
+        got = self._index
+        if got is None or any(a is not b for a, b in zip(got[0], kinds)):
+            got = self._index = (kinds, RuleIndex([[r.condition for r in rs] for rs in kinds]))
+        return got[1]
+
     def match(self, ctx: RouteContext) -> Match:
         """Indices of the first matching budget/layers/tokens/reroute/piggyback rules (-1: none)."""
-        return (
-            self._first(self.budget_rules, ctx),
-            self._first(self.layer_rules, ctx),
-            self._first(self.token_rules, ctx),
-            self._first(self.reroute_rules, ctx),
-            self._first(self.piggyback_rules, ctx),
-        )
+        b, l, t, r, p = self.budget_rules, self.layer_rules, self.token_rules, self.reroute_rules, self.piggyback_rules
+        if len(b) + len(l) + len(t) + len(r) + len(p) > _SCAN_RULES:
+            return self.rule_index().match(ctx)
+        # a handful of rules (the common case): trying them in order is cheapest
+        return self._first(b, ctx), self._first(l, ctx), self._first(t, ctx), self._first(r, ctx), self._first(p, ctx)
 
     def budget(self, ctx: RouteContext) -> Budget | None:
-        i = self._first(self.budget_rules, ctx)
+        i = self.match(ctx)[0]
         return self.budget_rules[i].value if i >= 0 else None
 
     def plans(self, ctx: RouteContext) -> dict[int, LayerPlan]:
@@ -353,26 +366,29 @@ class PolicyIR:
         return [r.condition for r in rules]
 
 
+def _points(intervals: Iterable[Interval]) -> list[int]:
+    """Representative values of one quantity: 1, c-1, c, c+1 around every bound c, and one past the largest."""
+    cuts = {1}
+    for iv in intervals:
+        for c in (iv.lo, iv.hi):
+            if c is not None:
+                cuts.update({c - 1, c, c + 1})
+    top = max(cuts)
+    cuts.add(top + 1)
+    return sorted(c for c in cuts if c >= 1)
+
+
 def representative_contexts(conditions: "list[Condition]") -> list[RouteContext]:
     """One context per region where every condition's truth value is constant.
 
     Conditions are unions of phase x batch-interval x token-interval boxes, so
     the points 1, c-1, c, c+1 around every bound c (and one past the largest)
-    hit every region. Used to find rules that never apply, to check budgets for
-    every reachable combination, and by ``sgl-budget explain``.
+    hit every region. Used by ``sgl-budget explain``; the checker uses
+    :func:`context_matches`, which computes the same matches without
+    enumerating every (batch, tokens) pair.
     """
-    def points(intervals: list[Interval]) -> list[int]:
-        cuts = {1}
-        for iv in intervals:
-            for c in (iv.lo, iv.hi):
-                if c is not None:
-                    cuts.update({c - 1, c, c + 1})
-        top = max(cuts)
-        cuts.add(top + 1)
-        return sorted(c for c in cuts if c >= 1)
-
-    batches = points([c.batch for c in conditions])
-    tokens = points([c.tokens for c in conditions])
+    batches = _points(c.batch for c in conditions)
+    tokens = _points(c.tokens for c in conditions)
     out = []
     # decode: every sequence contributes exactly one token, so T == batch size
     for b in sorted(set(batches) | set(tokens)):
@@ -383,3 +399,226 @@ def representative_contexts(conditions: "list[Condition]") -> list[RouteContext]
             if t >= b:
                 out.append(RouteContext(phase="prefill", batch_size=b, num_tokens=t))
     return out
+
+
+# -- first match without scanning every rule -------------------------------------------------------------
+
+_SCAN_RULES = 8  # PolicyIR.match scans policies with at most this many rules (the common case) directly
+_NO_RULE = 1 << 62  # "no rule of this kind holds": above every rule index
+_ANY = Interval()
+
+
+def _starts(intervals: Iterable[Interval]) -> list[int]:
+    """Sorted starts of the elementary regions the intervals' bounds cut the integers into: every
+    interval is a union of whole regions, so each interval's truth is constant on a region."""
+    out = {1}
+    for iv in intervals:
+        if not iv.empty:
+            out.add(iv.lo)
+            if iv.hi is not None:
+                out.add(iv.hi + 1)
+    return sorted(out)
+
+
+def _paint(starts: list[int], rules: list[tuple[int, Interval]]) -> list[int]:
+    """Per region of ``starts``, the smallest rule index whose interval covers it (``_NO_RULE``: none).
+
+    ``rules`` come in increasing index order, and each region is painted by the first rule that
+    covers it and then skipped (next-unpainted pointers with path compression): O((n + regions) log n)
+    however the intervals overlap.
+    """
+    best = [_NO_RULE] * len(starts)
+    nxt = list(range(len(starts) + 1))  # nxt[r]: the next region >= r that may be unpainted
+
+    def find(r: int) -> int:
+        root = r
+        while nxt[root] != root:
+            root = nxt[root]
+        while r != root:
+            nxt[r], r = root, nxt[r]
+        return root
+
+    for i, iv in rules:
+        if iv.empty:
+            continue
+        end = len(starts) if iv.hi is None else bisect_left(starts, iv.hi + 1)
+        r = find(bisect_left(starts, iv.lo))
+        while r < end:
+            best[r] = i
+            nxt[r] = r + 1
+            r = find(r + 1)
+    return best
+
+
+class _PhaseIndex:
+    """First-match tables for the rules that can hold in one phase.
+
+    The batch and token axes are cut into elementary regions by the bounds of every such rule, so a
+    context's (batch region, token region) -- its *cell* -- decides the truth of every condition. Per
+    kind, a rule bounded in one quantity only is folded into a per-region table of the smallest
+    index that holds there (``a``: batch-only and unconditional rules, ``c``: token-only rules); the
+    few rules bounded in both are checked in order, only while their index is below the tables'.
+    """
+
+    __slots__ = ("bstarts", "tstarts", "a", "c", "both")
+
+    def __init__(self, kinds: Sequence[Sequence[Condition]], phase: str | None) -> None:
+        rules = [[(i, c) for i, c in enumerate(conds) if c.phase is None or c.phase == phase] for conds in kinds]
+        self.bstarts = _starts(c.batch for rs in rules for _, c in rs)
+        self.tstarts = _starts(c.tokens for rs in rules for _, c in rs)
+        self.a = [_paint(self.bstarts, [(i, c.batch) for i, c in rs if c.tokens == _ANY]) for rs in rules]
+        self.c = [_paint(self.tstarts, [(i, c.tokens) for i, c in rs if c.batch == _ANY and c.tokens != _ANY])
+                  for rs in rules]
+        self.both = [tuple((i, c.batch, c.tokens) for i, c in rs if c.batch != _ANY and c.tokens != _ANY)
+                     for rs in rules]
+
+    def cell(self, b: int, t: int) -> tuple[int, int]:
+        return bisect_right(self.bstarts, b) - 1, bisect_right(self.tstarts, t) - 1
+
+    def at(self, rb: int, rt: int, b: int, t: int) -> Match:
+        """The match at (b, t), whose cell is (rb, rt)."""
+        out = []
+        for a, c, both in zip(self.a, self.c, self.both):
+            m, x = a[rb], c[rt]
+            if x < m:
+                m = x
+            for i, bi, ti in both:
+                if i >= m:
+                    break
+                if bi.contains(b) and ti.contains(t):
+                    m = i
+                    break
+            out.append(m if m != _NO_RULE else -1)
+        return tuple(out)  # type: ignore[return-value]
+
+
+class RuleIndex:
+    """First matching rule of every kind for any context, in O(log n) per kind instead of a scan of
+    every rule (plus the rules bounded in both batch and tokens that come before the answer).
+
+    Same answer as trying each kind's rules in order (:meth:`PolicyIR._first`).
+    """
+
+    def __init__(self, kinds: Sequence[Sequence[Condition]]) -> None:
+        self.kinds = [list(conds) for conds in kinds]
+        self._phases: dict[str | None, _PhaseIndex] = {}
+
+    def phase(self, phase: str | None) -> _PhaseIndex:
+        got = self._phases.get(phase)
+        if got is None:
+            got = self._phases[phase] = _PhaseIndex(self.kinds, phase)
+        return got
+
+    def match(self, ctx: RouteContext) -> Match:
+        idx = self.phase(ctx.phase if ctx.phase in PHASES else None)
+        b, t = ctx.batch_size, ctx.tokens
+        rb, rt = idx.cell(b, t)
+        return idx.at(rb, rt, b, t)
+
+
+@dataclass
+class ContextMatches:
+    """The match of every representative context (:func:`representative_contexts`), one context per cell.
+
+    Representative contexts in the same cell (same phase, and the same elementary batch and token
+    regions of that phase's rules) agree on every condition and so on their match; only each cell's
+    first context, in representative order, is kept. So every combination keeps the first context that
+    selects it, and a rule's condition holds at a kept context exactly when it holds at a representative
+    one. Kept: ``decode`` as (batch == tokens, match) by batch; ``prefill`` as rows (batch, token counts
+    ascending, their matches) by batch.
+    """
+
+    decode: list[tuple[int, Match]]
+    prefill: list[tuple[int, list[int], list[Match]]]
+
+    def items(self) -> Iterator[tuple[RouteContext, Match]]:
+        """The kept contexts and their matches, in representative order."""
+        for b, m in self.decode:
+            yield RouteContext(phase="decode", batch_size=b, num_tokens=b), m
+        for b, ts, ms in self.prefill:
+            for t, m in zip(ts, ms):
+                yield RouteContext(phase="prefill", batch_size=b, num_tokens=t), m
+
+    def combinations(self) -> set[Match]:
+        """Every combination some context selects."""
+        return {m for _, m in self.decode} | {m for _, _, ms in self.prefill for m in ms}
+
+    def first(self) -> dict[Match, RouteContext]:
+        """Every combination some context selects, with the first representative context that selects it."""
+        out: dict[Match, RouteContext] = {}
+        for b, m in self.decode:
+            if m not in out:
+                out[m] = RouteContext(phase="decode", batch_size=b, num_tokens=b)
+        for b, ts, ms in self.prefill:
+            for t, m in zip(ts, ms):
+                if m not in out:
+                    out[m] = RouteContext(phase="prefill", batch_size=b, num_tokens=t)
+        return out
+
+    def where(self, cond: Condition) -> Iterator[tuple[RouteContext, Match]]:
+        """The kept contexts where ``cond`` -- one of the conditions these matches were computed for --
+        holds, in representative order (found by bisection, not by testing every context)."""
+        if cond.batch.empty or cond.tokens.empty:
+            return
+        if cond.phase in (None, "decode"):
+            both = cond.batch.intersect(cond.tokens)
+            if not both.empty:
+                bs = [b for b, _ in self.decode]
+                hi = len(bs) if both.hi is None else bisect_right(bs, both.hi)
+                for j in range(bisect_left(bs, both.lo), hi):
+                    b, m = self.decode[j]
+                    yield RouteContext(phase="decode", batch_size=b, num_tokens=b), m
+        if cond.phase in (None, "prefill"):
+            rows = [b for b, _, _ in self.prefill]
+            hi = len(rows) if cond.batch.hi is None else bisect_right(rows, cond.batch.hi)
+            for j in range(bisect_left(rows, cond.batch.lo), hi):
+                b, ts, ms = self.prefill[j]
+                thi = len(ts) if cond.tokens.hi is None else bisect_right(ts, cond.tokens.hi)
+                for k in range(bisect_left(ts, cond.tokens.lo), thi):
+                    yield RouteContext(phase="prefill", batch_size=b, num_tokens=ts[k]), ms[k]
+
+
+def context_matches(ir: "PolicyIR") -> ContextMatches:
+    """The matches of the representative contexts of ``ir``'s conditions, one context per cell.
+
+    Near-linear in the number of rules: each kept context costs O(log n) (:class:`RuleIndex`), a
+    prefill batch region is scanned once (a later batch of the same region reaches no cell its first
+    batch does not: for a token region [u, v] that a later batch reaches, the first batch b1 reaches u
+    if u >= b1 and b1 itself otherwise), and within a row one token count per token region is kept.
+    Only policies that bound prefill by both batch and tokens (in different blocks or in one) have
+    more kept contexts than rules -- a row per batch region -- as many as they have cells.
+    """
+    conditions = ir.conditions()
+    batches = _points(c.batch for c in conditions)
+    tokens = _points(c.tokens for c in conditions)
+    index = ir.rule_index()
+
+    decode: list[tuple[int, Match]] = []
+    idx, last = index.phase("decode"), None
+    for b in sorted(set(batches) | set(tokens)):
+        cell = idx.cell(b, b)
+        if cell != last:
+            decode.append((b, idx.at(*cell, b, b)))
+            last = cell
+
+    prefill: list[tuple[int, list[int], list[Match]]] = []
+    idx, last_rb = index.phase("prefill"), None
+    tcells = [bisect_right(idx.tstarts, t) - 1 for t in tokens]
+    for b in batches:
+        rb = bisect_right(idx.bstarts, b) - 1
+        if rb == last_rb:
+            continue  # same batch region as the previous row: it reaches only cells that row reached
+        last_rb = rb
+        ts: list[int] = []
+        ms: list[Match] = []
+        j = bisect_left(tokens, b)
+        row = []
+        row += zip(tokens[j:], tcells[j:])
+        last_rt = None
+        for t, rt in row:
+            if rt != last_rt:
+                ts.append(t)
+                ms.append(idx.at(rb, rt, b, t))
+                last_rt = rt
+        prefill.append((b, ts, ms))
+    return ContextMatches(decode, prefill)

@@ -35,6 +35,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from ..families import family_of
 from ..spec import ModelSpec
 
 NEG_INF = float("-inf")
@@ -213,9 +214,13 @@ def gate_probs(spec: ModelSpec, router_logits: Tensor, correction_bias: Tensor |
 def renorm_epsilon(spec: ModelSpec) -> float:
     """The term the family's reference adds to the renormalisation denominator.
 
-    DeepSeek's modelling code adds 1e-20; Mixtral / Qwen / OLMoE add nothing.
+    The family's record says (:mod:`sgl_budget.families`: DeepSeek's modelling code adds 1e-20, Mixtral / Qwen /
+    OLMoE nothing); a spec of no known family adds 1e-20 when it selects with a correction bias (DeepSeek-V3 style).
     """
-    return 1e-20 if spec.model_type.startswith("deepseek") or spec.has_correction_bias else 0.0
+    fam = family_of(spec.model_type)
+    if fam is not None:
+        return fam.renorm_eps
+    return 1e-20 if spec.has_correction_bias else 0.0
 
 
 def finalize_weights(spec: ModelSpec, raw: Tensor, valid: Tensor | None, conv: Conventions = REFERENCE) -> Tensor:

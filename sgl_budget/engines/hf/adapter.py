@@ -29,18 +29,9 @@ from torch import Tensor, nn
 from ...lang.ir import PolicyIR, RouteContext
 from ...lang.policy_set import PolicySet
 from ...routing import Conventions, LayerRouter, MixedRouter, RouteOutput
+from ...families import FAMILIES, HfFacts, hf_refusal
 from ...spec import ModelSpec
 from .experts import IMPLEMENTATION as DENSE_EXPERTS
-
-# model_type -> (router logits computed in float32, weights cast back to the logits dtype, sorted top-k)
-FAMILIES = {
-    "qwen2_moe": (False, True, True),
-    "qwen3_moe": (False, True, True),
-    "olmoe": (False, True, True),
-    "mixtral": (False, False, True),
-    "deepseek_v2": (True, False, False),
-    "deepseek_v3": (True, False, False),
-}
 
 PADDING_SAFE = ("eager", DENSE_EXPERTS)  # experts implementations that skip the padding index
 
@@ -147,19 +138,27 @@ class PolicyMixHandle(PolicyHandle):
 def _check_model(model: nn.Module, spec: ModelSpec) -> tuple[dict[int, nn.Module], Conventions]:
     """The model's MoE blocks and its family's routing conventions (UnsupportedModel if unknown)."""
     mt = model.config.model_type
-    if mt not in FAMILIES:
-        raise UnsupportedModel(f"model type {mt!r} is not supported by the transformers adapter "
-                               f"(supported: {', '.join(FAMILIES)})")
+    refusal = hf_refusal(mt)
+    if refusal:
+        raise UnsupportedModel(refusal)
     blocks = moe_blocks(model)
     if sorted(blocks) != list(spec.moe_layers):
         raise UnsupportedModel(f"the model's MoE layers {sorted(blocks)} differ from the spec's {list(spec.moe_layers)}")
-    return blocks, Conventions(sorted_selection=FAMILIES[mt][2])
+    return blocks, Conventions(sorted_selection=hf_facts(mt).sorted_selection)
+
+
+def hf_facts(model_type: str) -> HfFacts:
+    """The family's transformers router facts (:mod:`sgl_budget.families`); only for families the adapter takes."""
+    facts = FAMILIES[model_type].hf
+    assert facts is not None
+    return facts
 
 
 def _install(handle: PolicyHandle, blocks: dict[int, nn.Module], spec: ModelSpec, pads: bool) -> PolicyHandle:
     """Hook every MoE block's gate of ``handle.model`` to route with :meth:`PolicyHandle.route`."""
     model = handle.model
-    logits_fp32, cast_back, _ = FAMILIES[model.config.model_type]
+    facts = hf_facts(model.config.model_type)
+    logits_fp32, cast_back = facts.logits_fp32, facts.cast_back
     # transformers' grouped_mm / batched_mm experts mishandle the padding index on CPU (NaN rows were seen
     # with 5.19's fallback); a policy that pads runs the eager experts, which skip it. Own-k policies keep
     # whatever the model uses, so they stay bit-exact. sgl-budget's dense experts (experts.py) skip it too.

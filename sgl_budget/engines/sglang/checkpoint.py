@@ -6,9 +6,11 @@ import json
 import struct
 from pathlib import Path
 
+from ...families import FAMILY_LIST
+
 # SGLang 0.5.23 model classes that always build their own output layer and never tie it to the input
-# embedding (srt/models/<type>.py); deepseek_v2 / qwen2 / qwen3 dense do tie.
-NEVER_TIED = ("qwen2_moe", "qwen3_moe", "mixtral", "olmoe")
+# embedding (srt/models/<type>.py; the families' sglang_never_ties); deepseek_v2 / qwen2 / qwen3 dense do tie.
+NEVER_TIED = tuple(f.model_type for f in FAMILY_LIST if f.sglang_never_ties)
 MAX_HEADER = 100 * 2**20
 
 

@@ -170,4 +170,13 @@ def register_worker_hooks() -> bool:
 
     HookRegistry.register("sglang.srt.distributed.parallel_state.init_model_parallel_group", no_pynccl_on_cpu,
                           HookType.AROUND)
+    from . import native_moe  # under --ep-size, SGLang's dispatcher writes -1 for other ranks' experts, which
+
+    native_moe.register()  # its native MoE (the CPU path without AMX) cannot index: skip -1 there
+    from . import cpu_qwen2  # Qwen2-MoE's shared-expert gate is a Triton kernel on every backend: torch on CPU
+
+    cpu_qwen2.register()
+    from . import cpu_mla  # DeepSeek MLA's MHA prefill on the torch-native backend (attends over the given K/V)
+
+    cpu_mla.register()
     return True

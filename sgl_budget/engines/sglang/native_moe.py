@@ -1,5 +1,5 @@
 """SGLang's torch-native MoE forward (``moe_forward_native``, the CPU engine's MoE path without AMX) taught to
-skip padded slots (id -1), so a policy that routes fewer experts computes fewer.
+skip id -1, so a policy that routes fewer experts computes fewer, and expert parallelism works on CPU.
 
 ``moe_forward_native`` indexes expert weights by id, so without this a padded slot needs a real
 expert with weight 0 — which the CPU still computes: at batch 1, uniform top-4 of top-8 then ran
@@ -8,6 +8,15 @@ expert with weight 0 — which the CPU still computes: at batch 1, uniform top-4
 SGLang's own function on a compacted problem: every kept slot becomes a one-slot row, so the
 expert math (activation, biases, dtype handling) is SGLang's, unchanged. Inputs without -1 go
 to SGLang's function untouched (bit-for-bit stock).
+
+Expert parallelism (``--ep-size N``): SGLang's ``StandardDispatcher.dispatch`` maps the global ids
+to this rank's local ones (``local_expert_mapping``: experts ``[r*E/N, (r+1)*E/N)`` become
+``0..E/N-1``, every other expert -1, a -1 stays -1), each rank computes its own experts and the
+model all-reduces the partial sums. ``moe_forward_native`` cannot take that -1 (its ``scatter_``
+raises "index -1 is out of bounds"), so stock SGLang 0.5.23 fails under EP on CPU; in a CPU-mode
+worker (:func:`.cpu.register_worker_hooks`) this hook is registered for every launch, with or
+without a policy. A rank none of whose (token, expert) pairs is local — common under EP at small
+batches, more so with a policy — contributes exact zeros.
 """
 
 from __future__ import annotations
@@ -21,16 +30,18 @@ _registered = False  # this process's moe_forward_native skips -1 (set by regist
 def moe_forward_skip_padding(original, layer, x, topk_output, moe_runner_config, *args, **kwargs):
     topk_weights, topk_ids, router_logits = topk_output
     keep = topk_ids >= 0
-    if bool(keep.all()):  # CPU path: a host read is free
-        return original(layer, x, topk_output, moe_runner_config, *args, **kwargs)
     tokens, width = topk_ids.shape
+    if tokens and bool(keep.all()):  # CPU path: a host read is free
+        return original(layer, x, topk_output, moe_runner_config, *args, **kwargs)
     slots = torch.nonzero(keep.reshape(-1)).squeeze(1)
+    if slots.numel() == 0:  # no local pair on this rank (EP), or no tokens: SGLang's function cannot take an
+        return x.new_zeros(tokens, x.shape[-1])  # empty problem ("cannot reshape tensor of 0 elements")
     compact = type(topk_output)(torch.ones(slots.numel(), 1, dtype=topk_weights.dtype, device=x.device),
                                 topk_ids.reshape(-1)[slots].unsqueeze(1), router_logits)
     per_slot = original(layer, x[slots // width], compact, moe_runner_config, *args, **kwargs)  # [kept, H]
     out = x.new_zeros(tokens * width, x.shape[-1])
     out[slots] = per_slot
-    # combine exactly as moe_forward_native does (a padded slot adds an exact 0)
+    # combine exactly as moe_forward_native does (a padded or non-local slot adds an exact 0)
     return (out.view(tokens, width, -1).type(topk_weights.dtype).mul_(topk_weights.unsqueeze(-1)).sum(dim=1)
             .type(x.dtype))
 
@@ -45,8 +56,11 @@ def native_path_skips_minus_one() -> bool:
 
 
 def register() -> None:
-    """Install the hook in this process (the plugin does, in every worker that routes with a policy)."""
+    """Install the hook in this process, once (CPU-mode workers always; the plugin in every worker that routes
+    with a policy)."""
     global _registered
+    if _registered:
+        return
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     HookRegistry.register(TARGET, moe_forward_skip_padding, HookType.AROUND)

@@ -17,6 +17,12 @@ SGLang itself writes -1 into padded rows) and on the CPU engine's native MoE pat
 (taught to skip them, :mod:`.native_moe`); on CUDA's torch-native path, HIP and CPU
 AMX kernels they hold a distinct expert the token does not use, with weight 0,
 because those paths index expert weights with the ids.
+
+Under expert parallelism (``--ep-size``) the ids written here stay global (and identical on every
+rank: the router logits and the batch are): SGLang's ``StandardDispatcher`` maps them to the rank's
+local experts afterwards (a -1 stays -1, other ranks' experts become -1, with their weights kept),
+each rank computes its own pairs and the model all-reduces the partial sums — so a padded slot,
+-1 or a weight-0 filler, adds exactly 0 on whichever rank holds it.
 """
 
 from __future__ import annotations

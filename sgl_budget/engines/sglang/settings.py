@@ -27,6 +27,7 @@ from ...errors import PolicyError  # noqa: F401  (re-exported: callers catch it 
 from ...lang.limits import load_for_engine
 from ...lang.ir import PolicyIR
 from ...lang.policy_set import PolicySet, load_policy_set
+from ...families import sglang_refusal
 from ...spec import ModelSpec, SpecError
 
 ENV_POLICY = "SGLBUDGET_MOE_POLICY"
@@ -38,8 +39,6 @@ ENV_RECORD_MAX = "SGLBUDGET_RECORD_MAX_TOKENS"
 ENV_RECORD_ALL_RANKS = "SGLBUDGET_RECORD_ALL_RANKS"  # "1": every TP rank records (to compare ranks), not rank 0 only
 DEFAULT_RECORD_MAX_TOKENS = 65536
 DEFAULT_LOG_INTERVAL = 30.0
-# Model families whose SGLang MoE blocks route through TopK with the rules ModelSpec describes.
-SUPPORTED_MODEL_TYPES = ("qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "mixtral", "olmoe")
 
 
 @dataclass(frozen=True)
@@ -105,9 +104,9 @@ def spec_from_env() -> ModelSpec | None:
 def model_spec_for(model_path: str, trust_remote_code: bool = False, revision: str | None = None) -> ModelSpec:
     """The spec of the model SGLang will load (its ``config.json`` or AutoConfig); unsupported families are refused."""
     spec = _read_spec(model_path, trust_remote_code, revision)
-    if spec.model_type not in SUPPORTED_MODEL_TYPES:
-        raise SpecError(f"model type {spec.model_type!r} of {model_path} is not supported by --moe-policy yet "
-                        f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    refusal = sglang_refusal(spec.model_type)  # the same function `sgl-budget check` asks
+    if refusal:
+        raise SpecError(f"{model_path}: {refusal}")
     return spec
 
 

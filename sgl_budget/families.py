@@ -1,0 +1,183 @@
+"""MoE model families: one record per ``model_type``, the single source of truth every tool reads.
+
+What tells one MoE family from another for routing is a handful of facts — how its
+config.json names things, its scoring rule, the epsilon its reference code adds when it
+renormalises, how its transformers router computes, whether SGLang serves it through
+``select_experts`` — and whether each engine supports it at all. They live here, once:
+the spec reader (:mod:`sgl_budget.spec`), the scoring rule (:mod:`sgl_budget.routing.scoring`),
+``sgl-budget check``, the SGLang launch check and the transformers adapter all read these
+records, so no two tools can disagree about a family. Adding a family is adding a row here
+(and its tests: ``tests/test_families.py`` and the end-to-end family servers).
+
+Nothing here imports an engine or torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+ConfigReader = Literal["qwen", "qwen_renorm", "qwen_always_renorm", "deepseek", "all_layers", "glm4", "minimax_m2",
+                       "unsupported"]
+CpuStatus = Literal["served", "in-process", "no"]
+
+
+@dataclass(frozen=True)
+class HfFacts:
+    """How the family's transformers 5.19 router computes (so the adapter reproduces it bit for bit)."""
+
+    logits_fp32: bool = False  # router logits computed in float32 (DeepSeek-V3-style routers)
+    cast_back: bool = True  # routing weights cast back to the logits' dtype before the experts
+    sorted_selection: bool = True  # torch.topk(sorted=True) in the plain top-k selection
+    softmax_over_selected: bool = False  # weights = softmax of the chosen experts' logits (GPT-OSS)
+
+
+@dataclass(frozen=True)
+class Family:
+    """The routing facts of one MoE family (one ``model_type``) and what each engine does with it."""
+
+    model_type: str
+    label: str  # what users call it
+    examples: tuple[str, ...]  # public checkpoints of this family
+    config: ConfigReader  # which config.json reader builds its ModelSpec (sgl_budget.spec)
+    renorm_eps: float = 0.0  # what the family's reference code adds to the renormalisation denominator
+    hf: HfFacts | None = HfFacts()  # None: the transformers adapter refuses it (hf_refusal says why)
+    hf_refusal: str = ""
+    sglang_refusal: str = ""  # non-empty: --moe-policy (and `check`) refuse this family, for this reason
+    sglang_never_ties: bool = False  # SGLang's class never ties lm_head to embed_tokens (checkpoint warning)
+    cpu: CpuStatus = "served"  # served end to end on CPU in CI | tested through SGLang's class in-process | no
+    cpu_note: str = ""  # what CPU serving needs or why it is not served on CPU
+    notes: str = ""
+
+    @property
+    def sglang_ok(self) -> bool:
+        return not self.sglang_refusal
+
+    @property
+    def hf_ok(self) -> bool:
+        return self.hf is not None
+
+
+_MLA_ON_CPU = "CPU serving supplies a pure-torch MLA attention path (SGLang's torch-native backend fails on MLA)"
+_SAME_AS_QWEN2 = ("its MoE block is SGLang's Qwen2MoeSparseMoeBlock (served end to end through qwen2_moe); its "
+                  "Gated DeltaNet attention has no CPU path in SGLang 0.5.23 without the CPU build of sgl_kernel")
+_NOT_READ = "sgl_budget does not read this family's config yet"
+
+FAMILY_LIST: tuple[Family, ...] = (
+    Family("qwen3_moe", "Qwen3-MoE", ("Qwen/Qwen3-30B-A3B", "Qwen/Qwen3-235B-A22B"), "qwen",
+           sglang_never_ties=True),
+    Family("qwen2_moe", "Qwen2-MoE / Qwen1.5-MoE", ("Qwen/Qwen1.5-MoE-A2.7B", "Qwen/Qwen2-57B-A14B"), "qwen",
+           sglang_never_ties=True,
+           cpu_note="SGLang's shared-expert gate is a Triton kernel; CPU serving supplies a pure-torch stand-in"),
+    Family("qwen3_next", "Qwen3-Next", ("Qwen/Qwen3-Next-80B-A3B-Instruct",), "qwen_renorm", cpu="no",
+           cpu_note=_SAME_AS_QWEN2),
+    Family("qwen3_5_moe", "Qwen3.5-MoE", ("Qwen/Qwen3.5-397B-A17B", "Qwen/Qwen3.6-35B-A3B"), "qwen_always_renorm",
+           cpu="no", cpu_note=_SAME_AS_QWEN2,
+           notes="the multimodal config's text_config has model_type qwen3_5_moe_text (its own row)"),
+    Family("qwen3_5_moe_text", "Qwen3.5-MoE (text model)", ("Qwen/Qwen3.5-397B-A17B",), "qwen_always_renorm",
+           cpu="no", cpu_note=_SAME_AS_QWEN2),
+    Family("olmoe", "OLMoE", ("allenai/OLMoE-1B-7B-0924",), "qwen", sglang_never_ties=True),
+    Family("mixtral", "Mixtral", ("mistralai/Mixtral-8x7B-v0.1", "mistralai/Mixtral-8x22B-v0.1"), "all_layers",
+           hf=HfFacts(cast_back=False), sglang_never_ties=True),
+    Family("deepseek_v2", "DeepSeek-V2", ("deepseek-ai/DeepSeek-V2-Lite", "deepseek-ai/DeepSeek-V2.5"), "deepseek",
+           renorm_eps=1e-20, hf=HfFacts(logits_fp32=True, cast_back=False, sorted_selection=False),
+           cpu_note=_MLA_ON_CPU),
+    Family("deepseek_v3", "DeepSeek-V3 / R1", ("deepseek-ai/DeepSeek-V3", "deepseek-ai/DeepSeek-R1"), "deepseek",
+           renorm_eps=1e-20, hf=HfFacts(logits_fp32=True, cast_back=False, sorted_selection=False),
+           cpu_note=_MLA_ON_CPU),
+    Family("kimi_k2", "Kimi K2", ("moonshotai/Kimi-K2-Instruct", "moonshotai/Kimi-K2-Thinking"), "deepseek",
+           renorm_eps=1e-20, hf=None,
+           hf_refusal="transformers 5.19 has no kimi_k2 class (Kimi K2 is DeepSeek-V3's architecture: load it as "
+                      "deepseek_v3)", cpu="no",
+           cpu_note="SGLang serves it with its DeepseekV3ForCausalLM (the deepseek_v3 row's end-to-end test serves "
+                    "that class); its config needs trust_remote_code"),
+    Family("glm4_moe", "GLM-4.5 / 4.6 / 4.7", ("zai-org/GLM-4.5", "zai-org/GLM-4.5-Air", "zai-org/GLM-4.6"), "glm4",
+           renorm_eps=1e-20, hf=HfFacts(logits_fp32=True, cast_back=False, sorted_selection=False)),
+    Family("glm4_moe_lite", "GLM-4.7-Flash", ("zai-org/GLM-4.7-Flash",), "glm4", renorm_eps=1e-20,
+           hf=HfFacts(logits_fp32=True, cast_back=False, sorted_selection=False), cpu_note=_MLA_ON_CPU),
+    Family("gpt_oss", "GPT-OSS", ("openai/gpt-oss-20b", "openai/gpt-oss-120b"), "all_layers", hf=None,
+           hf_refusal="its router (mlp.router) weights a softmax over the chosen logits and its experts do not skip "
+                      "a padded slot; the adapter does not handle either yet",
+           sglang_refusal="SGLang 0.5.23 routes GPT-OSS inside its triton_kernels MoE runner (select_experts is never "
+                          "called) unless --moe-runner-backend triton, and its CPU engine cannot run GPT-OSS "
+                          "attention, so no sgl_budget test has served it yet", cpu="no",
+           cpu_note="SGLang refuses the torch-native attention backend for GPT-OSS"),
+    Family("minimax_m2", "MiniMax-M2", ("MiniMaxAI/MiniMax-M2",), "minimax_m2", hf=None,
+           hf_refusal="its transformers router takes (hidden states, correction bias) from the block; the adapter "
+                      "does not hook that signature yet",
+           sglang_refusal="its QK-norm is a CUDA-only Triton kernel in SGLang 0.5.23, so it cannot be served on CPU "
+                          "and no sgl_budget test has served it yet", cpu="no",
+           cpu_note="Triton-only QK-norm (assert x.is_cuda)"),
+    Family("ernie4_5_moe", "ERNIE-4.5-MoE", ("baidu/ERNIE-4.5-21B-A3B-PT", "baidu/ERNIE-4.5-300B-A47B-PT"),
+           "unsupported", hf=None, hf_refusal=_NOT_READ,
+           sglang_refusal="it scores with softmax plus a correction bias, which SGLang 0.5.23's CUDA top-k drops (so "
+                          "stock routing on GPU differs from the model's rule), and it renormalises with a clamp",
+           cpu="no"),
+    Family("hunyuan_v1_moe", "Hunyuan-A13B", ("tencent/Hunyuan-A13B-Instruct",), "unsupported", hf=None,
+           hf_refusal=_NOT_READ,
+           sglang_refusal="its config gives per-layer lists (moe_topk, moe_intermediate_size, num_shared_expert) "
+                          "that sgl_budget's model spec does not read yet", cpu="no"),
+    Family("bailing_moe", "Ling (Bailing-MoE)", ("inclusionAI/Ling-mini-2.0", "inclusionAI/Ling-flash-2.0"),
+           "unsupported", hf=None, hf_refusal="transformers 5.19 has no Bailing-MoE class (remote code only)",
+           sglang_refusal="SGLang 0.5.23's CPU path never applies its routed scaling factor and transformers has no "
+                          "class to compare with, so sgl_budget cannot verify it yet", cpu="no"),
+    Family("llama4", "Llama 4", ("meta-llama/Llama-4-Scout-17B-16E", "meta-llama/Llama-4-Maverick-17B-128E"),
+           "unsupported", hf=None,
+           hf_refusal="top-1 routing whose weight scales the expert's input; nothing for a budget to reduce",
+           sglang_refusal="top-1 routing (one expert per token, its sigmoid weight applied to the input through a "
+                          "custom routing function): a budget has no expert slots to reduce", cpu="no"),
+    Family("gemma4", "Gemma 4 (MoE)", ("google/gemma-4-26b-a4b",), "unsupported", hf=None, hf_refusal=_NOT_READ,
+           sglang_refusal="its router multiplies a learned per-expert scale in after renormalising and sits on the "
+                          "decoder layer; sgl_budget's routing rule does not model that yet", cpu="no"),
+    Family("deepseek_v4", "DeepSeek-V4", ("deepseek-ai/DeepSeek-V4-Flash",), "unsupported", hf=None,
+           hf_refusal=_NOT_READ,
+           sglang_refusal="it scores with sqrt-softplus and routes its first layers by a token-id hash (HashTopK, "
+                          "which never calls select_experts)", cpu="no"),
+    Family("kimi_linear", "Kimi Linear / K3", ("moonshotai/Kimi-Linear-48B-A3B-Instruct",), "unsupported", hf=None,
+           hf_refusal=_NOT_READ,
+           sglang_refusal="its config names the routing fields differently (num_experts_per_token, moe_renormalize, "
+                          "num_expert_group) and its linear attention has no CPU path to test it on", cpu="no"),
+)
+
+FAMILIES: dict[str, Family] = {f.model_type: f for f in FAMILY_LIST}
+
+
+# the text model's model_type inside a multimodal config (its text_config) -> the family's row
+ALIASES = {"llama4_text": "llama4", "gemma4_text": "gemma4", "kimi_k25": "kimi_k2"}
+
+
+def family_of(model_type: str) -> Family | None:
+    """The family record of ``model_type`` (None: not a family sgl_budget knows)."""
+    return FAMILIES.get(ALIASES.get(model_type, model_type))
+
+
+def known_types() -> str:
+    return ", ".join(FAMILIES)
+
+
+def sglang_refusal(model_type: str) -> str | None:
+    """Why ``--moe-policy`` cannot serve this model type (None: it can). The server's launch check and
+    ``sgl-budget check`` both call this, so they agree on every family."""
+    fam = family_of(model_type)
+    if fam is None:
+        return (f"model type {model_type!r} is not an MoE family sgl_budget knows "
+                f"(known: {known_types()})")
+    if fam.sglang_refusal:
+        return f"model type {model_type!r} ({fam.label}) is not supported by --moe-policy: {fam.sglang_refusal}"
+    return None
+
+
+def hf_refusal(model_type: str) -> str | None:
+    """Why the transformers adapter cannot route this model type (None: it can)."""
+    fam = family_of(model_type)
+    if fam is None:
+        return (f"model type {model_type!r} is not an MoE family sgl_budget knows "
+                f"(known: {known_types()})")
+    if fam.hf is None:
+        return f"model type {model_type!r} ({fam.label}) is not supported by the transformers adapter: {fam.hf_refusal}"
+    return None
+
+
+def engine_refusal(engine: str, model_type: str) -> str | None:
+    """:func:`sglang_refusal` or :func:`hf_refusal` by engine name (``sglang`` / ``hf``)."""
+    return sglang_refusal(model_type) if engine == "sglang" else hf_refusal(model_type)

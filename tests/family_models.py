@@ -1,0 +1,102 @@
+"""Tiny random-weight checkpoints of every MoE family, shaped like the published config.json files.
+
+``CONFIGS[model_type]`` holds the fields the real checkpoints carry (DeepSeek's ``moe_layer_freq``,
+``scoring_func``, ``topk_method`` and YaRN ``rope_scaling``; Qwen's ``decoder_sparse_step`` ...) at a
+tiny size: hidden 64, 16 routed experts, top-4, the embedded model's tokenizer (vocab 8192).
+:func:`build` writes a checkpoint directory that transformers 5.19 and SGLang 0.5.23 both load.
+The routers' weights are scaled up so that routing is decisive (random init gives near-uniform
+router logits, where a policy changes little and fp32 noise could flip near-ties).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKENIZER = ROOT / "models" / "brown-moe"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+
+_COMMON = {"vocab_size": 8192, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "max_position_embeddings": 1024, "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0,
+           "tie_word_embeddings": False, "rms_norm_eps": 1e-6, "hidden_act": "silu"}
+_YARN = {"type": "yarn", "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256,
+         "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
+_MLA = {"kv_lora_rank": 32, "q_lora_rank": None, "qk_rope_head_dim": 16, "qk_nope_head_dim": 16, "v_head_dim": 16,
+        "rope_theta": 10000.0, "rope_scaling": _YARN, "num_key_value_heads": 4}
+
+CONFIGS: dict[str, dict] = {
+    "qwen3_moe": {**_COMMON, "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+                  "num_hidden_layers": 3, "num_experts": 16, "num_experts_per_tok": 4, "moe_intermediate_size": 32,
+                  "intermediate_size": 128, "head_dim": 16, "norm_topk_prob": True, "decoder_sparse_step": 1,
+                  "mlp_only_layers": []},
+    "qwen2_moe": {**_COMMON, "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe",
+                  "num_hidden_layers": 3, "num_experts": 16, "num_experts_per_tok": 4, "moe_intermediate_size": 32,
+                  "shared_expert_intermediate_size": 64, "intermediate_size": 128, "norm_topk_prob": False,
+                  "decoder_sparse_step": 1, "mlp_only_layers": [], "qkv_bias": True},
+    "olmoe": {**_COMMON, "architectures": ["OlmoeForCausalLM"], "model_type": "olmoe", "num_hidden_layers": 3,
+              "num_experts": 16, "num_experts_per_tok": 4, "intermediate_size": 32, "norm_topk_prob": False,
+              "num_key_value_heads": 4},  # SGLang's q/k norms span all heads: kv heads == heads
+    "mixtral": {**_COMMON, "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "num_hidden_layers": 3,
+                "num_local_experts": 16, "num_experts_per_tok": 4, "intermediate_size": 32},
+    "deepseek_v2": {**_COMMON, **_MLA, "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
+                    "num_hidden_layers": 3, "n_routed_experts": 16, "num_experts_per_tok": 4,
+                    "moe_intermediate_size": 32, "intermediate_size": 128, "n_shared_experts": 2,
+                    "first_k_dense_replace": 1, "moe_layer_freq": 1, "topk_method": "greedy", "n_group": 1,
+                    "topk_group": 1, "scoring_func": "softmax", "norm_topk_prob": False, "routed_scaling_factor": 1.0},
+    "deepseek_v3": {**_COMMON, **_MLA, "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+                    "num_hidden_layers": 3, "n_routed_experts": 16, "num_experts_per_tok": 4,
+                    "moe_intermediate_size": 32, "intermediate_size": 128, "n_shared_experts": 1,
+                    "first_k_dense_replace": 1, "moe_layer_freq": 1, "topk_method": "noaux_tc", "n_group": 4,
+                    "topk_group": 2, "scoring_func": "sigmoid", "norm_topk_prob": True, "routed_scaling_factor": 2.5},
+    "glm4_moe": {**_COMMON, "architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe", "num_hidden_layers": 3,
+                 "head_dim": 16, "partial_rotary_factor": 0.5, "attention_bias": True, "use_qk_norm": True,
+                 "intermediate_size": 128, "moe_intermediate_size": 32, "n_routed_experts": 16,
+                 "num_experts_per_tok": 4, "n_shared_experts": 1, "first_k_dense_replace": 1, "n_group": 4,
+                 "topk_group": 2, "norm_topk_prob": True, "routed_scaling_factor": 2.5, "rope_theta": 1000000.0,
+                 "num_nextn_predict_layers": 0},
+}
+ROUTER_SCALE = 30.0  # router weights x this: decisive routing (init std 0.02 gives near-uniform logits)
+
+
+def build(model_type: str, directory: Path, seed: int = 0) -> Path:
+    """A tiny random-weight checkpoint of ``model_type`` in ``directory`` (reused when already built)."""
+    import torch
+    import transformers
+
+    out = Path(directory)
+    if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = dict(CONFIGS[model_type])
+    hf_cfg = transformers.AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "architectures"})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
+    _scale_routers(model, seed)
+    model.save_pretrained(out, safe_serialization=True)
+    written = json.loads((out / "config.json").read_text())
+    written.update({k: v for k, v in cfg.items() if k not in written or k == "rope_scaling"})
+    written["architectures"] = cfg["architectures"]
+    written["dtype"] = written["torch_dtype"] = "float32"
+    (out / "config.json").write_text(json.dumps(written, indent=2))
+    for name in TOKENIZER_FILES:
+        shutil.copy(TOKENIZER / name, out / name)
+    return out
+
+
+def _scale_routers(model, seed: int) -> None:
+    """Scale router weights up and give correction biases nonzero values (both seeded)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("gate.weight", "router.weight")) and p.dim() == 2 and p.shape[0] > 1:
+                p.mul_(ROUTER_SCALE)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.rand(b.shape, generator=g) * 0.2)
+        for name, p in model.named_parameters():
+            if name.endswith("e_score_correction_bias"):
+                p.copy_(torch.rand(p.shape, generator=g) * 0.2)

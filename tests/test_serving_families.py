@@ -1,0 +1,104 @@
+"""End to end, per MoE family: the stock SGLang launcher on CPU serving a tiny checkpoint of each family with a policy.
+
+For every family the README's support matrix marks "served end to end on CPU" (``Family.cpu == "served"``),
+one server is started as a user starts it — ``python -m sglang.launch_server --model-path DIR --device cpu
+--dtype float32 --moe-policy uniform-50.policy --moe-named-policy alloc-t=alloc-t.policy`` — on a tiny
+random-weight checkpoint shaped like the family's published config.json (``family_models.py``). Greedy fp32
+tokens are checked over HTTP:
+
+* ``stock`` requests == transformers' own model (the family's stock path, unmodified);
+* default (uniform 50%) requests == sgl_budget's transformers adapter with that policy;
+* a lock-step batch of 4 with ``alloc-t`` (Alloc-T's slot pool: batch-level) == the adapter decoding the
+  same 4 rows as one batch.
+
+One server per family (the per-request names share it), about 30-40 s each on 2 cores.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+if os.environ.get("SGL_BUDGET_REQUIRE_SGLANG"):
+    import sglang  # noqa: F401
+    import transformers  # noqa: F401
+pytest.importorskip("sglang", reason="install the sglang extra: pip install -e '.[sglang]'")
+pytest.importorskip("transformers", reason="install the hf extra")
+
+from family_models import CONFIGS, build  # noqa: E402
+
+from sgl_budget.engines.hf.adapter import apply_policy, spec_of  # noqa: E402
+from sgl_budget.engines.hf.data import load_model  # noqa: E402
+from sgl_budget.engines.hf.generate import greedy  # noqa: E402
+from sgl_budget.engines.sglang.server import Server  # noqa: E402
+from sgl_budget.families import FAMILY_LIST  # noqa: E402
+from sgl_budget.lang import load_policy  # noqa: E402
+
+NEW = 10
+SERVER_ENV = {"TRITON_INTERPRET": None}
+UNIFORM = 'policy "uniform-50" {\n  budget 50%\n  layers { allocate uniform }\n}\n'
+ALLOC_T = ('policy "alloc-t" {\n  budget 50%\n  layers { allocate uniform }\n'
+           '  tokens { reallocate by score; min_k 1; max_k 4 }\n}\n')
+SERVED = [f.model_type for f in FAMILY_LIST if f.cpu == "served"]
+# distinct first tokens everywhere (no radix-cache hit turns part of a prompt into cached tokens)
+ALONE = [[101, 7, 300, 45, 99, 1200, 5], [202, 3000, 17, 88, 4, 650]]
+BATCH = [[303, 11, 12, 13, 14], [404, 21, 22, 23, 24], [505, 31, 32, 33, 34], [606, 41, 42, 43, 44]]
+
+
+def test_every_served_family_has_a_checkpoint() -> None:
+    assert set(SERVED) <= set(CONFIGS), "a family marked served on CPU needs a tiny config in family_models.py"
+
+
+@pytest.fixture(scope="module", params=SERVED)
+def family(request, tmp_path_factory):
+    mt = request.param
+    d = tmp_path_factory.mktemp(mt)
+    model_dir = build(mt, d / "model")
+    uniform, alloc_t = d / "uniform-50.policy", d / "alloc-t.policy"
+    uniform.write_text(UNIFORM)
+    alloc_t.write_text(ALLOC_T)
+    model, _ = load_model(model_dir)
+    server = Server(model_dir, policy=uniform, extra_args=["--moe-named-policy", f"alloc-t={alloc_t}"],
+                    env=SERVER_ENV)
+    server.start()
+    server.family, server.hf, server.policies = mt, model, {"default": uniform, "alloc-t": alloc_t, "stock": None}
+    yield server
+    server.stop()
+    errors = [line for line in server.log().splitlines() if "Traceback" in line or " ERROR " in line]
+    assert not errors, f"{mt}: the server logged errors:\n{server.log_tail(80)}"
+
+
+def _reference(server, policy: str, prompts: list[list[int]]) -> list[list[int]]:
+    model = server.hf
+    path = server.policies[policy]
+    handle = apply_policy(model, load_policy(path, spec_of(model))) if path else None
+    try:
+        return greedy(model, prompts, NEW)
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def _params(policy: str) -> dict:
+    return {"max_new_tokens": NEW, "temperature": 0.0, "ignore_eos": True, "custom_params": {"moe_policy": policy}}
+
+
+def test_alone_stock_and_policy(family) -> None:
+    """``stock`` == transformers; the default policy == the adapter; and the policy really changes the output."""
+    changed = False
+    for ids in ALONE:
+        stock = family.post("/generate", {"input_ids": ids, "sampling_params": _params("stock")})["output_ids"]
+        assert stock == _reference(family, "stock", [ids])[0], f"{family.family}: stock"
+        pol = family.post("/generate", {"input_ids": ids, "sampling_params": _params("default")})["output_ids"]
+        assert pol == _reference(family, "default", [ids])[0], f"{family.family}: uniform-50"
+        changed |= pol != stock
+    assert changed, f"{family.family}: routing half the experts changed no token (is the policy applied?)"
+
+
+def test_lockstep_alloc_t_batch(family) -> None:
+    """Alloc-T pools slots across the batch: 4 rows prefilled and decoded together == the adapter's batch of 4."""
+    n_prefill = family.log().count("Prefill batch, #new-seq: 4,")
+    got = family.post("/generate", {"input_ids": BATCH, "sampling_params": [_params("alloc-t")] * 4})
+    assert family.log().count("Prefill batch, #new-seq: 4,") == n_prefill + 1, "the 4 requests were not batched"
+    assert [g["output_ids"] for g in got] == _reference(family, "alloc-t", BATCH), family.family
