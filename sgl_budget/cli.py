@@ -157,6 +157,17 @@ def _check_launch(args: argparse.Namespace, spec, diags: list) -> list[str] | No
     return list(pset.request_names)
 
 
+def cmd_families(args: argparse.Namespace) -> int:
+    """The MoE families sgl_budget knows and what each tool does with them (the README's support matrix)."""
+    from .families import support_markdown, support_rows
+
+    if args.json:
+        print(json.dumps(support_rows(), indent=2))
+    else:
+        print(support_markdown(), end="")
+    return 0
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from .explain import explain_policy
     from .lang import load_policy
@@ -460,6 +471,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", dest="format", action="store_const", const="json", help="same as --format json")
     c.set_defaults(func=cmd_check)
 
+    fm = sub.add_parser("families", help="the MoE families sgl_budget knows: check / --moe-policy, CPU serving in "
+                                         "CI, transformers adapter (the README's support matrix, as Markdown)")
+    fm.add_argument("--json", action="store_true", help="one JSON object per family")
+    fm.set_defaults(func=cmd_families)
     e = sub.add_parser("explain", help="print the resolved per-layer plan of a policy")
     e.add_argument("policy")
     e.add_argument("--model-spec", required=True, help=spec_help)

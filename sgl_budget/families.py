@@ -72,7 +72,8 @@ FAMILY_LIST: tuple[Family, ...] = (
     Family("qwen3_next", "Qwen3-Next", ("Qwen/Qwen3-Next-80B-A3B-Instruct",), "qwen_renorm", cpu="no",
            cpu_note=_SAME_AS_QWEN2),
     Family("qwen3_5_moe", "Qwen3.5-MoE", ("Qwen/Qwen3.5-397B-A17B", "Qwen/Qwen3.6-35B-A3B"), "qwen_always_renorm",
-           cpu="no", cpu_note=_SAME_AS_QWEN2,
+           cpu="no", cpu_note=_SAME_AS_QWEN2, hf=None,
+           hf_refusal="the adapter routes the text model: AutoModelForCausalLM loads it as qwen3_5_moe_text",
            notes="the multimodal config's text_config has model_type qwen3_5_moe_text (its own row)"),
     Family("qwen3_5_moe_text", "Qwen3.5-MoE (text model)", ("Qwen/Qwen3.5-397B-A17B",), "qwen_always_renorm",
            cpu="no", cpu_note=_SAME_AS_QWEN2),
@@ -181,3 +182,34 @@ def hf_refusal(model_type: str) -> str | None:
 def engine_refusal(engine: str, model_type: str) -> str | None:
     """:func:`sglang_refusal` or :func:`hf_refusal` by engine name (``sglang`` / ``hf``)."""
     return sglang_refusal(model_type) if engine == "sglang" else hf_refusal(model_type)
+
+
+def _cell(ok: bool, why: str) -> str:
+    return "yes" if ok else f"no: {why}" if why else "no"
+
+
+def support_rows() -> list[dict[str, str]]:
+    """The support matrix, one row per family, from the records above (the README's table is this, rendered)."""
+    rows = []
+    for f in FAMILY_LIST:
+        cpu = {"served": "yes", "in-process": "in-process (SGLang's model class)", "no": "no"}[f.cpu]
+        rows.append({
+            "family": f.label, "model_type": f.model_type, "examples": ", ".join(f.examples),
+            "check / --moe-policy": _cell(f.sglang_ok, f.sglang_refusal),
+            "served end to end on CPU in CI": cpu if f.sglang_ok else "no",
+            "transformers adapter": _cell(f.hf_ok, f.hf_refusal),
+            "notes": "; ".join(n for n in (f.cpu_note if f.sglang_ok else "", f.notes) if n),
+        })
+    return rows
+
+
+def support_markdown() -> str:
+    """:func:`support_rows` as a Markdown table."""
+    rows = support_rows()
+    head = list(rows[0])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r[h].replace("|", "\\|") for h in head]
+        cells[1] = f"`{cells[1]}`"
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

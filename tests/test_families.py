@@ -136,3 +136,14 @@ def test_unsupported_families_cannot_be_described() -> None:
             cfg = ALL_CONFIGS[fam.model_type]
             with pytest.raises(SpecError, match="is not supported by --moe-policy"):
                 ModelSpec.from_hf_config(cfg)
+
+
+def test_readme_support_matrix_is_generated_from_the_records() -> None:
+    """The README's table is `sgl-budget families`' output (regenerate: scripts/support_matrix.py)."""
+    from pathlib import Path
+
+    from sgl_budget.families import support_markdown
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    block = readme.split("<!-- families:start -->\n", 1)[1].split("<!-- families:end -->", 1)[0]
+    assert block == support_markdown(), "README.md's support matrix is stale: run python scripts/support_matrix.py"

@@ -612,7 +612,7 @@ def context_matches(ir: "PolicyIR") -> ContextMatches:
         ts: list[int] = []
         ms: list[Match] = []
         j = bisect_left(tokens, b)
-        row = []
+        row = [(b, bisect_right(idx.tstarts, b) - 1)] if j == len(tokens) or tokens[j] != b else []
         row += zip(tokens[j:], tcells[j:])
         last_rt = None
         for t, rt in row:
