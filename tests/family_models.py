@@ -34,7 +34,8 @@ CONFIGS: dict[str, dict] = {
     "qwen2_moe": {**_COMMON, "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe",
                   "num_hidden_layers": 3, "num_experts": 16, "num_experts_per_tok": 4, "moe_intermediate_size": 32,
                   "shared_expert_intermediate_size": 64, "intermediate_size": 128, "norm_topk_prob": False,
-                  "decoder_sparse_step": 1, "mlp_only_layers": [], "qkv_bias": True},
+                  "decoder_sparse_step": 1, "mlp_only_layers": [], "qkv_bias": True,
+                  "initializer_range": 0.1, "_router_scale": 3.0},
     "olmoe": {**_COMMON, "architectures": ["OlmoeForCausalLM"], "model_type": "olmoe", "num_hidden_layers": 3,
               "num_experts": 16, "num_experts_per_tok": 4, "intermediate_size": 32, "norm_topk_prob": False,
               "num_key_value_heads": 4},  # SGLang's q/k norms span all heads: kv heads == heads
@@ -44,7 +45,8 @@ CONFIGS: dict[str, dict] = {
                     "num_hidden_layers": 3, "n_routed_experts": 16, "num_experts_per_tok": 4,
                     "moe_intermediate_size": 32, "intermediate_size": 128, "n_shared_experts": 2,
                     "first_k_dense_replace": 1, "moe_layer_freq": 1, "topk_method": "greedy", "n_group": 1,
-                    "topk_group": 1, "scoring_func": "softmax", "norm_topk_prob": False, "routed_scaling_factor": 1.0},
+                    "topk_group": 1, "scoring_func": "softmax", "norm_topk_prob": False, "routed_scaling_factor": 1.0,
+                    "initializer_range": 0.1, "_router_scale": 3.0},
     "deepseek_v3": {**_COMMON, **_MLA, "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
                     "num_hidden_layers": 3, "n_routed_experts": 16, "num_experts_per_tok": 4,
                     "moe_intermediate_size": 32, "intermediate_size": 128, "n_shared_experts": 1,
@@ -56,6 +58,13 @@ CONFIGS: dict[str, dict] = {
                  "num_experts_per_tok": 4, "n_shared_experts": 1, "first_k_dense_replace": 1, "n_group": 4,
                  "topk_group": 2, "norm_topk_prob": True, "routed_scaling_factor": 2.5, "rope_theta": 1000000.0,
                  "num_nextn_predict_layers": 0},
+    "glm4_moe_lite": {**_COMMON, **_MLA, "architectures": ["Glm4MoeLiteForCausalLM"], "model_type": "glm4_moe_lite",
+                      "num_hidden_layers": 3, "intermediate_size": 128, "moe_intermediate_size": 32,
+                      "n_routed_experts": 16, "num_experts_per_tok": 4, "n_shared_experts": 1,
+                      "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1, "topk_method": "noaux_tc",
+                      "scoring_func": "sigmoid", "norm_topk_prob": True, "routed_scaling_factor": 1.8,
+                      "q_lora_rank": 32, "rope_interleave": True, "attention_bias": False,
+                      "num_nextn_predict_layers": 0},
 }
 ROUTER_SCALE = 30.0  # router weights x this: decisive routing (init std 0.02 gives near-uniform logits)
 
@@ -70,10 +79,11 @@ def build(model_type: str, directory: Path, seed: int = 0) -> Path:
         return out
     out.mkdir(parents=True, exist_ok=True)
     cfg = dict(CONFIGS[model_type])
+    router_scale = cfg.pop("_router_scale", ROUTER_SCALE)  # no-renorm families: spread routing (weights matter)
     hf_cfg = transformers.AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "architectures"})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
-    _scale_routers(model, seed)
+    _scale_routers(model, seed, router_scale)
     model.save_pretrained(out, safe_serialization=True)
     written = json.loads((out / "config.json").read_text())
     written.update({k: v for k, v in cfg.items() if k not in written or k == "rope_scaling"})
@@ -85,7 +95,7 @@ def build(model_type: str, directory: Path, seed: int = 0) -> Path:
     return out
 
 
-def _scale_routers(model, seed: int) -> None:
+def _scale_routers(model, seed: int, scale: float = ROUTER_SCALE) -> None:
     """Scale router weights up and give correction biases nonzero values (both seeded)."""
     import torch
 
@@ -93,7 +103,7 @@ def _scale_routers(model, seed: int) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(("gate.weight", "router.weight")) and p.dim() == 2 and p.shape[0] > 1:
-                p.mul_(ROUTER_SCALE)
+                p.mul_(scale)
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.copy_(torch.rand(b.shape, generator=g) * 0.2)

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from sgl_budget.engines.sglang.cpu_mla import causal_attention_over_given_kv, is_mha_over_latent_pool
+
 ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER_FROM = ROOT / "models" / "brown-moe"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
@@ -69,8 +71,9 @@ def build(directory: str | Path, model_type: str, seed: int = 0) -> Path:
     cfg = dict(CONFIGS[model_type])
     mt = cfg.pop("model_type")
     config = AutoConfig.for_model(mt, **cfg)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():  # a wider spread than the init's 0.02: routing decisions are clearer
@@ -95,9 +98,6 @@ def build(directory: str | Path, model_type: str, seed: int = 0) -> Path:
 
 
 # -- the stand-in, against plain attention -------------------------------------------------------------------------
-
-from sgl_budget.engines.sglang.cpu_mla import causal_attention_over_given_kv, is_mha_over_latent_pool  # noqa: E402
-
 
 def _reference_attention(q, k, v, seq_lens, scaling):
     """Softmax(q kᵀ · scaling + causal mask) v, sequence by sequence, head by head, written out."""
@@ -179,8 +179,9 @@ def _sglang_backend(pool, seq_lens, prefix_lens):
     backend.req_to_token_pool = SimpleNamespace(req_to_token=req_to_token)
     lens = lambda x: torch.tensor(x, dtype=torch.int64)  # noqa: E731
     out_loc = torch.cat([req_to_token[i, p:p + n] for i, (p, n) in enumerate(zip(prefix_lens, seq_lens))])
-    batch = SimpleNamespace(out_cache_loc=out_loc, encoder_out_cache_loc=None, req_pool_indices=lens(range(len(seq_lens))),
-                            seq_lens=lens(total), extend_prefix_lens=lens(prefix_lens), extend_seq_lens=lens(seq_lens),
+    batch = SimpleNamespace(out_cache_loc=out_loc, encoder_out_cache_loc=None,
+                            req_pool_indices=lens(range(len(seq_lens))), seq_lens=lens(total),
+                            extend_prefix_lens=lens(prefix_lens), extend_seq_lens=lens(seq_lens),
                             extend_prefix_lens_cpu=list(prefix_lens), extend_seq_lens_cpu=list(seq_lens),
                             encoder_lens=None)
     return backend, batch
@@ -244,58 +245,4 @@ PROMPTS = ["In the morning the city council met to", "Mr. Johnson told the commi
 POLICY = 'policy "u50" {\n  budget 50%\n  layers { allocate uniform }\n}\n'
 
 
-def _need_serving():
-    if os.environ.get("SGL_BUDGET_REQUIRE_SGLANG"):
-        import sglang  # noqa: F401
-        import transformers  # noqa: F401
-    pytest.importorskip("sglang", reason="install the sglang extra: pip install -e '.[sglang]'")
-    pytest.importorskip("transformers", reason="install the hf extra")
-
-
-@pytest.fixture(scope="module", params=sorted(CONFIGS))
-def deepseek_server(request, tmp_path_factory):
-    """One stock server per model type (``--device cpu``), which also serves a 50% uniform policy by name."""
-    _need_serving()
-    from sgl_budget.engines.sglang.server import Server
-
-    mt = request.param
-    d = build(tmp_path_factory.mktemp(mt), mt)
-    policy = d / "u50.policy"
-    policy.write_text(POLICY)
-    server = Server(d, extra_args=["--moe-named-policy", f"u50={policy}"], env={"TRITON_INTERPRET": None})
-    server.start()
-    server.model_dir, server.policy_file = d, policy
-    yield server
-    server.stop()
-    errors = [l for l in server.log().splitlines() if "Traceback" in l or " ERROR " in l]
-    assert not errors, f"{mt}: the server logged errors:\n{server.log_tail(80)}"
-
-
-def _transformers_greedy(model_dir: Path, policy: Path | None):
-    from sgl_budget.engines.hf.adapter import apply_policy, spec_of
-    from sgl_budget.engines.hf.data import load_model
-    from sgl_budget.engines.hf.generate import greedy
-    from sgl_budget.lang import load_policy
-
-    model, tok = load_model(model_dir)
-    ids = [tok(p)["input_ids"] for p in PROMPTS]
-    handle = apply_policy(model, load_policy(policy, spec_of(model))) if policy else None
-    try:
-        return ids, [greedy(model, [i], NEW)[0] for i in ids]
-    finally:
-        if handle is not None:
-            handle.remove()
-
-
-def test_stock_and_policy_equal_transformers(deepseek_server) -> None:
-    s = deepseek_server
-    ids, stock = _transformers_greedy(s.model_dir, None)
-    _, reduced = _transformers_greedy(s.model_dir, s.policy_file)
-    assert stock != reduced  # the policy changes something, so the comparison below means something
-    for i, want in zip(ids, stock):  # a fresh prefill: SGLang's MHA path for MLA (the hook), then absorbed decode
-        assert s.generate(i, NEW)["output_ids"] == want
-    # the same request continued: a radix-cache hit, i.e. an extend with a prefix (SGLang's absorbed MLA path)
-    assert s.generate(ids[0] + stock[0][:3], NEW - 3)["output_ids"] == stock[0][3:]
-    for i, want in zip(ids, reduced):
-        got = s.generate(i, NEW, custom_params={"moe_policy": "u50"})["output_ids"]
-        assert got == want
+# Served end to end (stock == transformers, policy == adapter, Alloc-T batch): tests/test_serving_families.py

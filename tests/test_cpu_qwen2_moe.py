@@ -6,15 +6,12 @@ crashed ("0 active drivers"). sgl_budget's CPU mode hooks in a torch version (``
 
 * the stand-in against SGLang's Triton kernel, run by Triton's interpreter;
 * that the hook reaches ``qwen2_moe``'s own imported binding, only in CPU-mode workers;
-* end to end: the stock launcher on CPU serving a tiny random qwen2_moe checkpoint, greedy tokens equal to
-  transformers (stock routing) and to the transformers adapter (a 50% uniform policy).
+* end to end (the stock launcher serving qwen2_moe with policies): tests/test_serving_families.py.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,8 +22,6 @@ import torch
 from sgl_budget.engines.sglang import cpu_qwen2
 
 ROOT = Path(__file__).resolve().parent.parent
-TOKENIZER_DIR = ROOT / "models" / "brown-moe"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def _need_sglang() -> None:
@@ -34,41 +29,6 @@ def _need_sglang() -> None:
         import sglang  # noqa: F401
     pytest.importorskip("sglang", reason="install the sglang extra: pip install -e '.[sglang]'")
 
-
-def build_qwen2_moe(directory: str | Path, tokenizer_dir: str | Path = TOKENIZER_DIR, seed: int = 0) -> Path:
-    """Write a tiny random-weight fp32 ``qwen2_moe`` checkpoint (with ``tokenizer_dir``'s tokenizer) to ``directory``.
-
-    Hidden 64, 3 layers, all sparse (16 experts, top-4, no renormalisation), a gated shared expert of width 64,
-    untied ``lm_head`` (SGLang's Qwen2-MoE never ties it). Weights are drawn with std 0.1 (not transformers'
-    0.02), and the q/k/v biases are random, not zero: the routed experts then move the greedy tokens (a 50%
-    policy changes about half of them) and the bias loading is exercised.
-    """
-    import transformers
-
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    src = Path(tokenizer_dir)
-    vocab = json.loads((src / "tokenizer.json").read_text())["model"]["vocab"]
-    cfg = transformers.Qwen2MoeConfig(
-        vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, moe_intermediate_size=32,
-        shared_expert_intermediate_size=64, num_experts=16, num_experts_per_tok=4, norm_topk_prob=False,
-        decoder_sparse_step=1, mlp_only_layers=[], qkv_bias=True, tie_word_embeddings=False,
-        initializer_range=0.1, bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("_proj.bias"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    model.save_pretrained(d)
-    for f in TOKENIZER_FILES:
-        shutil.copy(src / f, d / f)
-    return d
-
-
-# -- the stand-in against SGLang's kernel -----------------------------------------------------------------------
 
 def _inputs(n: int, h: int, dtype: torch.dtype, seed: int):
     g = torch.Generator().manual_seed(seed)
@@ -177,37 +137,4 @@ def test_no_hook_outside_cpu_mode(monkeypatch) -> None:
 
 # -- end to end -------------------------------------------------------------------------------------------------
 
-PROMPTS = ["In the morning the city council met to", "It was a long time before anyone",
-           "Mr. Johnson told the committee that"]
-NEW = 12
-POLICY = 'policy "u" {\n  budget 50%\n  layers { allocate uniform }\n}\n'
-
-
-def test_stock_server_serves_qwen2_moe_on_cpu(tmp_path) -> None:
-    """One server (default policy: 50% uniform; "stock" per request) vs transformers and the adapter."""
-    _need_sglang()
-    pytest.importorskip("transformers", reason="install the hf extra")
-    from sgl_budget.engines.hf.adapter import apply_policy, spec_of
-    from sgl_budget.engines.hf.data import load_model
-    from sgl_budget.engines.hf.generate import greedy
-    from sgl_budget.engines.sglang.server import Server
-    from sgl_budget.lang import load_policy
-
-    model_dir = build_qwen2_moe(tmp_path / "qwen2-moe")
-    policy = tmp_path / "u50.policy"
-    policy.write_text(POLICY)
-    model, tok = load_model(model_dir)
-    ids = [tok(p)["input_ids"] for p in PROMPTS]
-    stock = [greedy(model, [i], NEW)[0] for i in ids]
-    with apply_policy(model, load_policy(policy, spec_of(model))):
-        uniform = [greedy(model, [i], NEW)[0] for i in ids]
-    assert stock != uniform  # the policy changes this model's tokens: the comparison below means something
-
-    server = Server(model_dir, policy=policy, env={"TRITON_INTERPRET": None})  # the server runs no interpreter
-    with server:
-        got_stock = [server.generate(i, NEW, custom_params={"moe_policy": "stock"})["output_ids"] for i in ids]
-        got_uniform = [server.generate(i, NEW)["output_ids"] for i in ids]
-    errors = [line for line in server.log().splitlines() if "Traceback" in line or " ERROR " in line]
-    assert not errors, server.log_tail(80)
-    assert got_stock == stock
-    assert got_uniform == uniform
+# Served end to end (stock == transformers, policy == adapter, Alloc-T batch): tests/test_serving_families.py

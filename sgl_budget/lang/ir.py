@@ -281,7 +281,6 @@ class PolicyIR:
     layer_k: dict[tuple[int, int], LayerK] = field(default_factory=dict)
     widths: dict[int, int] = field(default_factory=dict)
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
-
     _index: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     @staticmethod
@@ -531,6 +530,10 @@ class ContextMatches:
     decode: list[tuple[int, Match]]
     prefill: list[tuple[int, list[int], list[Match]]]
 
+    def __post_init__(self) -> None:
+        self._decode_batches = [b for b, _ in self.decode]  # for bisection in where()
+        self._prefill_batches = [b for b, _, _ in self.prefill]
+
     def items(self) -> Iterator[tuple[RouteContext, Match]]:
         """The kept contexts and their matches, in representative order."""
         for b, m in self.decode:
@@ -563,13 +566,13 @@ class ContextMatches:
         if cond.phase in (None, "decode"):
             both = cond.batch.intersect(cond.tokens)
             if not both.empty:
-                bs = [b for b, _ in self.decode]
+                bs = self._decode_batches
                 hi = len(bs) if both.hi is None else bisect_right(bs, both.hi)
                 for j in range(bisect_left(bs, both.lo), hi):
                     b, m = self.decode[j]
                     yield RouteContext(phase="decode", batch_size=b, num_tokens=b), m
         if cond.phase in (None, "prefill"):
-            rows = [b for b, _, _ in self.prefill]
+            rows = self._prefill_batches
             hi = len(rows) if cond.batch.hi is None else bisect_right(rows, cond.batch.hi)
             for j in range(bisect_left(rows, cond.batch.lo), hi):
                 b, ts, ms = self.prefill[j]

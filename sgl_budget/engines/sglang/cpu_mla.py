@@ -34,7 +34,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
 from torch import Tensor
 from torch.nn.functional import scaled_dot_product_attention
 
