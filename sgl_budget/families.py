@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 ConfigReader = Literal["qwen", "qwen_renorm", "qwen_always_renorm", "deepseek", "all_layers", "glm4", "minimax_m2",
-                       "unsupported"]
+                       "hunyuan", "unsupported"]
 CpuStatus = Literal["served", "in-process", "no"]
 
 
@@ -29,7 +29,7 @@ class HfFacts:
     logits_fp32: bool = False  # router logits computed in float32 (DeepSeek-V3-style routers)
     cast_back: bool = True  # routing weights cast back to the logits' dtype before the experts
     sorted_selection: bool = True  # torch.topk(sorted=True) in the plain top-k selection
-    softmax_over_selected: bool = False  # weights = softmax of the chosen experts' logits (GPT-OSS)
+    router_weight: str = "weight"  # the router's weight, as an attribute path under the MoE block's ``gate``
 
 
 @dataclass(frozen=True)
@@ -114,10 +114,15 @@ FAMILY_LIST: tuple[Family, ...] = (
            sglang_refusal="it scores with softmax plus a correction bias, which SGLang 0.5.23's CUDA top-k drops (so "
                           "stock routing on GPU differs from the model's rule), and it renormalises with a clamp",
            cpu="no"),
-    Family("hunyuan_v1_moe", "Hunyuan-A13B", ("tencent/Hunyuan-A13B-Instruct",), "unsupported", hf=None,
-           hf_refusal=_NOT_READ,
-           sglang_refusal="its config gives per-layer lists (moe_topk, moe_intermediate_size, num_shared_expert) "
-                          "that sgl_budget's model spec does not read yet", cpu="no"),
+    Family("hunyuan_v1_moe", "Hunyuan-A13B", ("tencent/Hunyuan-A13B-Instruct",), "hunyuan",
+           hf=HfFacts(logits_fp32=True, router_weight="wg.weight"), cpu="no",
+           cpu_note="with --device cpu, SGLang 0.5.23's Hunyuan attention crashes in its first prefill (its QK-norm "
+                    "leaves q as [tokens x heads, head_dim], which the padded-extend path cuts to the first `tokens` "
+                    "rows: \"shape '[-1, 4, 16]' is invalid\"), stock or not; its TopK is the plain softmax top-k "
+                    "with renormalisation that the qwen3_moe test serves",
+           notes="per-layer moe_topk / moe_intermediate_size / num_shared_expert lists must be uniform (they are in "
+                 "Hunyuan-A13B); transformers 5.19 sizes its experts and shared MLP with intermediate_size, SGLang with "
+                 "moe_intermediate_size and num_shared_expert (equal in the published config)"),
     Family("bailing_moe", "Ling (Bailing-MoE)", ("inclusionAI/Ling-mini-2.0", "inclusionAI/Ling-flash-2.0"),
            "unsupported", hf=None, hf_refusal="transformers 5.19 has no Bailing-MoE class (remote code only)",
            sglang_refusal="SGLang 0.5.23's CPU path never applies its routed scaling factor and transformers has no "

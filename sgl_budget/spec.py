@@ -272,6 +272,9 @@ def _from_hf(cfg: dict[str, Any], name: str) -> ModelSpec:
     fam = family_of(mt)
     if fam is not None and fam.config == "unsupported":
         _unsupported_fields(f, mt, 0)
+    if fam is not None and fam.config == "hunyuan":
+        cfg = _uniform_layer_lists(cfg, ("moe_topk", "moe_intermediate_size", "num_shared_expert", "num_experts"))
+        f = _Fields(cfg)
     if any(_get(cfg, *keys) is None for keys in (("num_hidden_layers", "n_layers"),
                                                   ("n_routed_experts", "num_experts", "num_local_experts"),
                                                   ("num_experts_per_tok", "moe_topk", "top_k"),
@@ -366,6 +369,30 @@ def _minimax_m2_fields(f: _Fields, mt: str, n_layers: int) -> dict[str, Any]:
                 has_correction_bias=f.flag("use_routing_bias", False))
 
 
+def _uniform_layer_lists(cfg: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """``cfg`` with per-layer lists (Hunyuan's ``moe_topk: [8, 8, ...]``) that hold one value turned into that value;
+    a list whose layers differ is a SpecError (a spec has one top-k and one expert size)."""
+    out = dict(cfg)
+    for key in keys:
+        v = cfg.get(key)
+        if isinstance(v, list) and v:
+            if any(x != v[0] for x in v):
+                raise SpecError(f"{key} differs between layers ({describe(v)}): sgl_budget's model spec has one value "
+                                "per model")
+            out[key] = v[0]
+    return out
+
+
+def _hunyuan_fields(f: _Fields, mt: str, n_layers: int) -> dict[str, Any]:
+    """Hunyuan-A13B: every layer MoE, softmax top-k always renormalised, ``num_shared_expert`` MLPs of
+    ``intermediate_size`` beside the routed experts (``use_mixed_mlp_moe``)."""
+    inter = f.integer("intermediate_size", hi=1 << 24)
+    n_shared = f.integer("num_shared_expert", default=1, lo=0, hi=1 << 16) if f.flag("use_mixed_mlp_moe", False) else 0
+    return dict(moe_layers=tuple(range(n_layers)), moe_intermediate_size=f.integer("moe_intermediate_size",
+                                                                                    "intermediate_size", hi=1 << 24),
+                num_shared_experts=n_shared, shared_expert_intermediate_size=n_shared * inter, norm_topk_prob=True)
+
+
 def _unsupported_fields(f: _Fields, mt: str, n_layers: int) -> dict[str, Any]:
     """A known family whose config sgl_budget cannot describe: its engines' refusal, as a SpecError."""
     from .families import family_of, sglang_refusal
@@ -380,7 +407,8 @@ _READERS: dict[str, Callable[[_Fields, str, int], dict[str, Any]]] = {
     "qwen": _qwen_fields, "deepseek": _deepseek_fields, "all_layers": _all_layers_fields,
     "qwen_renorm": lambda f, mt, n: _qwen_fields(f, mt, n, norm_default=True),
     "qwen_always_renorm": lambda f, mt, n: _qwen_fields(f, mt, n, always_renorm=True),
-    "glm4": _glm4_fields, "minimax_m2": _minimax_m2_fields, "unsupported": _unsupported_fields,
+    "glm4": _glm4_fields, "minimax_m2": _minimax_m2_fields, "hunyuan": _hunyuan_fields,
+    "unsupported": _unsupported_fields,
 }
 
 # Model types outside families.FAMILIES whose configs still read as a spec (replay, explain), by shape.

@@ -65,6 +65,12 @@ CONFIGS: dict[str, dict] = {
                       "scoring_func": "sigmoid", "norm_topk_prob": True, "routed_scaling_factor": 1.8,
                       "q_lora_rank": 32, "rope_interleave": True, "attention_bias": False,
                       "num_nextn_predict_layers": 0},
+    "hunyuan_v1_moe": {**_COMMON, "architectures": ["HunYuanMoEV1ForCausalLM"], "model_type": "hunyuan_v1_moe",
+                       "num_hidden_layers": 3, "head_dim": 16, "attention_head_dim": 16, "intermediate_size": 32,
+                       "moe_intermediate_size": [32, 32, 32], "num_experts": 16, "moe_topk": [4, 4, 4],
+                       "num_shared_expert": [1, 1, 1], "use_mixed_mlp_moe": True, "use_qk_norm": True,
+                       "use_cla": False, "cla_share_factor": 1, "attention_bias": False, "mlp_bias": False,
+                       "rope_theta": 10000.0, "rope_scaling": None},
 }
 ROUTER_SCALE = 30.0  # router weights x this: decisive routing (init std 0.02 gives near-uniform logits)
 
@@ -102,7 +108,7 @@ def _scale_routers(model, seed: int, scale: float = ROUTER_SCALE) -> None:
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(("gate.weight", "router.weight")) and p.dim() == 2 and p.shape[0] > 1:
+            if name.endswith(("gate.weight", "router.weight", "gate.wg.weight")) and p.dim() == 2 and p.shape[0] > 1:
                 p.mul_(scale)
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):

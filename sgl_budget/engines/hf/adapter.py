@@ -49,7 +49,8 @@ def moe_blocks(model: nn.Module) -> dict[int, nn.Module]:
     out = {}
     for i, layer in enumerate(layers):
         mlp = getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe", None)
-        if mlp is not None and hasattr(mlp, "gate") and hasattr(mlp, "experts") and hasattr(mlp.gate, "weight"):
+        gate = getattr(mlp, "gate", None)
+        if gate is not None and hasattr(mlp, "experts") and (hasattr(gate, "weight") or hasattr(gate, "wg")):
             out[i] = mlp
     return out
 
@@ -169,6 +170,7 @@ def _install(handle: PolicyHandle, blocks: dict[int, nn.Module], spec: ModelSpec
 
     for layer, block in blocks.items():
         gate = block.gate
+        weight = _attr_path(gate, facts.router_weight)
 
         def pre_hook(module, args, kwargs, handle=handle):
             h = args[0] if args else kwargs["hidden_states"]
@@ -178,12 +180,12 @@ def _install(handle: PolicyHandle, blocks: dict[int, nn.Module], spec: ModelSpec
                 handle._rows = b
             return None
 
-        def gate_forward(hidden_states, gate=gate, layer=layer, handle=handle):
-            h = hidden_states.reshape(-1, gate.weight.shape[1])
+        def gate_forward(hidden_states, gate=gate, weight=weight, layer=layer, handle=handle):
+            h = hidden_states.reshape(-1, weight.shape[1])
             if logits_fp32:
-                logits = F.linear(h.type(torch.float32), gate.weight.type(torch.float32))
+                logits = F.linear(h.type(torch.float32), weight.type(torch.float32))
             else:
-                logits = F.linear(h, gate.weight)
+                logits = F.linear(h, weight)
             ctx = handle._forced or handle._ctx or RouteContext("prefill", 1, h.shape[0])
             bias = getattr(gate, "e_score_correction_bias", None) if spec.has_correction_bias else None
             weights, ids = handle.route(layer, logits, ctx, bias)
@@ -198,6 +200,13 @@ def _install(handle: PolicyHandle, blocks: dict[int, nn.Module], spec: ModelSpec
         handle._restore.append(pre.remove)
         handle._restore.append(lambda gate=gate, original=original: setattr(gate, "forward", original))
     return handle
+
+
+def _attr_path(obj, path: str):
+    """``obj.a.b`` for ``path`` ``"a.b"``."""
+    for name in path.split("."):
+        obj = getattr(obj, name)
+    return obj
 
 
 def apply_policy(model: nn.Module, ir: PolicyIR) -> PolicyHandle:

@@ -176,7 +176,11 @@ def register_worker_hooks() -> bool:
     from . import cpu_qwen2  # Qwen2-MoE's shared-expert gate is a Triton kernel on every backend: torch on CPU
 
     cpu_qwen2.register()
+    importlib.import_module(".cpu_minimax", __package__).register()  # MiniMax-M2's QK-norm (Triton kernels): torch
     from . import cpu_mla  # DeepSeek MLA's MHA prefill on the torch-native backend (attends over the given K/V)
 
     cpu_mla.register()
+    from . import cpu_config  # per-layer intermediate-size lists (Hunyuan) in the CPU engine's TP padding
+
+    cpu_config.register()
     return True
