@@ -477,3 +477,24 @@ def test_policy_stats_leave_cuda_graph_padding_rows_out(sglang_topk, tmp_path) -
     topk.forward_native(torch.zeros(8, 8), x, num_token_non_padded=torch.tensor(5))
     routing.stats._collect()
     assert routing.stats.token_layers == [5, 0] and routing.stats.slots == [5 * 4, 0]
+
+
+def test_topk_check_refuses_what_the_spec_cannot_describe(sglang_topk) -> None:
+    """A TopK with its own routing function (Llama 4's), or whose scoring differs from the spec, is refused at its
+    first routed forward with the reason; SGLang's grouped biased path counts as sigmoid whatever scoring_func says."""
+    from sgl_budget.engines.sglang.routing import check_topk_matches_spec
+
+    T = sglang_topk.T
+    spec, kw = _variant("deepseek-v3-as-built")
+    check_topk_matches_spec(spec, T.TopK(top_k=4, layer_id=2, **kw).topk_config, 16, 2)  # scoring_func left default
+
+    def llama4_router(hidden_states, gating_output, topk, renormalize):  # noqa: ARG001
+        return None
+
+    softmax, _ = _variant("softmax-renorm")
+    custom = T.TopK(top_k=4, layer_id=2, renormalize=True, custom_routing_function=llama4_router).topk_config
+    with pytest.raises(RuntimeError, match="routes with its own function .*llama4_router"):
+        check_topk_matches_spec(softmax, custom, 16, 2)
+    sigmoid = T.TopK(top_k=4, layer_id=2, renormalize=True, scoring_func="sigmoid").topk_config
+    with pytest.raises(RuntimeError, match="scoring 'sigmoid' vs 'softmax'"):
+        check_topk_matches_spec(softmax, sigmoid, 16, 2)

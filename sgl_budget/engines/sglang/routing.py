@@ -74,7 +74,12 @@ def check_topk_matches_spec(spec: ModelSpec, topk_config, num_experts: int, laye
         problems.append(f"grouped top-k is {grouped} in SGLang, {spec.grouped} in the spec")
     if (topk_config.correction_bias is not None) != spec.has_correction_bias:
         problems.append("correction bias presence differs")
-    scoring = "sigmoid" if topk_config.correction_bias is not None else topk_config.scoring_func
+    if topk_config.custom_routing_function is not None:
+        fn = getattr(topk_config.custom_routing_function, "__qualname__", "custom_routing_function")
+        problems.append(f"the model routes with its own function ({fn}), whose rule the spec does not describe")
+    # SGLang's grouped biased path (DeepSeek-V3, GLM-4) scores with sigmoid whatever scoring_func says
+    biased_grouped = topk_config.correction_bias is not None and bool(topk_config.use_grouped_topk)
+    scoring = "sigmoid" if biased_grouped else topk_config.scoring_func
     if scoring != spec.scoring_func:
         problems.append(f"scoring {scoring!r} vs {spec.scoring_func!r}")
     if bool(topk_config.renormalize) != spec.norm_topk_prob:
