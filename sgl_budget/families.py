@@ -59,8 +59,10 @@ class Family:
 
 
 _MLA_ON_CPU = "CPU serving supplies a pure-torch MLA attention path (SGLang's torch-native backend fails on MLA)"
-_SAME_AS_QWEN2 = ("its MoE block is SGLang's Qwen2MoeSparseMoeBlock (served end to end through qwen2_moe); its "
-                  "Gated DeltaNet attention has no CPU path in SGLang 0.5.23 without the CPU build of sgl_kernel")
+_SAME_AS_QWEN2 = ("the whole model cannot run on SGLang 0.5.23's CPU engine without the CPU build of sgl_kernel (its "
+                  "Gated DeltaNet attention needs sgl_kernel CPU ops); SGLang's own MoE block of this family "
+                  "(Qwen2MoeSparseMoeBlock, built from SGLang's config class) is tested in-process on CPU: stock and "
+                  "policy outputs equal the transformers block's (tests/test_sglang_blocks.py)")
 _NOT_READ = "sgl_budget does not read this family's config yet"
 
 FAMILY_LIST: tuple[Family, ...] = (
@@ -69,14 +71,14 @@ FAMILY_LIST: tuple[Family, ...] = (
     Family("qwen2_moe", "Qwen2-MoE / Qwen1.5-MoE", ("Qwen/Qwen1.5-MoE-A2.7B", "Qwen/Qwen2-57B-A14B"), "qwen",
            sglang_never_ties=True,
            cpu_note="SGLang's shared-expert gate is a Triton kernel; CPU serving supplies a pure-torch stand-in"),
-    Family("qwen3_next", "Qwen3-Next", ("Qwen/Qwen3-Next-80B-A3B-Instruct",), "qwen_renorm", cpu="no",
+    Family("qwen3_next", "Qwen3-Next", ("Qwen/Qwen3-Next-80B-A3B-Instruct",), "qwen_renorm", cpu="in-process",
            cpu_note=_SAME_AS_QWEN2),
     Family("qwen3_5_moe", "Qwen3.5-MoE", ("Qwen/Qwen3.5-397B-A17B", "Qwen/Qwen3.6-35B-A3B"), "qwen_always_renorm",
-           cpu="no", cpu_note=_SAME_AS_QWEN2, hf=None,
+           cpu="in-process", cpu_note=_SAME_AS_QWEN2, hf=None,
            hf_refusal="the adapter routes the text model: AutoModelForCausalLM loads it as qwen3_5_moe_text",
            notes="the multimodal config's text_config has model_type qwen3_5_moe_text (its own row)"),
     Family("qwen3_5_moe_text", "Qwen3.5-MoE (text model)", ("Qwen/Qwen3.5-397B-A17B",), "qwen_always_renorm",
-           cpu="no", cpu_note=_SAME_AS_QWEN2),
+           cpu="in-process", cpu_note=_SAME_AS_QWEN2),
     Family("olmoe", "OLMoE", ("allenai/OLMoE-1B-7B-0924",), "qwen", sglang_never_ties=True),
     Family("mixtral", "Mixtral", ("mistralai/Mixtral-8x7B-v0.1", "mistralai/Mixtral-8x22B-v0.1"), "all_layers",
            hf=HfFacts(cast_back=False), sglang_never_ties=True),
@@ -103,12 +105,10 @@ FAMILY_LIST: tuple[Family, ...] = (
                           "called) unless --moe-runner-backend triton, and its CPU engine cannot run GPT-OSS "
                           "attention, so no sgl_budget test has served it yet", cpu="no",
            cpu_note="SGLang refuses the torch-native attention backend for GPT-OSS"),
-    Family("minimax_m2", "MiniMax-M2", ("MiniMaxAI/MiniMax-M2",), "minimax_m2", hf=None,
-           hf_refusal="its transformers router takes (hidden states, correction bias) from the block; the adapter "
-                      "does not hook that signature yet",
-           sglang_refusal="its QK-norm is a CUDA-only Triton kernel in SGLang 0.5.23, so it cannot be served on CPU "
-                          "and no sgl_budget test has served it yet", cpu="no",
-           cpu_note="Triton-only QK-norm (assert x.is_cuda)"),
+    Family("minimax_m2", "MiniMax-M2", ("MiniMaxAI/MiniMax-M2", "MiniMaxAI/MiniMax-M2.1"), "minimax_m2",
+           hf=HfFacts(cast_back=False, sorted_selection=False),
+           cpu_note="its QK-norm is a CUDA-only Triton kernel in SGLang 0.5.23; CPU serving supplies a pure-torch "
+                    "stand-in (one RMS norm over all heads, as transformers computes it)"),
     Family("ernie4_5_moe", "ERNIE-4.5-MoE", ("baidu/ERNIE-4.5-21B-A3B-PT", "baidu/ERNIE-4.5-300B-A47B-PT"),
            "unsupported", hf=None, hf_refusal=_NOT_READ,
            sglang_refusal="it scores with softmax plus a correction bias, which SGLang 0.5.23's CUDA top-k drops (so "

@@ -71,6 +71,12 @@ CONFIGS: dict[str, dict] = {
                        "num_shared_expert": [1, 1, 1], "use_mixed_mlp_moe": True, "use_qk_norm": True,
                        "use_cla": False, "cla_share_factor": 1, "attention_bias": False, "mlp_bias": False,
                        "rope_theta": 10000.0, "rope_scaling": None},
+    "minimax_m2": {**_COMMON, "architectures": ["MiniMaxM2ForCausalLM"], "model_type": "minimax_m2",
+                   "num_hidden_layers": 2, "head_dim": 16, "rotary_dim": 8, "partial_rotary_factor": 0.5,
+                   "intermediate_size": 32, "num_local_experts": 16, "num_experts_per_tok": 4,
+                   "scoring_func": "sigmoid", "use_routing_bias": True, "use_qk_norm": True,
+                   "qk_norm_type": "per_layer", "rope_theta": 5000000.0, "shared_intermediate_size": 0,
+                   "use_mtp": False},
 }
 ROUTER_SCALE = 30.0  # router weights x this: decisive routing (init std 0.02 gives near-uniform logits)
 

@@ -49,7 +49,7 @@ def _from_family_config(model_type: str):
     return lambda: transformers.AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "architectures"})
 
 
-for _mt in ("qwen3_next", "qwen3_5_moe_text", "glm4_moe", "glm4_moe_lite", "hunyuan_v1_moe"):
+for _mt in ("qwen3_next", "qwen3_5_moe_text", "glm4_moe", "glm4_moe_lite", "hunyuan_v1_moe", "minimax_m2"):
     CONFIGS[_mt] = _from_family_config(_mt)
 
 
@@ -66,8 +66,9 @@ def build(name: str):
     with torch.no_grad():
         for block in moe_blocks(model).values():  # random routers (some init to zeros) and biases
             getattr(block.gate, "wg", block.gate).weight.normal_(0, 0.5)
-            if hasattr(block.gate, "e_score_correction_bias"):
-                block.gate.e_score_correction_bias.normal_(0, 0.1)
+            for owner in (block.gate, block):  # the bias lives on the router, or on the block (MiniMax-M2)
+                if getattr(owner, "e_score_correction_bias", None) is not None:
+                    owner.e_score_correction_bias.normal_(0, 0.1)
     return model
 
 

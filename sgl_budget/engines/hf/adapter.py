@@ -180,14 +180,15 @@ def _install(handle: PolicyHandle, blocks: dict[int, nn.Module], spec: ModelSpec
                 handle._rows = b
             return None
 
-        def gate_forward(hidden_states, gate=gate, weight=weight, layer=layer, handle=handle):
+        def gate_forward(hidden_states, *bias_arg, gate=gate, weight=weight, layer=layer, handle=handle,
+                         block=block):  # MiniMax-M2's block passes its correction bias to the gate
             h = hidden_states.reshape(-1, weight.shape[1])
             if logits_fp32:
                 logits = F.linear(h.type(torch.float32), weight.type(torch.float32))
             else:
                 logits = F.linear(h, weight)
             ctx = handle._forced or handle._ctx or RouteContext("prefill", 1, h.shape[0])
-            bias = getattr(gate, "e_score_correction_bias", None) if spec.has_correction_bias else None
+            bias = (bias_arg[0] if bias_arg else correction_bias(block)) if spec.has_correction_bias else None
             weights, ids = handle.route(layer, logits, ctx, bias)
             ids = torch.where(ids >= 0, ids, spec.num_experts).long()
             if cast_back:
@@ -200,6 +201,12 @@ def _install(handle: PolicyHandle, blocks: dict[int, nn.Module], spec: ModelSpec
         handle._restore.append(pre.remove)
         handle._restore.append(lambda gate=gate, original=original: setattr(gate, "forward", original))
     return handle
+
+
+def correction_bias(block: nn.Module) -> Tensor | None:
+    """A MoE block's ``e_score_correction_bias``: on its router (DeepSeek-V3, GLM-4) or on the block (MiniMax-M2)."""
+    bias = getattr(block.gate, "e_score_correction_bias", None)
+    return bias if bias is not None else getattr(block, "e_score_correction_bias", None)
 
 
 def _attr_path(obj, path: str):

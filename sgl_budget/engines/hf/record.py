@@ -13,7 +13,7 @@ from torch import Tensor
 from ...spec import ModelSpec
 from ...traces import Trace
 from ...traces.format import DECODE, PREFILL
-from .adapter import moe_blocks
+from .adapter import correction_bias, moe_blocks
 from .progress import bar
 
 
@@ -59,7 +59,7 @@ def record_trace(model, spec: ModelSpec, windows: Tensor, batch_size: int = 16, 
     phase = torch.tensor(([PREFILL] * p + [DECODE] * (s - p)) * len(per_seq), dtype=torch.uint8)
     bias = None
     if spec.has_correction_bias:
-        bias = {l: b.gate.e_score_correction_bias.detach().float().clone() for l, b in blocks.items()}
+        bias = {l: correction_bias(b).detach().float().clone() for l, b in blocks.items()}
     return Trace(spec=spec, router_logits=logits, phase=phase,
                  sequences=[(k * s, (k + 1) * s) for k in range(len(per_seq))], correction_bias=bias,
                  token_ids=windows.reshape(-1).clone(), source=source or "recorded from transformers forwards",
