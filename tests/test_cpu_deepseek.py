@@ -1,103 +1,19 @@
 """DeepSeek-V2 / V3 (and Kimi K2, model_type deepseek_v3) on SGLang's CPU engine (issue 17).
 
-* :func:`build` writes a tiny random-weight checkpoint with the config fields real DeepSeek
-  ``config.json`` files carry (and SGLang reads): ``moe_layer_freq``, ``scoring_func``,
-  ``topk_method``, ``first_k_dense_replace``, ``n_group``/``topk_group``, YaRN ``rope_scaling``.
 * A unit test of sgl_budget's MLA stand-in for SGLang's torch-native backend
   (:mod:`sgl_budget.engines.sglang.cpu_mla`) against plain causal attention.
-* End to end: the stock launcher (``--device cpu``), one server per model type, greedy fp32
-  tokens equal to transformers' — stock and with a 50% uniform ``--moe-policy`` (against the
-  transformers adapter with the same policy).
+* End to end (the stock launcher serving tiny DeepSeek-V2 / V3 / GLM-4.7-Flash checkpoints with the fields
+  real config.json files carry, stock and with policies): tests/test_serving_families.py.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
 from sgl_budget.engines.sglang.cpu_mla import causal_attention_over_given_kv, is_mha_over_latent_pool
-
-ROOT = Path(__file__).resolve().parent.parent
-TOKENIZER_FROM = ROOT / "models" / "brown-moe"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
-                   "generation_config.json")
-
-# Shared by both model types: hidden 64, MLA with kv_lora_rank 32, qk_rope 16, qk_nope 16, v 16 (the shapes of the
-# issue's report), 16 routed experts top-4, dense first layer.
-_COMMON = dict(
-    vocab_size=8192, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_attention_heads=4,
-    num_key_value_heads=4, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16,
-    n_routed_experts=16, num_experts_per_tok=4, first_k_dense_replace=1, max_position_embeddings=1024,
-    rms_norm_eps=1e-6, hidden_act="silu", tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0,
-)
-# YaRN as real DeepSeek checkpoints have it (V2-Lite: mscale 0.707; V3: 1.0), scaled down to this model.
-_YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=256, beta_fast=32.0,
-             beta_slow=1.0)
-CONFIGS: dict[str, dict] = {
-    # DeepSeek-V2(-Lite) style: softmax, greedy top-k (one group), no renormalisation, no q LoRA, 2 shared experts.
-    "deepseek_v2": dict(_COMMON, model_type="deepseek_v2", num_hidden_layers=3, q_lora_rank=None, n_shared_experts=2,
-                        n_group=1, topk_group=1, topk_method="greedy", scoring_func="softmax", norm_topk_prob=False,
-                        routed_scaling_factor=1.0, moe_layer_freq=1,
-                        rope_parameters=dict(_YARN, mscale=0.707, mscale_all_dim=0.707)),
-    # DeepSeek-V3 / Kimi K2 style: sigmoid, noaux_tc with a correction bias, 4 groups keep 2, renormalised, scaled
-    # by 2.5, q LoRA, 1 shared expert.
-    "deepseek_v3": dict(_COMMON, model_type="deepseek_v3", num_hidden_layers=4, q_lora_rank=32, n_shared_experts=1,
-                        n_group=4, topk_group=2, topk_method="noaux_tc", scoring_func="sigmoid", norm_topk_prob=True,
-                        routed_scaling_factor=2.5, moe_layer_freq=1, rope_interleave=True,
-                        rope_parameters=dict(_YARN, mscale=1.0, mscale_all_dim=1.0)),
-}
-# Fields SGLang reads from config.json that transformers 5's config classes do not write.
-SGLANG_FIELDS = ("moe_layer_freq", "scoring_func", "topk_method", "n_group", "topk_group", "norm_topk_prob",
-                 "routed_scaling_factor", "first_k_dense_replace")
-
-
-def build(directory: str | Path, model_type: str, seed: int = 0) -> Path:
-    """Write a tiny random-weight ``model_type`` (deepseek_v2 | deepseek_v3) checkpoint into ``directory``.
-
-    fp32 weights from a fixed seed (the V3 correction bias nonzero), brown-moe's tokenizer and chat
-    template, and ``config.json`` completed with what real DeepSeek config files carry and SGLang reads
-    (``moe_layer_freq``, ``scoring_func``, ``topk_method``, ``rope_scaling`` — transformers 5 writes
-    ``rope_parameters`` instead). Returns the directory.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    cfg = dict(CONFIGS[model_type])
-    mt = cfg.pop("model_type")
-    config = AutoConfig.for_model(mt, **cfg)
-    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():  # a wider spread than the init's 0.02: routing decisions are clearer
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.08)
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.copy_(torch.randn(b.shape, generator=g) * 0.05)
-    model.save_pretrained(directory)
-    for f in TOKENIZER_FILES:
-        if (TOKENIZER_FROM / f).exists():
-            shutil.copy(TOKENIZER_FROM / f, directory / f)
-    path = directory / "config.json"
-    saved = json.loads(path.read_text())
-    for k in SGLANG_FIELDS:
-        saved[k] = CONFIGS[model_type][k]
-    rope = dict(saved.get("rope_parameters") or CONFIGS[model_type]["rope_parameters"])
-    saved["rope_theta"] = rope["rope_theta"]
-    saved["rope_scaling"] = {("type" if k == "rope_type" else k): v for k, v in rope.items() if k != "rope_theta"}
-    path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
-    return directory
-
-
-# -- the stand-in, against plain attention -------------------------------------------------------------------------
 
 def _reference_attention(q, k, v, seq_lens, scaling):
     """Softmax(q kᵀ · scaling + causal mask) v, sequence by sequence, head by head, written out."""
