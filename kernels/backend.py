@@ -50,6 +50,10 @@ class KernelRouter(LayerRouter):
             return False
         if self.conv.scores_in_logit_dtype and router_logits.dtype != torch.float32:
             return False  # the kernels score in float32
+        if self.conv.renorm_clamp_min is not None:
+            return False  # the kernels renormalise by sum + eps, not clamp(sum, min) (ERNIE in transformers)
+        if self.conv.weights_from_selected_logits:
+            return False  # the kernels weigh by renormalised gate scores, not a softmax of the selected logits
         # whole-batch stages run in one program: decode-sized batches (large prefills take the reference)
         t = router_logits.shape[0]
         r = plan.reallocation
@@ -69,6 +73,8 @@ class KernelRouter(LayerRouter):
         if not self.kernel_applies(plan, router_logits):
             return super().__call__(router_logits, ctx, correction_bias, row_mask)
         spec = self.spec
+        if self.conv.ignore_correction_bias:  # as score_experts: the engine's stock path ranks without it
+            correction_bias = None
         kw = dict(sigmoid=spec.scoring_func == "sigmoid", correction_bias=correction_bias, n_group=spec.n_group,
                   topk_group=spec.topk_group, renormalize=spec.norm_topk_prob,
                   eps=renorm_epsilon(spec) if self.conv.renorm_eps is None else self.conv.renorm_eps,

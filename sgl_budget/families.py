@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 ConfigReader = Literal["qwen", "qwen_renorm", "qwen_always_renorm", "deepseek", "all_layers", "glm4", "minimax_m2",
-                       "hunyuan", "unsupported"]
+                       "hunyuan", "ernie", "unsupported"]
 CpuStatus = Literal["served", "in-process", "no"]
 
 
@@ -29,7 +29,14 @@ class HfFacts:
     logits_fp32: bool = False  # router logits computed in float32 (DeepSeek-V3-style routers)
     cast_back: bool = True  # routing weights cast back to the logits' dtype before the experts
     sorted_selection: bool = True  # torch.topk(sorted=True) in the plain top-k selection
-    router_weight: str = "weight"  # the router's weight, as an attribute path under the MoE block's ``gate``
+    router_weight: str = "weight"  # the router's weight, as an attribute path under the MoE block's router
+    router: str = "gate"  # the router module's attribute on the MoE block (GPT-OSS: ``router``)
+    router_bias: str = ""  # the router's linear bias (added to the logits), as an attribute path under the router
+    weights_from_selected_logits: bool = False  # weights = softmax over the chosen experts' logits (GPT-OSS)
+    experts_skip_padding: bool = True  # the eager experts skip index num_experts (GPT-OSS's one-hot cannot take it)
+    correction_bias: str = ""  # attribute path of the correction bias under the MoE block ("": gate's, else block's)
+    weights_to_hidden_dtype: bool = False  # cast_back casts to the hidden states' dtype, not the logits' (ERNIE)
+    renorm_clamp: str = ""  # config attribute: the renormalisation divides by clamp(sum, min=it) (ERNIE: moe_norm_min)
 
 
 @dataclass(frozen=True)
@@ -98,22 +105,39 @@ FAMILY_LIST: tuple[Family, ...] = (
            renorm_eps=1e-20, hf=HfFacts(logits_fp32=True, cast_back=False, sorted_selection=False)),
     Family("glm4_moe_lite", "GLM-4.7-Flash", ("zai-org/GLM-4.7-Flash",), "glm4", renorm_eps=1e-20,
            hf=HfFacts(logits_fp32=True, cast_back=False, sorted_selection=False), cpu_note=_MLA_ON_CPU),
-    Family("gpt_oss", "GPT-OSS", ("openai/gpt-oss-20b", "openai/gpt-oss-120b"), "all_layers", hf=None,
-           hf_refusal="its router (mlp.router) weights a softmax over the chosen logits and its experts do not skip "
-                      "a padded slot; the adapter does not handle either yet",
-           sglang_refusal="SGLang 0.5.23 routes GPT-OSS inside its triton_kernels MoE runner (select_experts is never "
-                          "called) unless --moe-runner-backend triton, and its CPU engine cannot run GPT-OSS "
-                          "attention, so no sgl_budget test has served it yet", cpu="no",
-           cpu_note="SGLang refuses the torch-native attention backend for GPT-OSS"),
+    Family("gpt_oss", "GPT-OSS", ("openai/gpt-oss-20b", "openai/gpt-oss-120b"), "all_layers",
+           hf=HfFacts(router="router", router_bias="bias", weights_from_selected_logits=True,
+                      experts_skip_padding=False),
+           cpu="in-process",
+           cpu_note="the whole model cannot run on SGLang 0.5.23's CPU engine: GPT-OSS needs attention with sliding "
+                    "windows and sinks, so its launch check refuses --attention-backend torch_native (it wants triton, "
+                    "trtllm_mha, fa3, fa4, ascend, intel_amx, intel_xpu or aiter), and without AMX the CPU engine "
+                    "falls back to torch_native anyway; SGLang's own MoE block (GptOssSparseMoeBlock: router linear "
+                    "with bias, softmax TopK with renormalisation, FusedMoE with biases and the clamped SwiGLU on "
+                    "moe_forward_native) is tested in-process on CPU: "
+                    "stock and policy outputs equal the transformers block's (tests/test_sglang_blocks_gpt_oss.py)",
+           notes="on GPU SGLang 0.5.23 picks the triton_kernel MoE runner for bf16 GPT-OSS, whose routing is fused "
+                 "into the kernel (select_experts is never called): a worker routing with --moe-policy stops when the "
+                 "layer binds that runner, with an error that asks for --moe-runner-backend triton; transformers "
+                 "weighs by a softmax over the chosen experts' logits (the adapter reproduces it bit for bit), SGLang "
+                 "by the renormalised softmax (equal up to rounding); the published checkpoints are MXFP4, whose MoE "
+                 "runners sgl_budget has not tested (its tests use unquantized weights)"),
     Family("minimax_m2", "MiniMax-M2", ("MiniMaxAI/MiniMax-M2", "MiniMaxAI/MiniMax-M2.1"), "minimax_m2",
            hf=HfFacts(cast_back=False, sorted_selection=False),
            cpu_note="its QK-norm is a CUDA-only Triton kernel in SGLang 0.5.23; CPU serving supplies a pure-torch "
                     "stand-in (one RMS norm over all heads, as transformers computes it)"),
     Family("ernie4_5_moe", "ERNIE-4.5-MoE", ("baidu/ERNIE-4.5-21B-A3B-PT", "baidu/ERNIE-4.5-300B-A47B-PT"),
-           "unsupported", hf=None, hf_refusal=_NOT_READ,
-           sglang_refusal="it scores with softmax plus a correction bias, which SGLang 0.5.23's CUDA top-k drops (so "
-                          "stock routing on GPU differs from the model's rule), and it renormalises with a clamp",
-           cpu="no"),
+           "ernie", hf=HfFacts(logits_fp32=True, correction_bias="gate.moe_statics.e_score_correction_bias",
+                               weights_to_hidden_dtype=True, renorm_clamp="moe_norm_min"),
+           cpu="served",
+           notes="weights are the softmax of the chosen experts, chosen by softmax + correction bias "
+                 "(moe_statics.e_score_correction_bias), always renormalised: transformers divides by clamp(sum, "
+                 "min=moe_norm_min), SGLang by sum + 1e-20, and each engine's policies do as it does; SGLang 0.5.23's "
+                 "GPU top-k for this TopK (fused_topk's softmax kernel) drops the bias, so stock routing on CUDA is "
+                 "plain softmax top-k, and --moe-policy on CUDA ranks by the unbiased softmax too (own-k == stock "
+                 "there; routing traces recorded there keep the bias, which replay applies); its torch-native and CPU "
+                 "paths apply the bias; MoE layers follow SGLang's rule (start + every interval), transformers' "
+                 "differs for moe_layer_interval > 1 (the adapter then refuses)"),
     Family("hunyuan_v1_moe", "Hunyuan-A13B", ("tencent/Hunyuan-A13B-Instruct",), "hunyuan",
            hf=HfFacts(logits_fp32=True, router_weight="wg.weight"), cpu="no",
            cpu_note="with --device cpu, SGLang 0.5.23's Hunyuan attention crashes in its first prefill (its QK-norm "

@@ -262,6 +262,12 @@ class _Fields:
 
 
 _CORE = ("num_hidden_layers", "num_experts", "num_experts_per_tok", "hidden_size")
+# reader -> (routed-expert count keys, top-k keys), first present wins; "" is every other reader's
+_COUNT_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "": (("n_routed_experts", "num_experts", "num_local_experts"), ("num_experts_per_tok", "moe_topk", "top_k")),
+    # ERNIE-4.5's own keys; transformers' attribute_map aliases them as num_experts / num_experts_per_tok
+    "ernie": (("moe_num_experts", "num_experts"), ("moe_k", "num_experts_per_tok")),
+}
 
 
 def _from_hf(cfg: dict[str, Any], name: str) -> ModelSpec:
@@ -275,21 +281,22 @@ def _from_hf(cfg: dict[str, Any], name: str) -> ModelSpec:
     if fam is not None and fam.config == "hunyuan":
         cfg = _uniform_layer_lists(cfg, ("moe_topk", "moe_intermediate_size", "num_shared_expert", "num_experts"))
         f = _Fields(cfg)
-    if any(_get(cfg, *keys) is None for keys in (("num_hidden_layers", "n_layers"),
-                                                  ("n_routed_experts", "num_experts", "num_local_experts"),
-                                                  ("num_experts_per_tok", "moe_topk", "top_k"),
+    reader = fam.config if fam is not None else _UNKNOWN_FAMILY_READERS.get(mt, "qwen")
+    expert_keys, topk_keys = _COUNT_KEYS.get(reader, _COUNT_KEYS[""])
+    if any(_get(cfg, *keys) is None for keys in (("num_hidden_layers", "n_layers"), expert_keys, topk_keys,
                                                   ("hidden_size", "d_model"))):
+        needs = ("num_experts/n_routed_experts/num_local_experts, num_experts_per_tok" if reader not in _COUNT_KEYS
+                 else f"{'/'.join(expert_keys)}, {'/'.join(topk_keys)}")
         raise SpecError(
             f"config of model_type {mt!r} is not an MoE config sgl_budget understands "
-            "(needs num_hidden_layers, num_experts/n_routed_experts/num_local_experts, num_experts_per_tok, hidden_size)"
+            f"(needs num_hidden_layers, {needs}, hidden_size)"
         )
     n_layers = f.integer("num_hidden_layers", "n_layers", hi=100_000)
-    n_experts = f.integer("n_routed_experts", "num_experts", "num_local_experts", hi=1 << 16)
-    top_k = f.integer("num_experts_per_tok", "moe_topk", "top_k", hi=1 << 16)
+    n_experts = f.integer(*expert_keys, hi=1 << 16)
+    top_k = f.integer(*topk_keys, hi=1 << 16)
     hidden = f.integer("hidden_size", "d_model", hi=1 << 24)
     common = dict(name=name, num_layers=n_layers, num_experts=n_experts, top_k=top_k, hidden_size=hidden,
                   model_type=mt)
-    reader = fam.config if fam is not None else _UNKNOWN_FAMILY_READERS.get(mt, "qwen")
     kw = _READERS[reader](f, mt, n_layers)
     if f.problems:
         raise SpecError(f"config of model_type {mt!r} lacks or garbles fields sgl_budget needs: "
@@ -369,6 +376,25 @@ def _minimax_m2_fields(f: _Fields, mt: str, n_layers: int) -> dict[str, Any]:
                 has_correction_bias=f.flag("use_routing_bias", False))
 
 
+def _ernie_fields(f: _Fields, mt: str, n_layers: int) -> dict[str, Any]:
+    """ERNIE-4.5-MoE: softmax scores, selection by softmax + correction bias (``moe_statics``), always renormalised,
+    no groups or scaling; ``moe_num_shared_experts`` shared MLPs of ``moe_intermediate_size``.
+
+    MoE layers as SGLang's ernie4.py picks them: ``start <= i <= end and (i - start) % interval == 0`` (an end of -1
+    is the last layer, as transformers' config resolves it). transformers picks ``(i + 1) % interval == 0`` in the same
+    range: equal for interval 1 (every published config); the adapter refuses a model whose layers differ."""
+    start = f.integer("moe_layer_start_index", default=1, lo=0, hi=100_000)
+    end = f.integer("moe_layer_end_index", default=n_layers - 1, lo=-1, hi=100_000)
+    end = n_layers - 1 if end == -1 else end
+    interval = f.integer("moe_layer_interval", default=1, hi=100_000)
+    inter = f.integer("moe_intermediate_size", hi=1 << 24)
+    n_shared = f.integer("moe_num_shared_experts", default=2, lo=0, hi=1 << 16)  # transformers' default
+    return dict(moe_layers=tuple(i for i in range(n_layers) if start <= i <= end and (i - start) % interval == 0),
+                moe_intermediate_size=inter, num_shared_experts=n_shared,
+                shared_expert_intermediate_size=n_shared * inter, scoring_func="softmax", norm_topk_prob=True,
+                has_correction_bias=True)
+
+
 def _uniform_layer_lists(cfg: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
     """``cfg`` with per-layer lists (Hunyuan's ``moe_topk: [8, 8, ...]``) that hold one value turned into that value;
     a list whose layers differ is a SpecError (a spec has one top-k and one expert size)."""
@@ -407,7 +433,7 @@ _READERS: dict[str, Callable[[_Fields, str, int], dict[str, Any]]] = {
     "qwen": _qwen_fields, "deepseek": _deepseek_fields, "all_layers": _all_layers_fields,
     "qwen_renorm": lambda f, mt, n: _qwen_fields(f, mt, n, norm_default=True),
     "qwen_always_renorm": lambda f, mt, n: _qwen_fields(f, mt, n, always_renorm=True),
-    "glm4": _glm4_fields, "minimax_m2": _minimax_m2_fields, "hunyuan": _hunyuan_fields,
+    "glm4": _glm4_fields, "minimax_m2": _minimax_m2_fields, "hunyuan": _hunyuan_fields, "ernie": _ernie_fields,
     "unsupported": _unsupported_fields,
 }
 

@@ -77,6 +77,13 @@ CONFIGS: dict[str, dict] = {
                    "scoring_func": "sigmoid", "use_routing_bias": True, "use_qk_norm": True,
                    "qk_norm_type": "per_layer", "rope_theta": 5000000.0, "shared_intermediate_size": 0,
                    "use_mtp": False},
+    # ERNIE-4.5-21B-A3B-PT's fields; its config ties the embeddings, and SGLang's Ernie4_5 class ties lm_head then
+    "ernie4_5_moe": {**_COMMON, "architectures": ["Ernie4_5_MoeForCausalLM"], "model_type": "ernie4_5_moe",
+                     "num_hidden_layers": 3, "head_dim": 16, "intermediate_size": 128, "moe_intermediate_size": 32,
+                     "moe_num_experts": 16, "moe_k": 4, "moe_num_shared_experts": 2, "moe_layer_start_index": 1,
+                     "moe_layer_end_index": 2, "moe_layer_interval": 1, "moe_use_aux_free": True,
+                     "moe_norm_min": 1e-12, "use_bias": False, "rope_theta": 500000.0, "tie_word_embeddings": True,
+                     "initializer_range": 0.1, "_router_scale": 3.0},  # tied: 0.02 just repeats the last token
 }
 ROUTER_SCALE = 30.0  # router weights x this: decisive routing (init std 0.02 gives near-uniform logits)
 
@@ -115,6 +122,8 @@ def _scale_routers(model, seed: int, scale: float = ROUTER_SCALE) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(("gate.weight", "router.weight", "gate.wg.weight")) and p.dim() == 2 and p.shape[0] > 1:
+                if not p.any():  # a router transformers initialises to zeros (ERNIE): the others' init std
+                    p.copy_(torch.randn(p.shape, generator=g) * model.config.initializer_range)
                 p.mul_(scale)
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):

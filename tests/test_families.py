@@ -120,6 +120,8 @@ EXPECTED = {  # the routing facts each reader must get from the published config
     "gpt_oss": dict(norm_topk_prob=True, scoring_func="softmax"),
     "minimax_m2": dict(scoring_func="sigmoid", has_correction_bias=True, norm_topk_prob=True),
     "qwen2_moe": dict(num_shared_experts=1, shared_expert_intermediate_size=64, norm_topk_prob=False),
+    "ernie4_5_moe": dict(moe_layers=(1, 2), num_experts=16, top_k=4, scoring_func="softmax", has_correction_bias=True,
+                         norm_topk_prob=True, n_group=1, num_shared_experts=2, shared_expert_intermediate_size=64),
 }
 
 

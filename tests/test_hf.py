@@ -12,6 +12,8 @@ if os.environ.get("SGL_BUDGET_REQUIRE_SGLANG"):
 transformers = pytest.importorskip("transformers", reason="install the hf extra: pip install -e '.[hf]'")
 
 from sgl_budget.engines.hf import UnsupportedModel, apply_policy, moe_blocks, spec_of  # noqa: E402
+from sgl_budget.engines.hf.adapter import router_of  # noqa: E402
+from sgl_budget.families import FAMILIES  # noqa: E402
 from sgl_budget.lang import compile_policy  # noqa: E402
 
 COMMON = dict(vocab_size=97, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
@@ -49,7 +51,8 @@ def _from_family_config(model_type: str):
     return lambda: transformers.AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "architectures"})
 
 
-for _mt in ("qwen3_next", "qwen3_5_moe_text", "glm4_moe", "glm4_moe_lite", "hunyuan_v1_moe", "minimax_m2"):
+for _mt in ("qwen3_next", "qwen3_5_moe_text", "glm4_moe", "glm4_moe_lite", "hunyuan_v1_moe", "minimax_m2",
+            "ernie4_5_moe", "gpt_oss"):
     CONFIGS[_mt] = _from_family_config(_mt)
 
 
@@ -65,8 +68,12 @@ def build(name: str):
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():
         for block in moe_blocks(model).values():  # random routers (some init to zeros) and biases
-            getattr(block.gate, "wg", block.gate).weight.normal_(0, 0.5)
-            for owner in (block.gate, block):  # the bias lives on the router, or on the block (MiniMax-M2)
+            router = router_of(model, block)  # block.gate; GPT-OSS: block.router, a linear with a bias
+            getattr(router, "wg", router).weight.normal_(0, 0.5)
+            if FAMILIES[model.config.model_type].hf.router_bias:  # a router bias in the logits (zeros at init)
+                router.bias.normal_(0, 0.5)
+            # the bias lives on the router, on the block (MiniMax-M2) or in the router's moe_statics (ERNIE)
+            for owner in (router, block, getattr(router, "moe_statics", None)):
                 if getattr(owner, "e_score_correction_bias", None) is not None:
                     owner.e_score_correction_bias.normal_(0, 0.1)
     return model
@@ -104,7 +111,8 @@ def test_reduced_budget_changes_logits_and_k(name: str) -> None:
         with apply_policy(model, compile_policy(
                 'policy "t" { budget 25%; tokens { reallocate by score; min_k 0; max_k 4 } }', spec)):
             for layer, block in moe_blocks(model).items():
-                block.gate.register_forward_hook(lambda m, a, out, layer=layer: seen.__setitem__(layer, out))
+                router_of(model, block).register_forward_hook(
+                    lambda m, a, out, layer=layer: seen.__setitem__(layer, out))
             got = model(input_ids=ids).logits
     assert not torch.equal(got, want)
     assert set(seen) == set(spec.moe_layers)
@@ -138,3 +146,45 @@ def test_unsupported_family() -> None:
     spec_ir = compile_policy('policy "x" { }', spec_of(build("qwen3_moe")))
     with pytest.raises(UnsupportedModel, match="'llama' is not an MoE family sgl_budget knows"):
         apply_policy(model, spec_ir)
+
+
+def test_gpt_oss_weights_and_padding_in_float32() -> None:
+    """GPT-OSS weighs by a softmax over the chosen experts' logits: in float32 (where bf16's final rounding cannot
+    hide it) own-k is bit-exact only under that convention; and its experts, whose eager one-hot cannot take the
+    padding index, run sgl_budget's padding-safe forward at decode and prefill sizes alike."""
+    import dataclasses
+
+    from sgl_budget.engines.hf import experts
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(CONFIGS["gpt_oss"](), dtype=torch.float32).eval()
+    with torch.no_grad():
+        for block in moe_blocks(model).values():
+            block.router.weight.normal_(0, 0.5)
+            block.router.bias.normal_(0, 0.5)
+    spec = spec_of(model)
+    own = compile_policy(f'policy "own" {{ layers {{ k = {spec.top_k} }} }}', spec)
+    ids = torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(1))
+    fam = FAMILIES["gpt_oss"]
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        with apply_policy(model, own):
+            assert torch.equal(model(input_ids=ids).logits, want)
+        try:  # the renormalised softmax instead: equal up to rounding only
+            FAMILIES["gpt_oss"] = dataclasses.replace(fam, hf=dataclasses.replace(
+                fam.hf, weights_from_selected_logits=False))
+            with apply_policy(model, own):
+                assert not torch.equal(model(input_ids=ids).logits, want)
+        finally:
+            FAMILIES["gpt_oss"] = fam
+        block = moe_blocks(model)[0]
+        for tokens in (8, experts.DENSE_MAX_TOKENS + 8):  # the dense forward, and the padding-safe loop
+            x = torch.randn(tokens, 64)
+            top = torch.stack([torch.randperm(16)[:4] for _ in range(tokens)])
+            w = torch.softmax(torch.randn(tokens, 4), -1)
+            padded, pw = top.clone(), w.clone()
+            padded[:, 2:], pw[:, 2:] = 16, 0.0  # two real slots, two padding slots (index num_experts)
+            eager = type(block.experts).forward.__wrapped__(block.experts, x, top[:, :2], w[:, :2])
+            torch.testing.assert_close(experts.dense_experts_forward(block.experts, x, padded, pw), eager)
+            with pytest.raises(RuntimeError, match="num_classes"):  # why: GPT-OSS's own eager forward
+                type(block.experts).forward.__wrapped__(block.experts, x, padded, pw)

@@ -81,7 +81,7 @@ def test_bad_policy_ends_the_launch_before_any_worker(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("cfg,message", [
-    ({**QWEN3, "model_type": "minimax_m2"}, "model type 'minimax_m2' (MiniMax-M2) is not supported by --moe-policy"),
+    ({**QWEN3, "model_type": "deepseek_v4"}, "model type 'deepseek_v4' (DeepSeek-V4) is not supported by --moe-policy"),
     ({**QWEN3, "model_type": "acme_moe"}, "model type 'acme_moe' is not an MoE family sgl_budget knows"),
     ({"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 8}, "not an MoE config"),
 ])
@@ -217,6 +217,9 @@ VARIANTS = {
         dict(scoring_func="sigmoid", norm_topk_prob=True, n_group=4, topk_group=2, routed_scaling_factor=2.5,
              has_correction_bias=True, model_type="glm4_moe"),
         dict(renormalize=True, use_grouped_topk=True, num_expert_group=4, topk_group=2, routed_scaling_factor=2.5)),
+    # ERNIE-4.5-MoE (ernie4.py): softmax selecting with softmax + correction bias, ungrouped, always renormalised
+    "ernie-as-built": (dict(norm_topk_prob=True, has_correction_bias=True, model_type="ernie4_5_moe"),
+                       dict(renormalize=True, use_grouped_topk=False)),
     "sigmoid-bias-grouped-scaled-in-topk": (
         dict(scoring_func="sigmoid", norm_topk_prob=True, n_group=4, topk_group=2, routed_scaling_factor=2.5,
              has_correction_bias=True, model_type="deepseek_v3"),
@@ -263,7 +266,7 @@ def test_stock_policy_equals_sglang_select_experts(sglang_topk, tmp_path, name) 
 
 
 @pytest.mark.parametrize("native_hook", [True, False])
-@pytest.mark.parametrize("name", ["softmax-renorm", "sigmoid-bias-grouped"])
+@pytest.mark.parametrize("name", ["softmax-renorm", "sigmoid-bias-grouped", "ernie-as-built"])
 def test_reduced_k_matches_sglang_at_that_k(sglang_topk, tmp_path, name, native_hook, monkeypatch) -> None:
     """k = 2 through the hook == SGLang's own select_experts with top_k = 2, plus padding."""
     from sgl_budget.engines.sglang import native_moe
@@ -287,6 +290,43 @@ def test_reduced_k_matches_sglang_at_that_k(sglang_topk, tmp_path, name, native_
     else:  # without it (e.g. a fork with the patch series), a distinct expert the token does not use, never -1
         for row in got.topk_ids.tolist():
             assert min(row) >= 0 and len(set(row)) == 4
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_ernie_where_stock_drops_the_bias(sglang_topk, tmp_path, k) -> None:
+    """ERNIE's TopK off the torch-native path (CUDA's fused_topk, simulated here): SGLang's own top-k drops the
+    correction bias, so sgl_budget's routing does too — own k and k = 2 equal plain softmax top-k at that k."""
+    from sgl_budget.engines.sglang.routing import sglang_conventions, stock_drops_correction_bias
+
+    T = sglang_topk.T
+    spec, topk_kw = _variant("ernie-as-built")
+    x = torch.randn(21, 16, generator=torch.Generator().manual_seed(4))
+    h = torch.zeros(21, 8)
+    topk = T.TopK(top_k=4, layer_id=1, **topk_kw)
+    topk.topk_config.torch_native = True  # TopK.forward_native (the CPU engine): SGLang applies the bias
+    assert not stock_drops_correction_bias(topk.topk_config)
+    assert not sglang_conventions(topk.topk_config).ignore_correction_bias
+    topk.topk_config.torch_native = False  # TopK.forward_cuda: fused_topk's softmax kernels never read it
+    assert stock_drops_correction_bias(topk.topk_config) == (T.fused_topk is not getattr(T, "fused_topk_cpu", None))
+    if not stock_drops_correction_bias(topk.topk_config):
+        pytest.skip("this CPU's SGLang top-k (AMX) applies the bias on every path")
+    conv = sglang_conventions(topk.topk_config)
+    assert conv.ignore_correction_bias and conv.sorted_selection and not conv.scores_in_logit_dtype
+    _use(spec, None, tmp_path)
+    want = T.TopK(top_k=k, layer_id=1, renormalize=True).forward_native(h, x)  # plain softmax top-k, no bias
+    biased = T.TopK(top_k=k, layer_id=1, **topk_kw).forward_native(h, x)  # SGLang's torch-native path
+    assert not torch.equal(biased.topk_ids.sort().values, want.topk_ids.sort().values)  # the bias matters here
+    _use(spec, f'policy "k" {{ layers {{ k = {k} }} }}', tmp_path, stock_fast_path=False)
+    got = T.select_experts(h, x, topk.topk_config, layer_id=1)
+    assert torch.equal(got.topk_ids[:, :k].long(), want.topk_ids.long())
+    assert torch.equal(got.topk_weights[:, :k], want.topk_weights)
+    assert (got.topk_weights[:, k:] == 0).all()
+    topk.topk_config.torch_native = True  # the same layer on SGLang's torch-native path: the bias applies again
+    native = T.select_experts(h, x, topk.topk_config, layer_id=1)
+    key = lambda ids, w: sorted(zip(ids.tolist(), w.tolist()))  # noqa: E731  (torch-native top-k is unsorted)
+    for t in range(21):
+        assert key(native.topk_ids[t, :k], native.topk_weights[t, :k]) == key(biased.topk_ids[t],
+                                                                                biased.topk_weights[t])
 
 
 def _native_layer(e: int, hdim: int, inter: int):

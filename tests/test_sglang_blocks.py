@@ -261,9 +261,11 @@ def _sglang(family, x: torch.Tensor, forward_batch=None) -> tuple[torch.Tensor, 
 
 
 def _hf(family, x: torch.Tensor, policy_text: str | None = None, context=None) -> tuple[torch.Tensor, int]:
-    """The transformers block on ``x`` ``[B, S, H]`` (under the adapter with ``policy_text`` on the whole model)."""
+    """The transformers block on ``x`` ``[B, S, H]`` (under the adapter with ``policy_text`` on the whole model):
+    its output and the (token, expert) pairs it routed. The router is ``block.gate`` (``block.router``: GPT-OSS)."""
     seen = []
-    hook = family.block.gate.register_forward_hook(lambda m, a, out: seen.append(out))
+    router = getattr(family.block, "router", None) or family.block.gate
+    hook = router.register_forward_hook(lambda m, a, out: seen.append(out))
     try:
         with torch.no_grad():
             if policy_text is None:
@@ -277,6 +279,7 @@ def _hf(family, x: torch.Tensor, policy_text: str | None = None, context=None) -
                             out = family.block(x)
     finally:
         hook.remove()
+    out = out[0] if isinstance(out, tuple) else out  # GPT-OSS's block also returns its router scores
     (_, weights, ids), = seen
     return out, int(((ids < family.hf_spec.num_experts) & (weights > 0)).sum())
 

@@ -111,16 +111,17 @@ class LayerRouter:
         if plan.is_stock_shape and not details:  # padded rows are routed too; the engine masks them
             slots = select_topk(gs, plan.k, maybe_masked=False, stock=self.is_stock_plan(plan),
                                 sorted=self.conv.sorted_selection)
-            w = finalize_weights(self.spec, slots.raw, None, self.conv)  # padding after the k real slots
+            w = finalize_weights(self.spec, gs.weight_source(slots.ids, slots.raw), None, self.conv)  # pads last
             return pad_output(RouteOutput(w, slots.ids.to(torch.int32)), self.width)
 
         slots, primary, n_moved = self._stages(plan, gs, gs.scores.device, row_mask)
         slots = pad(slots, self.width) if plan.is_stock_shape else compact(slots, self.width)
         if plan.is_stock_shape:
-            w = finalize_weights(self.spec, slots.raw[..., : plan.k], None, self.conv)
+            w = finalize_weights(self.spec, gs.weight_source(slots.ids[..., : plan.k], slots.raw[..., : plan.k]),
+                                 None, self.conv)
             w = torch.cat([w, w.new_zeros(*w.shape[:-1], self.width - plan.k)], dim=-1)
         else:
-            w = finalize_weights(self.spec, slots.raw, slots.valid, self.conv)
+            w = finalize_weights(self.spec, gs.weight_source(slots.ids, slots.raw), slots.valid, self.conv)
         ids = torch.where(slots.valid, slots.ids, torch.full_like(slots.ids, -1)).to(torch.int32)
         if not details:
             return RouteOutput(w, ids)

@@ -4,7 +4,7 @@ Every stage of a policy ranks experts by the *selection score* and weights them 
 the *gate score*, exactly as the model does:
 
 * softmax models (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2): gate score =
-  ``softmax(logits.float())``; selection score = gate score.
+  ``softmax(logits.float())``; selection score = gate score (ERNIE-4.5-MoE: + its correction bias).
 * sigmoid models (DeepSeek-V3 ``noaux_tc``): gate score = ``sigmoid(logits.float())``;
   selection score = gate score + ``e_score_correction_bias`` when the model has one.
 * grouped top-k (``spec.n_group > 1``): experts outside the ``topk_group`` best
@@ -16,7 +16,8 @@ the *gate score*, exactly as the model does:
   negative biased score from losing to a masked expert.
 
 Weights are always the *unbiased* gate scores of the chosen experts, renormalised
-when ``spec.norm_topk_prob`` and scaled by ``routed_scaling_factor``.
+when ``spec.norm_topk_prob`` (``sum + eps``, or ``clamp(sum, min)`` under a clamp convention: ERNIE in
+transformers) and scaled by ``routed_scaling_factor``.
 
 Exact ties: every ranking a policy adds (top-k at any k once a policy stage
 applies, the group limit, Alloc-T, SERE, piggybacking) puts the lower expert
@@ -75,6 +76,12 @@ class Conventions:
     apply_routed_scaling: bool = True  # False: the engine scales the MoE output instead
     sorted_selection: bool = True  # torch.topk(sorted=...) of the plain top-k selection
     scores_in_logit_dtype: bool = False  # score in the router logits' dtype (else float32)
+    renorm_clamp_min: float | None = None  # set: renormalise by clamp(sum, min=it) instead of sum + eps (ERNIE in HF)
+    ignore_correction_bias: bool = False  # the engine's own top-k drops the bias (SGLang's CUDA softmax fused_topk)
+    # GPT-OSS's transformers router: top-k on the raw logits, weights = softmax over the chosen experts' logits in
+    # the logits' dtype (mathematically the renormalised softmax; bit for bit only this way). Ranking and the
+    # policy stages still use the softmax gate scores; only the stock selection and the final weights change.
+    weights_from_selected_logits: bool = False
 
 
 REFERENCE = Conventions()
@@ -90,6 +97,12 @@ class GateScores:
     eligible: Tensor | None = None  # [N, T, E] bool on grouped models: experts inside the token's kept groups
     stock_select: Tensor | None = None  # grouped models: select with the engine's own group choice
     stock_ranked: tuple[Tensor, Tensor] | None = None  # optional precomputed stock_topk(K) (replay shares it)
+    logits: Tensor | None = None  # the router logits, kept when the weights come from the selected logits
+
+    def weight_source(self, ids: Tensor, raw: Tensor) -> Tensor:
+        """What :func:`finalize_weights` weighs slots ``ids`` by: their raw gate scores, or their logits when
+        the conventions take the weights from the selected logits (slots with id < 0 read expert 0; mask them)."""
+        return raw if self.logits is None else self.logits.gather(-1, ids.clamp(min=0).long())
 
     def topk(self, m: int) -> tuple[Tensor, Tensor]:
         """:func:`ranked_topk` of ``select`` (ties: lower index) — sliced from ``ranked`` when precomputed."""
@@ -179,16 +192,23 @@ def _group_limit(spec: ModelSpec, select: Tensor, stock: bool = False) -> tuple[
 def score_experts(spec: ModelSpec, router_logits: Tensor, correction_bias: Tensor | None = None,
                   conv: Conventions = REFERENCE) -> GateScores:
     """Gate and selection scores for router logits ``[..., T, E]`` under the model's own rule."""
-    check_correction_bias(spec, correction_bias)
+    if conv.ignore_correction_bias:  # rank as the engine's stock path does: by the unbiased scores
+        correction_bias = None
+    else:
+        check_correction_bias(spec, correction_bias)
     scores = gate_scores(spec, router_logits, conv)
     select = scores
     if correction_bias is not None:
         select = scores + correction_bias.to(device=scores.device)  # type promotion, as the engines do
-    eligible = stock_select = None
+    eligible = stock_select = logits = None
     if spec.grouped:
         stock_select = _group_limit(spec, select, stock=True)[0]
         select, eligible = _group_limit(spec, select)
-    return GateScores(scores=scores, select=select, eligible=eligible, stock_select=stock_select)
+    if conv.weights_from_selected_logits:
+        if spec.grouped or correction_bias is not None or spec.scoring_func != "softmax":
+            raise ValueError("weights_from_selected_logits is the ungrouped, unbiased softmax rule only")
+        logits = stock_select = router_logits  # the engine's own top-k runs on the raw logits
+    return GateScores(scores=scores, select=select, eligible=eligible, stock_select=stock_select, logits=logits)
 
 
 def eligible_per_token(spec: ModelSpec) -> int:
@@ -229,13 +249,28 @@ def finalize_weights(spec: ModelSpec, raw: Tensor, valid: Tensor | None, conv: C
     ``valid=None`` means every slot is valid (the stock path, kept op-for-op
     identical to the models' code so stock routing is bit-exact). Padded slots
     get weight exactly 0; a token without any weight keeps zeros, never NaN.
+
+    With ``conv.weights_from_selected_logits`` ``raw`` holds the slots' router logits
+    (:meth:`GateScores.weight_source`) and the weights are their softmax over the valid slots, in the
+    logits' dtype (as GPT-OSS's transformers router computes them; renormalised by construction).
     """
+    if conv.weights_from_selected_logits:
+        x = raw if valid is None else raw.masked_fill(~valid, NEG_INF)
+        w = torch.nn.functional.softmax(x, dim=-1, dtype=x.dtype)
+        if valid is not None:  # a token without any valid slot: softmax of all -inf is NaN; keep zeros
+            w = w.masked_fill(~valid, 0.0)
+        if conv.apply_routed_scaling and spec.routed_scaling_factor != 1.0:
+            w = w * spec.routed_scaling_factor
+        return w.float()
     w = raw if valid is None else raw.masked_fill(~valid, 0.0)
     if spec.norm_topk_prob:
         denom = w.sum(dim=-1, keepdim=True)
-        eps = renorm_epsilon(spec) if conv.renorm_eps is None else conv.renorm_eps
-        if eps:
-            denom = denom + eps
+        if conv.renorm_clamp_min is not None:
+            denom = torch.clamp(denom, min=conv.renorm_clamp_min)
+        else:
+            eps = renorm_epsilon(spec) if conv.renorm_eps is None else conv.renorm_eps
+            if eps:
+                denom = denom + eps
         if valid is not None:
             denom = torch.where(denom > 0, denom, torch.ones_like(denom))
         w = w / denom

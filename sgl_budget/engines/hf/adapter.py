@@ -6,7 +6,10 @@ DeepSeek-V2, DeepSeek-V3 in transformers 5.x) gets the layer's compiled
 under the conventions of that model's own transformers code, so a policy that
 asks for the model's own k leaves the logits bit-for-bit unchanged. Padded slots
 become index ``num_experts``, which the transformers experts modules skip (their
-one-hot has ``num_experts + 1`` classes), with weight 0.
+one-hot has ``num_experts + 1`` classes), with weight 0. GPT-OSS (router ``mlp.router``, a
+linear with a bias; weights = softmax over the chosen experts' logits) is described by its
+:class:`~sgl_budget.families.HfFacts`; its eager experts cannot take the padding index, so a
+padding policy runs sgl_budget's padding-safe experts forward (:mod:`.experts`).
 
 The context (phase, batch) of a forward comes from the block input ``[B, S, H]``:
 ``S == 1`` is a decode step of B sequences, otherwise a prefill of B sequences and
@@ -32,6 +35,7 @@ from ...routing import Conventions, LayerRouter, MixedRouter, RouteOutput
 from ...families import FAMILIES, HfFacts, hf_refusal
 from ...spec import ModelSpec
 from .experts import IMPLEMENTATION as DENSE_EXPERTS
+from .experts import register as register_dense_experts
 
 PADDING_SAFE = ("eager", DENSE_EXPERTS)  # experts implementations that skip the padding index
 
@@ -41,18 +45,30 @@ class UnsupportedModel(ValueError):
 
 
 def moe_blocks(model: nn.Module) -> dict[int, nn.Module]:
-    """``{decoder layer index: MoE block}`` for a transformers causal LM (blocks with ``gate`` and ``experts``)."""
+    """``{decoder layer index: MoE block}`` for a transformers causal LM (blocks with a router and ``experts``)."""
     inner = getattr(model, "model", model)
     layers = getattr(inner, "layers", None)
     if layers is None:
         raise UnsupportedModel(f"{type(model).__name__} has no .model.layers")
+    name = _router_name(model)
     out = {}
     for i, layer in enumerate(layers):
         mlp = getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe", None)
-        gate = getattr(mlp, "gate", None)
+        gate = getattr(mlp, name, None)
         if gate is not None and hasattr(mlp, "experts") and (hasattr(gate, "weight") or hasattr(gate, "wg")):
             out[i] = mlp
     return out
+
+
+def _router_name(model: nn.Module) -> str:
+    """The router's attribute on this model's MoE blocks (its family's ``HfFacts.router``; ``gate`` otherwise)."""
+    fam = FAMILIES.get(getattr(getattr(model, "config", None), "model_type", None) or "")
+    return fam.hf.router if fam is not None and fam.hf is not None else "gate"
+
+
+def router_of(model: nn.Module, block: nn.Module) -> nn.Module:
+    """The router module of one of ``model``'s MoE blocks (``block.gate``; GPT-OSS: ``block.router``)."""
+    return getattr(block, _router_name(model))
 
 
 def spec_of(model: nn.Module) -> ModelSpec:
@@ -145,7 +161,10 @@ def _check_model(model: nn.Module, spec: ModelSpec) -> tuple[dict[int, nn.Module
     blocks = moe_blocks(model)
     if sorted(blocks) != list(spec.moe_layers):
         raise UnsupportedModel(f"the model's MoE layers {sorted(blocks)} differ from the spec's {list(spec.moe_layers)}")
-    return blocks, Conventions(sorted_selection=hf_facts(mt).sorted_selection)
+    facts = hf_facts(mt)
+    clamp = float(getattr(model.config, facts.renorm_clamp)) if facts.renorm_clamp else None
+    return blocks, Conventions(sorted_selection=facts.sorted_selection, renorm_clamp_min=clamp,
+                               weights_from_selected_logits=facts.weights_from_selected_logits)
 
 
 def hf_facts(model_type: str) -> HfFacts:
@@ -163,14 +182,17 @@ def _install(handle: PolicyHandle, blocks: dict[int, nn.Module], spec: ModelSpec
     # transformers' grouped_mm / batched_mm experts mishandle the padding index on CPU (NaN rows were seen
     # with 5.19's fallback); a policy that pads runs the eager experts, which skip it. Own-k policies keep
     # whatever the model uses, so they stay bit-exact. sgl-budget's dense experts (experts.py) skip it too.
+    # GPT-OSS's eager experts cannot take the padding index (experts_skip_padding False): the dense forward
+    # (experts.py), which runs its layout and skips padding at every batch size, routes a padding policy there.
     impl = getattr(model.config, "_experts_implementation", None)
-    if pads and impl not in PADDING_SAFE:
-        model.config._experts_implementation = "eager"
+    if pads and impl not in (PADDING_SAFE if facts.experts_skip_padding else (DENSE_EXPERTS,)):
+        model.config._experts_implementation = "eager" if facts.experts_skip_padding else register_dense_experts()
         handle._restore.append(lambda: setattr(model.config, "_experts_implementation", impl))
 
     for layer, block in blocks.items():
-        gate = block.gate
+        gate = getattr(block, facts.router)
         weight = _attr_path(gate, facts.router_weight)
+        router_bias = _attr_path(gate, facts.router_bias) if facts.router_bias else None
 
         def pre_hook(module, args, kwargs, handle=handle):
             h = args[0] if args else kwargs["hidden_states"]
@@ -181,18 +203,20 @@ def _install(handle: PolicyHandle, blocks: dict[int, nn.Module], spec: ModelSpec
             return None
 
         def gate_forward(hidden_states, *bias_arg, gate=gate, weight=weight, layer=layer, handle=handle,
-                         block=block):  # MiniMax-M2's block passes its correction bias to the gate
+                         block=block, router_bias=router_bias):  # MiniMax-M2's block passes its correction bias
             h = hidden_states.reshape(-1, weight.shape[1])
             if logits_fp32:
-                logits = F.linear(h.type(torch.float32), weight.type(torch.float32))
+                logits = F.linear(h.type(torch.float32), weight.type(torch.float32),
+                                  None if router_bias is None else router_bias.type(torch.float32))
             else:
-                logits = F.linear(h, weight)
+                logits = F.linear(h, weight, router_bias)  # GPT-OSS's router is a linear with a bias
             ctx = handle._forced or handle._ctx or RouteContext("prefill", 1, h.shape[0])
-            bias = (bias_arg[0] if bias_arg else correction_bias(block)) if spec.has_correction_bias else None
+            bias = ((bias_arg[0] if bias_arg else correction_bias(block, facts.correction_bias))
+                    if spec.has_correction_bias else None)
             weights, ids = handle.route(layer, logits, ctx, bias)
             ids = torch.where(ids >= 0, ids, spec.num_experts).long()
-            if cast_back:
-                weights = weights.to(logits.dtype)
+            if cast_back:  # ERNIE casts to the hidden states' dtype (its logits are float32)
+                weights = weights.to(hidden_states.dtype if facts.weights_to_hidden_dtype else logits.dtype)
             return logits, weights, ids
 
         pre = block.register_forward_pre_hook(pre_hook, with_kwargs=True)
@@ -203,10 +227,16 @@ def _install(handle: PolicyHandle, blocks: dict[int, nn.Module], spec: ModelSpec
     return handle
 
 
-def correction_bias(block: nn.Module) -> Tensor | None:
-    """A MoE block's ``e_score_correction_bias``: on its router (DeepSeek-V3, GLM-4) or on the block (MiniMax-M2)."""
-    bias = getattr(block.gate, "e_score_correction_bias", None)
-    return bias if bias is not None else getattr(block, "e_score_correction_bias", None)
+def correction_bias(block: nn.Module, path: str = "") -> Tensor | None:
+    """A MoE block's ``e_score_correction_bias`` as ``[E]``: at ``path`` under the block (the family's
+    ``HfFacts.correction_bias``; ERNIE: ``gate.moe_statics.e_score_correction_bias``, ``[1, E]``), else on its
+    router (DeepSeek-V3, GLM-4) or on the block (MiniMax-M2)."""
+    if path:
+        bias = _attr_path(block, path)
+    else:
+        bias = getattr(block.gate, "e_score_correction_bias", None)
+        bias = bias if bias is not None else getattr(block, "e_score_correction_bias", None)
+    return bias.reshape(bias.shape[-1]) if bias is not None and bias.dim() == 2 and bias.shape[0] == 1 else bias
 
 
 def _attr_path(obj, path: str):

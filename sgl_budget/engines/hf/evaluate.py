@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ...lang.ir import PolicyIR
 from ...lang.mix import PolicyMix
-from .adapter import PolicyMixHandle, apply_policy, apply_policy_mix, moe_blocks
+from .adapter import PolicyMixHandle, apply_policy, apply_policy_mix, moe_blocks, router_of
 from .progress import bar
 
 
@@ -68,7 +68,7 @@ class _RouterStats:
         groups = 1 + (len(handle.policies or ()) if handle is not None else 0)  # 0: all rows, 1 + p: policy p
         self.act, self.uniq = [0.0] * groups, [0.0] * groups
         self.tokens, self.batches = [0] * groups, [0] * groups
-        self.hooks = [b.gate.register_forward_hook(self._hook) for b in self.blocks.values()]
+        self.hooks = [router_of(model, b).register_forward_hook(self._hook) for b in self.blocks.values()]
 
     def _add(self, g: int, ids: Tensor, real: Tensor) -> None:
         self.act[g] += float(real.sum())

@@ -10,10 +10,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ...families import family_of
 from ...spec import ModelSpec
 from ...traces import Trace
 from ...traces.format import DECODE, PREFILL
-from .adapter import correction_bias, moe_blocks
+from .adapter import correction_bias, moe_blocks, router_of
 from .progress import bar
 
 
@@ -25,8 +26,8 @@ def record_trace(model, spec: ModelSpec, windows: Tensor, batch_size: int = 16, 
 
     blocks = moe_blocks(model)
     current: dict[int, Tensor] = {}
-    hooks = [b.gate.register_forward_hook(lambda m, a, out, l=l: current.__setitem__(l, out[0].detach().float()))
-             for l, b in blocks.items()]
+    hooks = [router_of(model, b).register_forward_hook(  # the router's logits (GPT-OSS: its bias included)
+        lambda m, a, out, l=l: current.__setitem__(l, out[0].detach().float())) for l, b in blocks.items()]
     per_seq: list[dict[int, list[Tensor]]] = []
     progress = bar(windows.numel(), "recording", show_progress, unit="tok")
     try:
@@ -59,7 +60,9 @@ def record_trace(model, spec: ModelSpec, windows: Tensor, batch_size: int = 16, 
     phase = torch.tensor(([PREFILL] * p + [DECODE] * (s - p)) * len(per_seq), dtype=torch.uint8)
     bias = None
     if spec.has_correction_bias:
-        bias = {l: correction_bias(b).detach().float().clone() for l, b in blocks.items()}
+        fam = family_of(getattr(model.config, "model_type", ""))
+        path = fam.hf.correction_bias if fam is not None and fam.hf is not None else ""  # ERNIE: under moe_statics
+        bias = {l: correction_bias(b, path).detach().float().clone() for l, b in blocks.items()}
     return Trace(spec=spec, router_logits=logits, phase=phase,
                  sequences=[(k * s, (k + 1) * s) for k in range(len(per_seq))], correction_bias=bias,
                  token_ids=windows.reshape(-1).clone(), source=source or "recorded from transformers forwards",

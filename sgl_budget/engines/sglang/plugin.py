@@ -212,9 +212,10 @@ def _bind_runner_backend_hook(original, self, runner_backend, *args, **kwargs):
     fmt = self.topk_config.output_format
     wanted = _STATE.get("pending") or _STATE.get("settings")
     if wanted is not None and wanted.routes and fmt not in (None, TopKOutputFormat.STANDARD):
+        runner = getattr(runner_backend, "value", runner_backend)  # the --moe-runner-backend name
         raise RuntimeError(
             f"sgl_budget: --moe-policy needs a MoE runner that consumes standard top-k output; layer "
-            f"{self.layer_id} uses {runner_backend} with {TopKOutputFormat(fmt).name} routing (routing fused into "
+            f"{self.layer_id} uses the {runner} runner with {TopKOutputFormat(fmt).name} routing (routing fused into "
             "the MoE kernel). Choose e.g. --moe-runner-backend triton.")
     return result
 

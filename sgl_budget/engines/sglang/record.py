@@ -73,7 +73,8 @@ class Recorder:
             self.current = self._new_forward(n)
         self.current.logits[layer_id] = router_logits[:n].detach().to("cpu", torch.float16)
         if correction_bias is not None and layer_id not in self.bias:
-            self.bias[layer_id] = correction_bias.detach().float().cpu().clone()
+            # [E]; ERNIE's TopK holds [1, E] off CPU
+            self.bias[layer_id] = correction_bias.detach().float().cpu().reshape(correction_bias.shape[-1]).clone()
 
     def _new_forward(self, n: int) -> _Forward:
         fb = current_forward_batch()

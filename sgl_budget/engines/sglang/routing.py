@@ -48,15 +48,34 @@ SGLANG_RENORM_EPSILON = 1e-20  # sglang.srt.layers.moe.topk._RENORMALIZE_SUM_EPS
 
 def sglang_conventions(topk_config) -> Conventions:
     """What SGLang's reference top-k paths do for this TopK (see topk.py: fused_topk_torch_native,
-    grouped_topk_gpu, biased_grouped_topk_impl)."""
-    biased = topk_config.correction_bias is not None
+    grouped_topk_gpu, biased_grouped_topk_impl) on this device: where its own top-k drops the correction
+    bias (:func:`stock_drops_correction_bias`), policies rank by the unbiased scores too."""
+    drops = stock_drops_correction_bias(topk_config)
+    biased = topk_config.correction_bias is not None and not drops
     grouped = bool(topk_config.use_grouped_topk)
     return Conventions(
         renorm_eps=SGLANG_RENORM_EPSILON,
         apply_routed_scaling=bool(topk_config.apply_routed_scaling_factor_on_output),
         sorted_selection=not (biased or grouped),
         scores_in_logit_dtype=biased or grouped,
+        ignore_correction_bias=drops,
     )
+
+
+def stock_drops_correction_bias(topk_config) -> bool:
+    """Whether SGLang 0.5.23's ``select_experts`` ignores this TopK's correction bias (ERNIE-4.5-MoE on CUDA).
+
+    An ungrouped softmax TopK with a bias (ERNIE's) takes ``fused_topk`` unless ``torch_native`` is set
+    (``TopK.forward_native``: the CPU engine without AMX); on GPUs ``fused_topk``'s softmax kernels (the JIT
+    ``moe_fused_gate``, aiter, sgl_kernel ``topk_softmax``) never read the bias, so stock routing there is plain
+    softmax top-k. The CPU engine's ``fused_topk_cpu`` (AMX) and ``fused_topk_torch_native`` apply it.
+    """
+    if (topk_config.correction_bias is None or topk_config.use_grouped_topk or topk_config.scoring_func != "softmax"
+            or topk_config.custom_routing_function is not None or topk_config.torch_native):
+        return False
+    from sglang.srt.layers.moe import topk as T
+
+    return T.fused_topk is not getattr(T, "fused_topk_cpu", None)
 
 
 def check_topk_matches_spec(spec: ModelSpec, topk_config, num_experts: int, layer_id: int) -> None:
@@ -117,7 +136,7 @@ class PolicyRouting:
 
     pset: PolicySet
     stats: PolicyStats | None = None
-    routers: dict[int, MixedRouter] = field(default_factory=dict)
+    routers: dict[tuple[int, bool], MixedRouter] = field(default_factory=dict)  # (layer, bias dropped) -> router
     rows: RowPolicies | None = None
     stock_fast_path: bool = True  # stock plans run SGLang's own select_experts (tests turn this off)
 
@@ -131,7 +150,9 @@ class PolicyRouting:
         return self.pset.irs[self.pset.default]
 
     def router(self, layer_id: int, topk_config, num_experts: int) -> MixedRouter:
-        got = self.routers.get(layer_id)
+        # keyed by whether SGLang's own top-k drops the bias on the path that called (ERNIE: CUDA vs torch-native)
+        key = (layer_id, stock_drops_correction_bias(topk_config))
+        got = self.routers.get(key)
         if got is None:
             spec = self.ir.spec
             if not spec.is_moe_layer(layer_id):
@@ -145,7 +166,7 @@ class PolicyRouting:
                 r = _router(ir, layer_id, conv)
                 r.prepare(device or ("cuda" if torch.cuda.is_available() else "cpu"))  # tables before any capture
                 per_policy.append(r)
-            got = self.routers[layer_id] = MixedRouter(per_policy, spec.top_k)
+            got = self.routers[key] = MixedRouter(per_policy, spec.top_k)
         return got
 
     def on_forward_batch(self, batch, forward_batch) -> None:
@@ -197,6 +218,8 @@ class PolicyRouting:
         router_logits, bias = T.expert_location_dispatch.transform_select_experts_inputs(
             router_logits=router_logits, correction_bias=topk_config.correction_bias,
             info=expert_location_dispatch_info)
+        if bias is not None and bias.dim() == 2 and bias.shape[0] == 1:  # ERNIE's [1, E] (squeezed on CPU / NPU)
+            bias = bias.reshape(bias.shape[1])
         row_mask = _row_mask(num_tokens, num_token_non_padded, router_logits.device)
         rows = None if uniform is not None else self.rows.rows(num_tokens, router_logits.device, info)
         weights, ids = router(router_logits, ctx, correction_bias=bias, row_policy=rows, row_mask=row_mask,

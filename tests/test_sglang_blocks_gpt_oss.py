@@ -1,0 +1,156 @@
+"""GPT-OSS through SGLang's own MoE block (``GptOssSparseMoeBlock``), in this process, on CPU (issue 17).
+
+SGLang 0.5.23 cannot run GPT-OSS whole on CPU (its model override asserts an attention backend with
+sliding windows and sinks, and torch_native is not one of them), but the MoE layer is SGLang's
+``GptOssSparseMoeBlock``: a router linear with a bias, ``TopK(top_k, renormalize=True)`` (softmax) and a
+``FusedMoE`` with biases and GPT-OSS's clamped SwiGLU (``gemm1_alpha``, ``gemm1_clamp_limit``), which on CPU
+runs SGLang's ``moe_forward_native`` (its GPT-OSS branch: per-expert biases and
+``swiglu_gpt_oss_sigmoid_alpha``). Here that block runs with sgl_budget's hooks as a ``--device cpu`` worker
+that routes with a policy has them (the fixture of ``tests/test_sglang_blocks.py``), with the transformers
+5.19 block's weights loaded the way ``GptOssForCausalLM.load_weights`` loads a bf16 checkpoint
+(``make_expert_params_mapping_fused``, the experts' fused weight loader, ``process_weights_after_loading``):
+
+* stock (no policy, and an own-k policy through sgl_budget's reference router under SGLang's conventions):
+  SGLang's block == the transformers block (transformers weighs by a softmax over the chosen logits,
+  SGLang by the renormalised softmax: equal up to float32 rounding);
+* uniform 50% and Alloc-T: SGLang's block == the transformers block under
+  :func:`sgl_budget.engines.hf.apply_policy` (whose padding runs sgl_budget's padding-safe experts forward:
+  GPT-OSS's eager experts cannot take the padding index).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+if os.environ.get("SGL_BUDGET_REQUIRE_SGLANG"):
+    import sglang  # noqa: F401  (CI: a missing sglang is a failure, not a skip)
+    import transformers  # noqa: F401
+pytest.importorskip("sglang", reason="install the sglang extra: pip install -e '.[sglang]'")
+transformers = pytest.importorskip("transformers", reason="install the hf extra: pip install -e '.[hf]'")
+
+from family_configs import CHECK_ONLY  # noqa: E402
+from test_sglang_blocks import ALLOC_T, TOKENS, UNIFORM_50, _close, _hf, _use, _x, sglang_cpu  # noqa: E402,F401
+
+from sgl_budget.engines.hf import moe_blocks, spec_of  # noqa: E402
+from sgl_budget.engines.sglang.settings import model_spec_for  # noqa: E402
+
+LAYER = 1
+ROUTER_STD = 0.5  # decisive routing, no near-ties
+CONFIG = {**CHECK_ONLY["gpt_oss"], "torch_dtype": "float32", "dtype": "float32"}  # as family_models writes it
+
+
+@pytest.fixture(scope="module")
+def gpt_oss(sglang_cpu, tmp_path_factory):
+    from sglang.srt.models.gpt_oss import GptOssSparseMoeBlock
+
+    config = transformers.AutoConfig.for_model(**{k: v for k, v in CONFIG.items() if k != "architectures"})
+    sgl = GptOssSparseMoeBlock(layer_id=LAYER, config=config, quant_config=None,
+                               prefix=f"model.layers.{LAYER}.mlp").eval()
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    block = moe_blocks(model)[LAYER]
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in block.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (ROUTER_STD if name.startswith("router.") else 0.1))
+    _load(sgl, block)
+    directory = tmp_path_factory.mktemp("gpt_oss")
+    (directory / "config.json").write_text(json.dumps(CONFIG))
+    spec = model_spec_for(str(directory))
+    hf_spec = spec_of(model)
+    for field in ("num_experts", "top_k", "moe_layers", "scoring_func", "norm_topk_prob", "grouped",
+                  "has_correction_bias", "routed_scaling_factor"):
+        assert getattr(spec, field) == getattr(hf_spec, field), field
+    return SimpleNamespace(name="gpt_oss", sgl=sgl, model=model, block=block, spec=spec, hf_spec=hf_spec,
+                           dir=directory)
+
+
+def _load(sgl, hf) -> None:
+    """The transformers block's weights into SGLang's block as ``GptOssForCausalLM.load_weights`` loads a bf16
+    checkpoint of them (transformers' parameter names), then the quant method's post-loading step."""
+    from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
+    from sglang.srt.model_loader.weight_utils import default_weight_loader
+
+    params = dict(sgl.named_parameters())
+    with torch.no_grad():
+        for p in params.values():
+            p.fill_(float("nan"))  # every parameter must be written below
+    mapping = FusedMoE.make_expert_params_mapping_fused(
+        ckpt_gate_up_proj_name="gate_up_proj", ckpt_down_proj_name="down_proj",
+        ckpt_gate_up_proj_bias_name="gate_up_proj_bias", ckpt_down_proj_bias_name="down_proj_bias")
+    for name, weight in hf.named_parameters():  # router.weight, router.bias, experts.gate_up_proj, ...
+        weight = weight.detach()
+        for param_name, weight_name, shard_id in mapping:
+            if weight_name in name:
+                name = name.replace(weight_name, param_name)
+                param = params[name]
+                if "bias" not in name:
+                    weight = weight.transpose(-2, -1)
+                param.weight_loader(param, weight, name, shard_id=shard_id)
+                break
+        else:
+            param = params[name]
+            getattr(param, "weight_loader", default_weight_loader)(param, weight)
+    for module in sgl.modules():
+        method = getattr(module, "quant_method", None)
+        if method is not None and hasattr(method, "process_weights_after_loading"):
+            method.process_weights_after_loading(module)
+    for name, p in sgl.named_parameters():
+        assert not p.isnan().any(), f"SGLang's {name} was not loaded"
+
+
+def _sglang(family, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """SGLang's block on ``x`` flattened to tokens: the output ``[B, S, H]`` and the routed (token, expert) pairs."""
+    seen = []
+    hook = family.sgl.topk.register_forward_hook(lambda m, a, out: seen.append(out))
+    try:
+        with torch.no_grad():
+            out = family.sgl(x.reshape(-1, x.shape[-1]))
+    finally:
+        hook.remove()
+    (topk_out,) = seen
+    return out.reshape(x.shape), int((topk_out.topk_weights > 0).sum())
+
+
+def test_stock_block_equals_transformers(gpt_oss) -> None:
+    x = _x(1, TOKENS, 2)
+    want, want_pairs = _hf(gpt_oss, x)
+    _use(gpt_oss, None)
+    got, pairs = _sglang(gpt_oss, x)
+    assert pairs == want_pairs == TOKENS * gpt_oss.spec.top_k
+    _close(got, want, "gpt_oss stock")
+    _use(gpt_oss, f'policy "own-k" {{ layers {{ k = {gpt_oss.spec.top_k} }} }}', stock_fast_path=False)
+    own, _ = _sglang(gpt_oss, x)
+    _close(own, want, "gpt_oss own-k via sgl_budget's router")
+    # under SGLang's conventions (from its TopK config) the reference router is SGLang's select_experts, bit for bit
+    assert torch.equal(own, got)
+
+
+@pytest.mark.parametrize("policy", [UNIFORM_50, ALLOC_T], ids=["uniform-50", "alloc-t"])
+def test_policy_block_equals_the_adapter(gpt_oss, policy) -> None:
+    x = _x(1, TOKENS, 3)
+    stock, _ = _hf(gpt_oss, x)
+    want, want_pairs = _hf(gpt_oss, x, policy, context=("decode", TOKENS, TOKENS))
+    _use(gpt_oss, policy)
+    got, pairs = _sglang(gpt_oss, x)
+    assert pairs == want_pairs == TOKENS * gpt_oss.spec.top_k // 2
+    assert not torch.allclose(want, stock, rtol=1e-3, atol=1e-3)
+    _close(got, want, f"gpt_oss {policy}")
+
+
+def test_fused_routing_runner_is_refused_with_a_hint(gpt_oss) -> None:
+    """On GPU SGLang picks the triton_kernel runner for bf16 GPT-OSS (routing fused: select_experts never runs);
+    a worker that routes with a policy refuses it when the TopK binds, naming the runner to choose instead."""
+    from sglang.srt.layers.moe.topk import TopK
+    from sglang.srt.layers.moe.utils import MoeRunnerBackend
+
+    _use(gpt_oss, UNIFORM_50)
+    with pytest.raises(RuntimeError, match=r"layer 0 uses the triton_kernel runner with TRITON_KERNEL routing "
+                                           r".*--moe-runner-backend triton\."):
+        TopK(top_k=4, renormalize=True, layer_id=0).bind_runner_backend(MoeRunnerBackend.TRITON_KERNELS)
+    TopK(top_k=4, renormalize=True, layer_id=0).bind_runner_backend(MoeRunnerBackend.TRITON)  # standard output
