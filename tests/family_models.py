@@ -38,7 +38,8 @@ CONFIGS: dict[str, dict] = {
                   "initializer_range": 0.1, "_router_scale": 3.0},
     "olmoe": {**_COMMON, "architectures": ["OlmoeForCausalLM"], "model_type": "olmoe", "num_hidden_layers": 3,
               "num_experts": 16, "num_experts_per_tok": 4, "intermediate_size": 32, "norm_topk_prob": False,
-              "num_key_value_heads": 4},  # SGLang's q/k norms span all heads: kv heads == heads
+              "num_key_value_heads": 4,  # SGLang's q/k norms span all heads: kv heads == heads
+              "initializer_range": 0.1, "_router_scale": 3.0},
     "mixtral": {**_COMMON, "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "num_hidden_layers": 3,
                 "num_local_experts": 16, "num_experts_per_tok": 4, "intermediate_size": 32},
     "deepseek_v2": {**_COMMON, **_MLA, "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
