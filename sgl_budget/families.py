@@ -98,9 +98,12 @@ FAMILY_LIST: tuple[Family, ...] = (
     Family("kimi_k2", "Kimi K2", ("moonshotai/Kimi-K2-Instruct", "moonshotai/Kimi-K2-Thinking"), "deepseek",
            renorm_eps=1e-20, hf=None,
            hf_refusal="transformers 5.19 has no kimi_k2 class (Kimi K2 is DeepSeek-V3's architecture: load it as "
-                      "deepseek_v3)", cpu="no",
-           cpu_note="SGLang serves it with its DeepseekV3ForCausalLM (the deepseek_v3 row's end-to-end test serves "
-                    "that class); its config needs trust_remote_code"),
+                      "deepseek_v3)",
+           cpu_note="the checkpoint (published config.json shape: model_type kimi_k2, auto_map to the "
+                    "configuration_deepseek.py it ships) is served with --trust-remote-code through SGLang's "
+                    "DeepseekV3ForCausalLM; SGLang 0.5.23 reads that config with its own kimi_k2 alias of "
+                    "transformers' DeepseekV3Config, with or without the flag; the transformers reference loads the "
+                    "same weights as deepseek_v3 (config.json's model_type rewritten); " + _MLA_ON_CPU),
     Family("glm4_moe", "GLM-4.5 / 4.6 / 4.7", ("zai-org/GLM-4.5", "zai-org/GLM-4.5-Air", "zai-org/GLM-4.6"), "glm4",
            renorm_eps=1e-20, hf=HfFacts(logits_fp32=True, cast_back=False, sorted_selection=False)),
     Family("glm4_moe_lite", "GLM-4.7-Flash", ("zai-org/GLM-4.7-Flash",), "glm4", renorm_eps=1e-20,
@@ -139,11 +142,13 @@ FAMILY_LIST: tuple[Family, ...] = (
                  "paths apply the bias; MoE layers follow SGLang's rule (start + every interval), transformers' "
                  "differs for moe_layer_interval > 1 (the adapter then refuses)"),
     Family("hunyuan_v1_moe", "Hunyuan-A13B", ("tencent/Hunyuan-A13B-Instruct",), "hunyuan",
-           hf=HfFacts(logits_fp32=True, router_weight="wg.weight"), cpu="no",
+           hf=HfFacts(logits_fp32=True, router_weight="wg.weight"), cpu="in-process",
            cpu_note="with --device cpu, SGLang 0.5.23's Hunyuan attention crashes in its first prefill (its QK-norm "
                     "leaves q as [tokens x heads, head_dim], which the padded-extend path cuts to the first `tokens` "
                     "rows: \"shape '[-1, 4, 16]' is invalid\"), stock or not; its TopK is the plain softmax top-k "
-                    "with renormalisation that the qwen3_moe test serves",
+                    "with renormalisation that the qwen3_moe test serves. SGLang's own MoE block "
+                    "(HunYuanSparseMoeBlock) is tested in-process on CPU: stock and policy outputs equal the "
+                    "transformers block's (tests/test_sglang_blocks_hunyuan.py)",
            notes="per-layer moe_topk / moe_intermediate_size / num_shared_expert lists must be uniform (they are in "
                  "Hunyuan-A13B); transformers 5.19 sizes its experts and shared MLP with intermediate_size, SGLang with "
                  "moe_intermediate_size and num_shared_expert (equal in the published config)"),

@@ -86,6 +86,29 @@ CONFIGS: dict[str, dict] = {
                      "moe_norm_min": 1e-12, "use_bias": False, "rope_theta": 500000.0, "tie_word_embeddings": True,
                      "initializer_range": 0.1, "_router_scale": 3.0},  # tied: 0.02 just repeats the last token
 }
+# Kimi K2 (moonshotai/Kimi-K2-Instruct's config.json): DeepSeek-V3's architecture under model_type "kimi_k2", which
+# transformers 5.19 does not know; the checkpoint ships its config class (auto_map; SGLang 0.5.23 reads the config
+# with its own kimi_k2 alias of transformers' DeepseekV3Config instead, with or without --trust-remote-code).
+# Routing is DeepSeek-V3's with one group (n_group 1, topk_group 1) and routed_scaling_factor 2.827; 384 experts
+# top-8 scaled down to 16 top-4; q_lora_rank set and YaRN with beta_fast = beta_slow = 1 as published.
+KIMI_AUTO_MAP = {"AutoConfig": "configuration_deepseek.DeepseekV3Config",
+                 "AutoModel": "modeling_deepseek.DeepseekV3Model",
+                 "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"}
+CONFIGS["kimi_k2"] = {
+    **_COMMON, **_MLA, "architectures": ["DeepseekV3ForCausalLM"], "model_type": "kimi_k2", "auto_map": KIMI_AUTO_MAP,
+    "num_hidden_layers": 4, "n_routed_experts": 16, "num_experts_per_tok": 4, "moe_intermediate_size": 32,
+    "intermediate_size": 128, "n_shared_experts": 1, "first_k_dense_replace": 1, "moe_layer_freq": 1,
+    "topk_method": "noaux_tc", "n_group": 1, "topk_group": 1, "scoring_func": "sigmoid", "norm_topk_prob": True,
+    "routed_scaling_factor": 2.827, "q_lora_rank": 32, "rope_theta": 50000.0,
+    "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256, "beta_fast": 1.0,
+                     "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
+    "num_nextn_predict_layers": 0, "ep_size": 1, "aux_loss_alpha": 0.001, "seq_aux": True, "use_cache": True,
+    "pretraining_tp": 1, "initializer_range": 0.02, "attention_bias": False,
+}
+# families whose checkpoints carry their own config class (model_type unknown to transformers): the class
+# transformers builds the weights with, the code file shipped beside config.json, and the launch flag users pass
+REMOTE_CODE = {"kimi_k2": ("deepseek_v3", "configuration_deepseek.py")}
+SERVER_ARGS = {"kimi_k2": ("--trust-remote-code",)}
 ROUTER_SCALE = 30.0  # router weights x this: decisive routing (init std 0.02 gives near-uniform logits)
 
 
@@ -100,7 +123,11 @@ def build(model_type: str, directory: Path, seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     cfg = dict(CONFIGS[model_type])
     router_scale = cfg.pop("_router_scale", ROUTER_SCALE)  # no-renorm families: spread routing (weights matter)
-    hf_cfg = transformers.AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "architectures"})
+    remote = REMOTE_CODE.get(model_type)
+    hf_fields = {k: v for k, v in cfg.items() if k not in ("architectures", "auto_map")}
+    if remote:
+        hf_fields["model_type"] = remote[0]
+    hf_cfg = transformers.AutoConfig.for_model(**hf_fields)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
     _scale_routers(model, seed, router_scale)
@@ -109,9 +136,31 @@ def build(model_type: str, directory: Path, seed: int = 0) -> Path:
     written.update({k: v for k, v in cfg.items() if k not in written or k == "rope_scaling"})
     written["architectures"] = cfg["architectures"]
     written["dtype"] = written["torch_dtype"] = "float32"
+    if remote:  # the published shape: its own fields only, and the config class it names beside it
+        written = {**cfg, "torch_dtype": "float32"}
+        (out / remote[1]).write_text((ROOT / "tests" / "remote_code" / remote[1]).read_text())
     (out / "config.json").write_text(json.dumps(written, indent=2))
     for name in TOKENIZER_FILES:
         shutil.copy(TOKENIZER / name, out / name)
+    return out
+
+
+def reference_dir(model_type: str, model_dir: Path, directory: Path) -> Path:
+    """Where transformers loads the checkpoint from: ``model_dir`` itself, or for a remote-code family a copy
+    whose config.json names the transformers class it is (Kimi K2: model_type deepseek_v3, no auto_map; the
+    weights are linked, not copied)."""
+    remote = REMOTE_CODE.get(model_type)
+    if not remote:
+        return Path(model_dir)
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in Path(model_dir).iterdir():
+        if f.name not in ("config.json", remote[1]) and not (out / f.name).exists():
+            (out / f.name).symlink_to(f.resolve())
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    cfg.pop("auto_map", None)
+    cfg["model_type"] = remote[0]
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
     return out
 
 

@@ -11,7 +11,11 @@ tokens are checked over HTTP:
 * a lock-step batch of 4 with ``alloc-t`` (Alloc-T's slot pool: batch-level) == the adapter decoding the
   same 4 rows as one batch.
 
-One server per family (the per-request names share it), about 30-40 s each on 2 cores.
+Kimi K2 (model_type ``kimi_k2``, which transformers 5.19 has no class for) is launched with ``--trust-remote-code``
+as its checkpoint asks; its transformers reference is the same weights loaded as ``deepseek_v3``
+(``family_models.reference_dir``), and the spec the launcher reads must equal the adapter's.
+
+One server per family (the per-request names share it), about 30-40 s each on 2 cores (Kimi K2: about 60 s).
 """
 
 from __future__ import annotations
@@ -26,12 +30,13 @@ if os.environ.get("SGL_BUDGET_REQUIRE_SGLANG"):
 pytest.importorskip("sglang", reason="install the sglang extra: pip install -e '.[sglang]'")
 pytest.importorskip("transformers", reason="install the hf extra")
 
-from family_models import CONFIGS, build  # noqa: E402
+from family_models import CONFIGS, REMOTE_CODE, SERVER_ARGS, build, reference_dir  # noqa: E402
 
 from sgl_budget.engines.hf.adapter import apply_policy, spec_of  # noqa: E402
 from sgl_budget.engines.hf.data import load_model  # noqa: E402
 from sgl_budget.engines.hf.generate import greedy  # noqa: E402
 from sgl_budget.engines.sglang.server import Server  # noqa: E402
+from sgl_budget.engines.sglang.settings import model_spec_for  # noqa: E402
 from sgl_budget.families import FAMILY_LIST  # noqa: E402
 from sgl_budget.lang import load_policy  # noqa: E402
 
@@ -58,15 +63,48 @@ def family(request, tmp_path_factory):
     uniform, alloc_t = d / "uniform-50.policy", d / "alloc-t.policy"
     uniform.write_text(UNIFORM)
     alloc_t.write_text(ALLOC_T)
-    model, _ = load_model(model_dir)
-    server = Server(model_dir, policy=uniform, extra_args=["--moe-named-policy", f"alloc-t={alloc_t}"],
-                    env=SERVER_ENV)
+    model, _ = load_model(reference_dir(mt, model_dir, d / "reference"))  # Kimi K2: the same weights as deepseek_v3
+    server = Server(model_dir, policy=uniform, extra_args=["--moe-named-policy", f"alloc-t={alloc_t}",
+                                                           *SERVER_ARGS.get(mt, ())], env=SERVER_ENV)
     server.start()
     server.family, server.hf, server.policies = mt, model, {"default": uniform, "alloc-t": alloc_t, "stock": None}
+    server.model_dir = model_dir
     yield server
     server.stop()
     errors = [line for line in server.log().splitlines() if "Traceback" in line or " ERROR " in line]
     assert not errors, f"{mt}: the server logged errors:\n{server.log_tail(80)}"
+
+
+def test_server_and_reference_read_the_same_routing(family) -> None:
+    """The spec the launcher reads from the checkpoint's config.json == the one the adapter reads from the
+    transformers model (for Kimi K2: model_type kimi_k2 there, deepseek_v3 here; every routing fact equal)."""
+    served = model_spec_for(str(family.model_dir)).to_dict()
+    ref = spec_of(family.hf).to_dict()
+    assert served.pop("model_type") == family.family
+    for d in (served, ref):
+        d.pop("name")
+    ref.pop("model_type")
+    assert served == ref, family.family
+
+
+@pytest.mark.parametrize("mt", sorted(REMOTE_CODE))
+def test_sglang_reads_a_remote_code_config_as_its_own_class(mt, tmp_path) -> None:
+    """SGLang 0.5.23 registers its own ``kimi_k2`` config (an alias of transformers' DeepseekV3Config) and reloads a
+    config of that model_type with it: the class the checkpoint ships is not what it serves with, with or without
+    --trust-remote-code; either way it reads the published fields (routing, MLA, YaRN) as config.json has them."""
+    from sglang.srt.utils.hf_transformers.config import get_config
+
+    model_dir = build(mt, tmp_path / "model")
+    cfg = CONFIGS[mt]
+    for trust in (True, False):
+        got = get_config(str(model_dir), trust_remote_code=trust)
+        assert got.model_type == mt and got.architectures == cfg["architectures"]
+        assert type(got).__mro__[1].__name__ == "DeepseekV3Config" and type(got).__module__.startswith("sglang.")
+        for key in ("n_routed_experts", "num_experts_per_tok", "n_group", "topk_group", "routed_scaling_factor",
+                    "norm_topk_prob", "first_k_dense_replace", "q_lora_rank", "kv_lora_rank"):
+            assert getattr(got, key) == cfg[key], (trust, key)
+        assert got.rope_parameters["rope_theta"] == cfg["rope_theta"]
+        assert {k: got.rope_parameters[k] for k in cfg["rope_scaling"]} == cfg["rope_scaling"]
 
 
 def _reference(server, policy: str, prompts: list[list[int]]) -> list[list[int]]:

@@ -298,30 +298,46 @@ def _close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, msg=lambda m: f"{what}: {m}")
 
 
-def test_stock_block_equals_transformers(family) -> None:
+def check_stock_block(family, run_block=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """SGLang's block without a policy == the transformers block, and so is the model's own k through sgl_budget's
+    reference router (SGLang's fast path for stock plans turned off); returns (SGLang's stock, own-k) outputs.
+    ``run_block`` runs SGLang's block (default: :func:`_sglang`); every family's in-process test calls this."""
+    run = run_block or _sglang
+    name = getattr(family, "name", family.hf_spec.model_type)
     x = _x(1, TOKENS, 2)
     want, want_pairs = _hf(family, x)
     _use(family, None)  # no policy: the hook hands every call to SGLang's own select_experts
-    got, pairs = _sglang(family, x)
+    got, pairs = run(family, x)
     assert pairs == want_pairs == TOKENS * family.spec.top_k
-    _close(got, want, f"{family.name} stock")
-    # the model's own k through sgl_budget's reference router (SGLang's fast path for stock plans turned off)
+    _close(got, want, f"{name} stock")
     _use(family, f'policy "own-k" {{ layers {{ k = {family.spec.top_k} }} }}', stock_fast_path=False)
-    own, _ = _sglang(family, x)
-    _close(own, want, f"{family.name} own-k via sgl_budget's router")
+    own, _ = run(family, x)
+    _close(own, want, f"{name} own-k via sgl_budget's router")
+    return got, own
 
 
-@pytest.mark.parametrize("policy", [UNIFORM_50, ALLOC_T], ids=["uniform-50", "alloc-t"])
-def test_policy_block_equals_the_adapter(family, policy) -> None:
+def check_policy_block(family, policy: str, run_block=None) -> None:
+    """SGLang's block under ``policy`` == the transformers block under the adapter, and the policy changes it."""
+    run = run_block or _sglang
+    name = getattr(family, "name", family.hf_spec.model_type)
     x = _x(1, TOKENS, 3)
     stock, _ = _hf(family, x)
     # a direct block call has no forward batch: SGLang's hook routes it as a decode step at batch = tokens
     want, want_pairs = _hf(family, x, policy, context=("decode", TOKENS, TOKENS))
     _use(family, policy)
-    got, pairs = _sglang(family, x)
+    got, pairs = run(family, x)
     assert pairs == want_pairs == TOKENS * family.spec.top_k // 2  # 50% of the model's top-k, per layer
     assert not torch.allclose(want, stock, rtol=1e-3, atol=1e-3)  # the policy really changes the output
-    _close(got, want, f"{family.name} {policy}")
+    _close(got, want, f"{name} {policy}")
+
+
+def test_stock_block_equals_transformers(family) -> None:
+    check_stock_block(family)
+
+
+@pytest.mark.parametrize("policy", [UNIFORM_50, ALLOC_T], ids=["uniform-50", "alloc-t"])
+def test_policy_block_equals_the_adapter(family, policy) -> None:
+    check_policy_block(family, policy)
 
 
 def test_route_context_from_the_forward_batch(family) -> None:

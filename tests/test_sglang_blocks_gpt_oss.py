@@ -34,7 +34,8 @@ pytest.importorskip("sglang", reason="install the sglang extra: pip install -e '
 transformers = pytest.importorskip("transformers", reason="install the hf extra: pip install -e '.[hf]'")
 
 from family_configs import CHECK_ONLY  # noqa: E402
-from test_sglang_blocks import ALLOC_T, TOKENS, UNIFORM_50, _close, _hf, _use, _x, sglang_cpu  # noqa: E402,F401
+from test_sglang_blocks import (ALLOC_T, UNIFORM_50, _use, check_policy_block, check_stock_block,  # noqa: E402,F401
+                                sglang_cpu)
 
 from sgl_budget.engines.hf import moe_blocks, spec_of  # noqa: E402
 from sgl_budget.engines.sglang.settings import model_spec_for  # noqa: E402
@@ -118,29 +119,14 @@ def _sglang(family, x: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def test_stock_block_equals_transformers(gpt_oss) -> None:
-    x = _x(1, TOKENS, 2)
-    want, want_pairs = _hf(gpt_oss, x)
-    _use(gpt_oss, None)
-    got, pairs = _sglang(gpt_oss, x)
-    assert pairs == want_pairs == TOKENS * gpt_oss.spec.top_k
-    _close(got, want, "gpt_oss stock")
-    _use(gpt_oss, f'policy "own-k" {{ layers {{ k = {gpt_oss.spec.top_k} }} }}', stock_fast_path=False)
-    own, _ = _sglang(gpt_oss, x)
-    _close(own, want, "gpt_oss own-k via sgl_budget's router")
+    got, own = check_stock_block(gpt_oss, _sglang)
     # under SGLang's conventions (from its TopK config) the reference router is SGLang's select_experts, bit for bit
     assert torch.equal(own, got)
 
 
 @pytest.mark.parametrize("policy", [UNIFORM_50, ALLOC_T], ids=["uniform-50", "alloc-t"])
 def test_policy_block_equals_the_adapter(gpt_oss, policy) -> None:
-    x = _x(1, TOKENS, 3)
-    stock, _ = _hf(gpt_oss, x)
-    want, want_pairs = _hf(gpt_oss, x, policy, context=("decode", TOKENS, TOKENS))
-    _use(gpt_oss, policy)
-    got, pairs = _sglang(gpt_oss, x)
-    assert pairs == want_pairs == TOKENS * gpt_oss.spec.top_k // 2
-    assert not torch.allclose(want, stock, rtol=1e-3, atol=1e-3)
-    _close(got, want, f"gpt_oss {policy}")
+    check_policy_block(gpt_oss, policy, _sglang)
 
 
 def test_fused_routing_runner_is_refused_with_a_hint(gpt_oss) -> None:
