@@ -34,7 +34,7 @@ class HfFacts:
     router_bias: str = ""  # the router's linear bias (added to the logits), as an attribute path under the router
     weights_from_selected_logits: bool = False  # weights = softmax over the chosen experts' logits (GPT-OSS)
     experts_skip_padding: bool = True  # the eager experts skip index num_experts (GPT-OSS's one-hot cannot take it)
-    correction_bias: str = ""  # attribute path of the correction bias under the MoE block ("": gate's, else block's)
+    correction_bias: str = "gate.e_score_correction_bias"  # its attribute path under the MoE block
     weights_to_hidden_dtype: bool = False  # cast_back casts to the hidden states' dtype, not the logits' (ERNIE)
     renorm_clamp: str = ""  # config attribute: the renormalisation divides by clamp(sum, min=it) (ERNIE: moe_norm_min)
 
@@ -126,7 +126,7 @@ FAMILY_LIST: tuple[Family, ...] = (
                  "by the renormalised softmax (equal up to rounding); the published checkpoints are MXFP4, whose MoE "
                  "runners sgl_budget has not tested (its tests use unquantized weights)"),
     Family("minimax_m2", "MiniMax-M2", ("MiniMaxAI/MiniMax-M2", "MiniMaxAI/MiniMax-M2.1"), "minimax_m2",
-           hf=HfFacts(cast_back=False, sorted_selection=False),
+           hf=HfFacts(cast_back=False, sorted_selection=False, correction_bias="e_score_correction_bias"),
            cpu_note="its QK-norm is a CUDA-only Triton kernel in SGLang 0.5.23; CPU serving supplies a pure-torch "
                     "stand-in (one RMS norm over all heads, as transformers computes it)"),
     Family("ernie4_5_moe", "ERNIE-4.5-MoE", ("baidu/ERNIE-4.5-21B-A3B-PT", "baidu/ERNIE-4.5-300B-A47B-PT"),

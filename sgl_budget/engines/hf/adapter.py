@@ -50,25 +50,33 @@ def moe_blocks(model: nn.Module) -> dict[int, nn.Module]:
     layers = getattr(inner, "layers", None)
     if layers is None:
         raise UnsupportedModel(f"{type(model).__name__} has no .model.layers")
-    name = _router_name(model)
+    facts = hf_facts_of(model)
     out = {}
     for i, layer in enumerate(layers):
         mlp = getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe", None)
-        gate = getattr(mlp, name, None)
-        if gate is not None and hasattr(mlp, "experts") and (hasattr(gate, "weight") or hasattr(gate, "wg")):
+        gate = getattr(mlp, facts.router, None)
+        if gate is not None and hasattr(mlp, "experts") and _has_path(gate, facts.router_weight):
             out[i] = mlp
     return out
 
 
-def _router_name(model: nn.Module) -> str:
-    """The router's attribute on this model's MoE blocks (its family's ``HfFacts.router``; ``gate`` otherwise)."""
+def hf_facts_of(model: nn.Module) -> HfFacts:
+    """This model's family's transformers facts (the defaults, ``block.gate.weight``, for a model of no family)."""
     fam = FAMILIES.get(getattr(getattr(model, "config", None), "model_type", None) or "")
-    return fam.hf.router if fam is not None and fam.hf is not None else "gate"
+    return fam.hf if fam is not None and fam.hf is not None else HfFacts()
+
+
+def _has_path(obj, path: str) -> bool:
+    try:
+        _attr_path(obj, path)
+    except AttributeError:
+        return False
+    return True
 
 
 def router_of(model: nn.Module, block: nn.Module) -> nn.Module:
     """The router module of one of ``model``'s MoE blocks (``block.gate``; GPT-OSS: ``block.router``)."""
-    return getattr(block, _router_name(model))
+    return getattr(block, hf_facts_of(model).router)
 
 
 def spec_of(model: nn.Module) -> ModelSpec:
@@ -227,16 +235,12 @@ def _install(handle: PolicyHandle, blocks: dict[int, nn.Module], spec: ModelSpec
     return handle
 
 
-def correction_bias(block: nn.Module, path: str = "") -> Tensor | None:
-    """A MoE block's ``e_score_correction_bias`` as ``[E]``: at ``path`` under the block (the family's
-    ``HfFacts.correction_bias``; ERNIE: ``gate.moe_statics.e_score_correction_bias``, ``[1, E]``), else on its
-    router (DeepSeek-V3, GLM-4) or on the block (MiniMax-M2)."""
-    if path:
-        bias = _attr_path(block, path)
-    else:
-        bias = getattr(block.gate, "e_score_correction_bias", None)
-        bias = bias if bias is not None else getattr(block, "e_score_correction_bias", None)
-    return bias.reshape(bias.shape[-1]) if bias is not None and bias.dim() == 2 and bias.shape[0] == 1 else bias
+def correction_bias(block: nn.Module, path: str) -> Tensor:
+    """A MoE block's correction bias at ``path`` (its family's ``HfFacts.correction_bias``: on the router for
+    DeepSeek-V3 / GLM-4, on the block for MiniMax-M2, ``gate.moe_statics`` for ERNIE), as ``[E]`` (ERNIE's is
+    ``[1, E]``)."""
+    bias = _attr_path(block, path)
+    return bias.reshape(bias.shape[-1]) if bias.dim() == 2 and bias.shape[0] == 1 else bias
 
 
 def _attr_path(obj, path: str):

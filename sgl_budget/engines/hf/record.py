@@ -10,11 +10,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ...families import family_of
 from ...spec import ModelSpec
 from ...traces import Trace
 from ...traces.format import DECODE, PREFILL
-from .adapter import correction_bias, moe_blocks, router_of
+from .adapter import correction_bias, hf_facts_of, moe_blocks, router_of
 from .progress import bar
 
 
@@ -60,8 +59,7 @@ def record_trace(model, spec: ModelSpec, windows: Tensor, batch_size: int = 16, 
     phase = torch.tensor(([PREFILL] * p + [DECODE] * (s - p)) * len(per_seq), dtype=torch.uint8)
     bias = None
     if spec.has_correction_bias:
-        fam = family_of(getattr(model.config, "model_type", ""))
-        path = fam.hf.correction_bias if fam is not None and fam.hf is not None else ""  # ERNIE: under moe_statics
+        path = hf_facts_of(model).correction_bias
         bias = {l: correction_bias(b, path).detach().float().clone() for l, b in blocks.items()}
     return Trace(spec=spec, router_logits=logits, phase=phase,
                  sequences=[(k * s, (k + 1) * s) for k in range(len(per_seq))], correction_bias=bias,
