@@ -184,6 +184,12 @@ def _load(sgl, hf) -> None:
     load("shared_expert.gate_up_proj.weight", hf.shared_expert.up_proj.weight, 1)
     load("shared_expert.down_proj.weight", hf.shared_expert.down_proj.weight)
     load("shared_expert_gate.weight", hf.shared_expert_gate.weight)
+    finish_loading(sgl)
+
+
+def finish_loading(sgl) -> None:
+    """After a block's weights were loaded (over NaN-filled parameters): SGLang's post-load processing, and
+    every parameter really written."""
     for module in sgl.modules():
         method = getattr(module, "quant_method", None)
         if method is not None and hasattr(method, "process_weights_after_loading"):

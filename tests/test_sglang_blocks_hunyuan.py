@@ -41,7 +41,7 @@ transformers = pytest.importorskip("transformers", reason="install the hf extra:
 
 from family_models import CONFIGS  # noqa: E402
 from test_sglang_blocks import (ALLOC_T, UNIFORM_50, check_policy_block, check_stock_block,  # noqa: E402,F401
-                                sglang_cpu)
+                                finish_loading, sglang_cpu)
 
 from sgl_budget.engines.hf import moe_blocks, spec_of  # noqa: E402
 from sgl_budget.engines.sglang.settings import model_spec_for  # noqa: E402
@@ -131,12 +131,7 @@ def _load(sgl, hf, num_experts: int) -> None:
                 getattr(params[name], "weight_loader", default_weight_loader)(params[name], weight)
         loaded.add(name)
     assert loaded == set(params), set(params) ^ loaded
-    for module in sgl.modules():
-        method = getattr(module, "quant_method", None)
-        if method is not None and hasattr(method, "process_weights_after_loading"):
-            method.process_weights_after_loading(module)
-    for name, p in sgl.named_parameters():
-        assert not p.isnan().any(), f"SGLang's {name} was not loaded"
+    finish_loading(sgl)
 
 
 def test_stock_block_equals_transformers(hunyuan) -> None:
