@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from sgl_budget.cli import EMBEDDED_TRACE, bundled_dir, default_model_dir
-from sgl_budget.cli_model import plot_quality
+from sgl_budget.cli.output import plot_quality
 from sgl_budget.engines.hf import spec_of
 from sgl_budget.engines.hf.data import load_model, read_text, token_windows
 from sgl_budget.engines.hf.evaluate import evaluate

@@ -176,3 +176,25 @@ def test_bad_policy_in_a_fresh_process_has_no_traceback(tmp_path) -> None:
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and f"{bad}:2:16: error: k 9 is out of range" in r.stderr
+
+
+def test_cli_package_imports_one_way():
+    """The command line is a package whose imports go one way: shared pieces (errors, output, loaders) never
+    import a command module, and command modules import only shared pieces (demo may reuse model and replay)."""
+    import ast
+
+    import sgl_budget.cli as cli_pkg
+
+    root = Path(cli_pkg.__file__).parent
+    shared = {"errors", "output", "loaders"}
+    allowed = {name: set(shared) for name in ("policy", "replay", "model", "server", "serve_demo")}
+    allowed.update({"errors": set(), "output": set(), "loaders": {"errors"}, "demo": shared | {"model", "replay"}})
+    for path in sorted(root.glob("*.py")):
+        if path.stem in ("__init__", "__main__"):
+            continue
+        assert path.stem in allowed, f"{path.name}: a new CLI module: place it in the import order above"
+        used = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                used |= {node.module} if node.module else {a.name for a in node.names}
+        assert used <= allowed[path.stem], f"{path.name} imports {sorted(used - allowed[path.stem])}"

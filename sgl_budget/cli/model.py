@@ -1,4 +1,4 @@
-"""``sgl-budget`` commands that run a real transformers model: record, profile, similarity, eval."""
+"""Commands that run a real model in transformers, in this process: record, profile, similarity, eval."""
 
 from __future__ import annotations
 
@@ -7,16 +7,13 @@ import json
 import sys
 from pathlib import Path
 
-from .cli import MIX_HELP, CliError, load_mixes, require_policies_or_mixes
-
-
-def show_progress(quiet: bool = False) -> bool:
-    """Progress bars on stderr: only on a terminal, and not under ``--json``."""
-    return not quiet and sys.stderr.isatty()
+from .errors import CliError
+from .loaders import MIX_HELP, load_mixes, require_policies_or_mixes
+from .output import plot_quality, show_progress
 
 
 def _windows(args, text_path: str):
-    from .engines.hf.data import load_model, read_text, token_windows
+    from ..engines.hf.data import load_model, read_text, token_windows
 
     threads = getattr(args, "threads", None)
     if threads:
@@ -33,14 +30,14 @@ def _windows(args, text_path: str):
 
 
 def _spec(model):
-    from .engines.hf import spec_of
+    from ..engines.hf import spec_of
 
     return spec_of(model)
 
 
 def cmd_record(args: argparse.Namespace) -> int:
-    from .engines.hf.record import record_trace
-    from .traces import write_trace
+    from ..engines.hf.record import record_trace
+    from ..traces import write_trace
 
     model, windows = _windows(args, args.text)
     trace = record_trace(model, _spec(model), windows, batch_size=args.batch_size, prefill_len=args.prefill_len,
@@ -54,8 +51,8 @@ def cmd_record(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from .alloc import save_profile
-    from .engines.hf.profile import profile_layers
+    from ..alloc import save_profile
+    from ..engines.hf.profile import profile_layers
 
     model, windows = _windows(args, args.calib)
     spec = _spec(model)
@@ -68,8 +65,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_similarity(args: argparse.Namespace) -> int:
-    from .engines.hf.similarity import expert_similarity
-    from .similarity import save_similarity
+    from ..engines.hf.similarity import expert_similarity
+    from ..similarity import save_similarity
 
     model, windows = _windows(args, args.calib)
     table = expert_similarity(model, _spec(model), windows, method=args.method, tokens=args.tokens,
@@ -85,8 +82,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .engines.hf.evaluate import evaluate
-    from .lang import load_policy
+    from ..engines.hf.evaluate import evaluate
+    from ..lang import load_policy
 
     mix_specs = getattr(args, "mix", None)
     require_policies_or_mixes(args.policies, mix_specs)  # before the model loads
@@ -129,51 +126,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def plot_quality(results, path: str, title: str = "") -> None:
-    """Perplexity against experts per token and against distinct experts per decode batch (two panels).
+def add_commands(sub) -> None:
+    """``record``, ``profile``, ``similarity``, ``eval`` on a local transformers model."""
+    model_help = "local transformers MoE model directory (config.json, weights, tokenizer)"
 
-    One colour per family (policy names ``method-NN``), a line through its budgets, a marker
-    per policy (legend outside the axes); full top-k is the black star. The right panel is what a memory-bound
-    decode step pays for (weights of the distinct experts it reads): SERE's argument.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .replay.plot import STOCK_STYLE, family, legend_outside, series_styles
-
-    full, rest = results[0], results[1:]
-    styles = series_styles([r.name for r in rest])
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
-    panels = (("activations_per_token", "routed experts per token (mean over MoE layers)"),
-              ("unique_per_batch", "distinct experts per decode batch (mean over MoE layers)"))
-    for ax, (attr, xlabel) in zip(axes, panels):
-        families: dict[str, list] = {}
-        for r in rest:
-            families.setdefault(family(r.name), []).append(r)
-        for members in families.values():
-            members = sorted(members, key=lambda r: getattr(r, attr))
-            xs, ys = [getattr(r, attr) for r in members], [r.perplexity for r in members]
-            ax.plot(xs, ys, color=styles[members[0].name]["color"], linewidth=1, alpha=0.6)
-            for r, x, y in zip(members, xs, ys):
-                st = styles[r.name]
-                ax.plot([x], [y], linestyle="none", marker=st["marker"], color=st["color"], markersize=7,
-                        label=r.name)
-        ax.plot([getattr(full, attr)], [full.perplexity], linestyle="none", marker=STOCK_STYLE["marker"],
-                color="black", markersize=12, label="full top-k")
-        ax.set_xlabel(xlabel)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("held-out perplexity")
-    fig.suptitle(title)
-    fig.tight_layout()
-    legend_outside(fig, axes[1])
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-
-
-def add_model_commands(sub, model_help: str) -> None:
     def common(p, text_flag: str, windows: int, seq_len: int, batch: int) -> None:
         p.add_argument("--model", required=True, help=model_help)
         p.add_argument(text_flag, required=True, help="text file (.txt or .txt.xz; documents separated by blank lines)")

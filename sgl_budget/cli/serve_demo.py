@@ -13,6 +13,9 @@ import sys
 import time
 from pathlib import Path
 
+from .errors import CliError
+from .loaders import bundled_dir, default_model_dir
+
 DEFAULT_PROMPT = "In the morning the city council met to"
 
 
@@ -30,13 +33,11 @@ def _shown(cmd: list[str]) -> str:
 
 
 def cmd_serve_demo(args: argparse.Namespace) -> int:
-    from .cli import CliError, bundled_dir, default_model_dir
-
     try:
         import sglang  # noqa: F401
     except ImportError:
         raise CliError('serve-demo needs SGLang: pip install "sgl-budget[sglang]"') from None
-    from .engines.sglang.server import Server, ServerError
+    from ..engines.sglang.server import Server, ServerError
 
     model = Path(args.model) if args.model else default_model_dir()
     if not (model / "config.json").is_file():
@@ -70,7 +71,8 @@ def cmd_serve_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_serve_demo(sub) -> None:
+def add_commands(sub) -> None:
+    """``serve-demo``."""
     d = sub.add_parser("serve-demo", help="start SGLang on CPU with and without a bundled policy on the embedded "
                                           "model, send a request, print both answers")
     d.add_argument("--model", default=None, help="model directory (default: the embedded models/brown-moe)")
