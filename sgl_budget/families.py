@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 ConfigReader = Literal["qwen", "qwen_renorm", "qwen_always_renorm", "deepseek", "all_layers", "glm4", "minimax_m2",
-                       "hunyuan", "ernie", "unsupported"]
+                       "hunyuan", "ernie", "kimi_linear", "gemma4", "unsupported"]
 CpuStatus = Literal["served", "in-process", "no"]
 
 
@@ -37,6 +37,15 @@ class HfFacts:
     correction_bias: str = "gate.e_score_correction_bias"  # its attribute path under the MoE block
     weights_to_hidden_dtype: bool = False  # cast_back casts to the hidden states' dtype, not the logits' (ERNIE)
     renorm_clamp: str = ""  # config attribute: the renormalisation divides by clamp(sum, min=it) (ERNIE: moe_norm_min)
+    # Gemma 4: the router and the experts are attributes of the decoder layer itself (``layer.router``,
+    # ``layer.experts``), not of an MoE block; the router RMS-normalises its input (no weight), multiplies by
+    # ``router.scale`` and hidden_size**-0.5, then projects (``router.proj``); its first output is softmax(logits) in
+    # float32, not the logits (recording hooks the projection instead); the weights are then multiplied by
+    # ``router.per_expert_scale`` of each slot's expert (``expert_scale``: its attribute path under the router)
+    moe_on_layer: bool = False
+    router_input_norm: bool = False
+    router_returns_probs: bool = False
+    expert_scale: str = ""
 
 
 @dataclass(frozen=True)
@@ -161,17 +170,60 @@ FAMILY_LIST: tuple[Family, ...] = (
            hf_refusal="top-1 routing whose weight scales the expert's input; nothing for a budget to reduce",
            sglang_refusal="top-1 routing (one expert per token, its sigmoid weight applied to the input through a "
                           "custom routing function): a budget has no expert slots to reduce", cpu="no"),
-    Family("gemma4", "Gemma 4 (MoE)", ("google/gemma-4-26b-a4b",), "unsupported", hf=None, hf_refusal=_NOT_READ,
-           sglang_refusal="its router multiplies a learned per-expert scale in after renormalising and sits on the "
-                          "decoder layer; sgl_budget's routing rule does not model that yet", cpu="no"),
+    Family("gemma4", "Gemma 4 (MoE)", ("google/gemma-4-26b-a4b",), "gemma4",
+           hf=HfFacts(cast_back=False, router="router", router_weight="proj.weight", moe_on_layer=True,
+                      router_input_norm=True, router_returns_probs=True, expert_scale="per_expert_scale"),
+           cpu="in-process",
+           cpu_note="the whole model cannot run on SGLang 0.5.23's CPU engine: its launch check for Gemma 4 refuses "
+                    "--attention-backend torch_native (it wants trtllm_mha, triton, fa4, ascend, intel_xpu, intel_amx "
+                    "or aiter; unset, it picks triton), and without AMX the CPU engine has only torch_native; SGLang's "
+                    "own MoE layer (Gemma4Router: RMS norm without weight "
+                    "x scale x hidden_size^-0.5, then the projection; Gemma4MoE: TopK with Gemma 4's routing "
+                    "function, FusedMoE with GELU-tanh on moe_forward_native) is tested in-process on CPU: stock and "
+                    "policy outputs equal the transformers layer's router + experts "
+                    "(tests/test_sglang_blocks_gemma4.py)",
+           notes="the router and experts sit on the decoder layer, beside a dense MLP that runs every step (counted as "
+                 "a shared expert); weights = softmax over the chosen experts, times the layer's learned "
+                 "per_expert_scale of each slot's expert, applied after the renormalisation (under a policy: over the "
+                 "kept experts, then the scale, by the expert a slot finally uses). transformers ranks the float32 "
+                 "softmax and renormalises it (no epsilon); SGLang ranks the raw logits and takes the softmax of the "
+                 "chosen logits in their dtype on CPU (float32 in its CUDA kernel), times the scale in that dtype; "
+                 "each engine's policies do as it does (own-k is bit for bit each engine's routing). The "
+                 "multimodal checkpoint's language model (model.language_model.layers) is what the adapter routes"),
     Family("deepseek_v4", "DeepSeek-V4", ("deepseek-ai/DeepSeek-V4-Flash",), "unsupported", hf=None,
            hf_refusal=_NOT_READ,
-           sglang_refusal="it scores with sqrt-softplus and routes its first layers by a token-id hash (HashTopK, "
-                          "which never calls select_experts)", cpu="no"),
-    Family("kimi_linear", "Kimi Linear / K3", ("moonshotai/Kimi-Linear-48B-A3B-Instruct",), "unsupported", hf=None,
-           hf_refusal=_NOT_READ,
-           sglang_refusal="its config names the routing fields differently (num_experts_per_token, moe_renormalize, "
-                          "num_expert_group) and its linear attention has no CPU path to test it on", cpu="no"),
+           sglang_refusal="its routed layers select with sqrt(softplus(logits)) + correction bias, ungrouped, "
+                          "renormalised (SGLang: TopK(scoring_func='sqrtsoftplus', use_grouped_topk=False); "
+                          "transformers: DeepseekV4TopKRouter), a scoring function sgl_budget's routing (reference, "
+                          "Triton kernels, SGLang path, adapter) does not implement yet; and its first num_hash_layers "
+                          "MoE layers take their experts from a frozen token-id table (tid2eid[input_ids]: SGLang's "
+                          "HashTopK, which never calls select_experts; transformers' DeepseekV4HashRouter), which a "
+                          "policy cannot re-rank, so those layers could only stay stock", cpu="no"),
+    Family("kimi_linear", "Kimi Linear", ("moonshotai/Kimi-Linear-48B-A3B-Instruct",), "kimi_linear",
+           renorm_eps=1e-20, hf=HfFacts(logits_fp32=True, cast_back=False, sorted_selection=False),
+           cpu="in-process",
+           cpu_note="the whole model cannot run on SGLang 0.5.23's CPU engine: its Kimi Delta Attention backend "
+                    "(kda_backend.py) always runs the Triton causal_conv1d_fn in prefill and, with --device cpu, "
+                    "needs the CPU build of sgl_kernel (causal_conv1d_update_cpu); SGLang's own MoE block (KimiMoE: ReplicatedLinear router, "
+                    "TopK(use_grouped_topk=True, correction_bias) - sigmoid + bias, grouped top-k, renormalised - "
+                    "FusedMoE on moe_forward_native, shared KimiMLP) is tested in-process on CPU: stock and policy "
+                    "outputs equal the transformers block's (tests/test_sglang_blocks_kimi_linear.py)",
+           notes="its config names the routing fields num_experts / num_experts_per_token / moe_renormalize / "
+                 "num_expert_group / num_shared_experts (read as such); both engines always route DeepSeek-V3-style "
+                 "(sigmoid + e_score_correction_bias, grouped top-k, sum + 1e-20 renormalisation, "
+                 "routed_scaling_factor) whatever use_grouped_topk / topk_method / moe_router_activation_func say; "
+                 "SGLang 0.5.23 applies routed_scaling_factor in its GPU MoE runners (fused_experts' combine), but "
+                 "its CPU paths (moe_forward_native, the AMX fused_experts_cpu) never do, stock or with a policy; "
+                 "checkpoints of Kimi K3's text model (KimiK3LinearForCausalLM, or routed_expert_hidden_size set) "
+                 "are refused as Kimi K3"),
+    Family("kimi_k3", "Kimi K3", ("(SGLang 0.5.23's KimiK3ForConditionalGeneration; no public checkpoint named)",),
+           "unsupported", hf=None, hf_refusal="transformers 5.19 has no Kimi K3 class",
+           sglang_refusal="SGLang 0.5.23's KimiK3MoE (a Kimi Linear text model with latent MoE: routed experts run in "
+                          "routed_expert_hidden_size, SiTU activation) routes on CUDA through a fused MoE front "
+                          "(SGLANG_K3_FUSED_FRONT, on by default: router gate merged with the latent down-projection, "
+                          "sigmoid + bias top-k emitted by a kernel as a precomputed TopK output) that never calls "
+                          "select_experts, and transformers has no class to verify its routing against",
+           cpu="no"),
 )
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in FAMILY_LIST}

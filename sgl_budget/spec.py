@@ -52,6 +52,9 @@ class ModelSpec:
     has_correction_bias: bool = False
     dtype_bytes: int = 2
     model_type: str = ""
+    # Gemma 4: after renormalisation each slot's weight is multiplied by a learned per-expert scale of its expert
+    # (a weight, like the correction bias; the engines apply it: sgl_budget.routing.scoring.apply_expert_scale)
+    has_expert_scale: bool = False
 
     def __post_init__(self) -> None:
         problems = _field_problems(self)
@@ -145,7 +148,7 @@ def _field_problems(s: ModelSpec) -> list[str]:
     for f in ("name", "model_type"):
         if not isinstance(getattr(s, f), str):
             problems.append(f"{f} must be a string, not {describe(getattr(s, f))}")
-    for f in ("norm_topk_prob", "has_correction_bias"):
+    for f in ("norm_topk_prob", "has_correction_bias", "has_expert_scale"):
         if not isinstance(getattr(s, f), bool):
             problems.append(f"{f} must be true or false, not {describe(getattr(s, f))}")
     if not is_number(s.routed_scaling_factor) or not s.routed_scaling_factor > 0:
@@ -267,11 +270,20 @@ _COUNT_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "": (("n_routed_experts", "num_experts", "num_local_experts"), ("num_experts_per_tok", "moe_topk", "top_k")),
     # ERNIE-4.5's own keys; transformers' attribute_map aliases them as num_experts / num_experts_per_tok
     "ernie": (("moe_num_experts", "num_experts"), ("moe_k", "num_experts_per_tok")),
+    # Kimi Linear's checkpoint keys (SGLang's and transformers' configs alias num_experts_per_tok to the first)
+    "kimi_linear": (("num_experts", "n_routed_experts", "num_local_experts"),
+                    ("num_experts_per_token", "num_experts_per_tok")),
+    "gemma4": (("num_experts",), ("top_k_experts",)),  # Gemma 4's text config (null in its dense models)
 }
 
 
 def _from_hf(cfg: dict[str, Any], name: str) -> ModelSpec:
+    outer = cfg.get("model_type")
     if isinstance(cfg.get("text_config"), dict):  # multimodal wrappers
+        # a refused wrapper (Kimi K3) stays refused even when its text model's own type would read (kimi_linear)
+        outer_fam = family_of(outer) if isinstance(outer, str) else None
+        if outer_fam is not None and outer_fam.config == "unsupported":
+            _unsupported_fields(_Fields(cfg), outer, 0)
         cfg = {**cfg, **cfg["text_config"]}
     f = _Fields(cfg)
     mt = f.text("model_type", "")
@@ -419,6 +431,59 @@ def _hunyuan_fields(f: _Fields, mt: str, n_layers: int) -> dict[str, Any]:
                 num_shared_experts=n_shared, shared_expert_intermediate_size=n_shared * inter, norm_topk_prob=True)
 
 
+def _kimi_linear_fields(f: _Fields, mt: str, n_layers: int) -> dict[str, Any]:
+    """Kimi Linear: DeepSeek-V3's rule under its own key names. Both engines always select with sigmoid + correction
+    bias (``gate.e_score_correction_bias``) through the grouped path: SGLang's ``KimiMoE`` builds
+    ``TopK(use_grouped_topk=True, correction_bias=...)`` whatever ``use_grouped_topk`` / ``topk_method`` /
+    ``moe_router_activation_func`` say, transformers' ``KimiLinearTopkRouter`` hard-codes the same; groups
+    ``num_expert_group`` (``n_group``) keeping ``topk_group``, renormalised when ``moe_renormalize``
+    (``norm_topk_prob``), scaled by ``routed_scaling_factor``; ``num_shared_experts`` MLPs of ``moe_intermediate_size``.
+
+    MoE layers: SGLang's rule, ``first_k_dense_replace <= i`` and ``i % moe_layer_freq == 0`` (SGLang's config
+    defaults: 0 and 1); a transformers config's ``mlp_layer_types`` (what its model builds) when there is no
+    ``first_k_dense_replace``; a config holding both that disagree is refused (the engines would differ).
+
+    Kimi K3's text model is a ``kimi_linear`` config too; SGLang builds ``KimiK3MoE`` for it (by architecture), whose
+    routing may bypass ``select_experts``: such a config (a ``KimiK3*`` architecture, or latent MoE:
+    ``routed_expert_hidden_size``) is refused as Kimi K3."""
+    archs = f.cfg.get("architectures")
+    if (isinstance(archs, list) and any(isinstance(a, str) and a.startswith("KimiK3") for a in archs)) \
+            or f.cfg.get("routed_expert_hidden_size") is not None:
+        _unsupported_fields(f, "kimi_k3", n_layers)
+    inter = f.integer("moe_intermediate_size", hi=1 << 24)
+    n_shared = f.integer("num_shared_experts", "n_shared_experts", default=0, lo=0, hi=1 << 16)
+    first_dense = f.integer("first_k_dense_replace", default=0, lo=0, hi=100_000)
+    freq = f.integer("moe_layer_freq", default=1, hi=100_000)
+    moe_layers = tuple(i for i in range(n_layers) if i >= first_dense and i % freq == 0)
+    kinds = f.cfg.get("mlp_layer_types")
+    if isinstance(kinds, list) and len(kinds) == n_layers and all(k in ("dense", "sparse") for k in kinds):
+        typed = tuple(i for i, k in enumerate(kinds) if k == "sparse")
+        if f.cfg.get("first_k_dense_replace") is None:
+            moe_layers = typed
+        elif typed != moe_layers:
+            f.problems.append(f"mlp_layer_types makes layers {list(typed)} MoE (transformers' rule) but "
+                              f"first_k_dense_replace / moe_layer_freq make {list(moe_layers)} MoE (SGLang's rule)")
+    renorm = f.flag("moe_renormalize", f.flag("norm_topk_prob", True))
+    return dict(moe_layers=moe_layers, moe_intermediate_size=inter, num_shared_experts=n_shared,
+                shared_expert_intermediate_size=n_shared * inter, scoring_func="sigmoid", norm_topk_prob=renorm,
+                n_group=f.integer("num_expert_group", "n_group", default=1, hi=1 << 16),
+                topk_group=f.integer("topk_group", default=1, hi=1 << 16),
+                routed_scaling_factor=f.number("routed_scaling_factor", 1.0), has_correction_bias=True)
+
+
+def _gemma4_fields(f: _Fields, mt: str, n_layers: int) -> dict[str, Any]:
+    """Gemma 4 (MoE): with ``enable_moe_block`` every decoder layer routes ``top_k_experts`` of ``num_experts``
+    experts (``moe_intermediate_size``) beside its dense MLP (``intermediate_size``, run for every token: counted as
+    one shared expert); softmax, always renormalised (no epsilon in transformers), then the learned per-expert scale
+    (``has_expert_scale``). Without ``enable_moe_block`` (Gemma 4's dense models) there is no MoE layer."""
+    moe = f.flag("enable_moe_block", False)
+    dense = f.integer("intermediate_size", default=0, lo=0, hi=1 << 24)
+    return dict(moe_layers=tuple(range(n_layers)) if moe else (),
+                moe_intermediate_size=f.integer("moe_intermediate_size", hi=1 << 24),
+                num_shared_experts=1 if dense else 0, shared_expert_intermediate_size=dense, scoring_func="softmax",
+                norm_topk_prob=True, has_expert_scale=True)
+
+
 def _unsupported_fields(f: _Fields, mt: str, n_layers: int) -> dict[str, Any]:
     """A known family whose config sgl_budget cannot describe: its engines' refusal, as a SpecError."""
     from .families import family_of, sglang_refusal
@@ -434,7 +499,7 @@ _READERS: dict[str, Callable[[_Fields, str, int], dict[str, Any]]] = {
     "qwen_renorm": lambda f, mt, n: _qwen_fields(f, mt, n, norm_default=True),
     "qwen_always_renorm": lambda f, mt, n: _qwen_fields(f, mt, n, always_renorm=True),
     "glm4": _glm4_fields, "minimax_m2": _minimax_m2_fields, "hunyuan": _hunyuan_fields, "ernie": _ernie_fields,
-    "unsupported": _unsupported_fields,
+    "kimi_linear": _kimi_linear_fields, "gemma4": _gemma4_fields, "unsupported": _unsupported_fields,
 }
 
 # Model types outside families.FAMILIES whose configs still read as a spec (replay, explain), by shape.

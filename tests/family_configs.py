@@ -113,6 +113,13 @@ KIMI_LINEAR = {
     "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
 }
 
+KIMI_K3 = {  # SGLang 0.5.23's KimiK3Config shape: a Kimi Linear text model with latent MoE, and a vision tower
+    "architectures": ["KimiK3ForConditionalGeneration"], "model_type": "kimi_k3",
+    "text_config": {**{k: v for k, v in KIMI_LINEAR.items() if k != "architectures"},
+                    "routed_expert_hidden_size": 32, "hidden_act": "situ", "activation_situ_beta": 4.0},
+    "vision_config": {"model_type": "kimi_k3_vision"}, "media_placeholder_token_id": 1000,
+}
+
 _A_COMMON = dict(vocab_size=1024, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                  rms_norm_eps=1e-5, hidden_act="silu", tie_word_embeddings=False, torch_dtype="bfloat16",
                  bos_token_id=0, eos_token_id=1, pad_token_id=2)
@@ -162,6 +169,6 @@ _GROUP_A = {
 CHECK_ONLY: dict[str, dict] = {
     "qwen3_next": QWEN3_NEXT, "qwen3_5_moe": QWEN3_5_MOE, "qwen3_5_moe_text": QWEN3_5_MOE_TEXT, "llama4": LLAMA4,
     "gemma4": {"architectures": ["Gemma4ForConditionalGeneration"], "model_type": "gemma4", "text_config": _G4_TEXT},
-    "deepseek_v4": DEEPSEEK_V4, "kimi_k2": KIMI_K2, "kimi_linear": KIMI_LINEAR,
+    "deepseek_v4": DEEPSEEK_V4, "kimi_k2": KIMI_K2, "kimi_linear": KIMI_LINEAR, "kimi_k3": KIMI_K3,
     **{k: v for k, v in _GROUP_A.items() if k != "glm4_moe"},
 }

@@ -115,7 +115,16 @@ EXPECTED = {  # the routing facts each reader must get from the published config
     "qwen3_5_moe": dict(model_type="qwen3_5_moe_text", norm_topk_prob=True, num_shared_experts=1),
     "kimi_k2": dict(moe_layers=(1, 2, 3), scoring_func="sigmoid", has_correction_bias=True, n_group=1,
                     routed_scaling_factor=2.827),
+    # its own key names: num_experts_per_token, moe_renormalize, num_expert_group, num_shared_experts
+    "kimi_linear": dict(moe_layers=(1, 2, 3), num_experts=16, top_k=4, scoring_func="sigmoid",
+                        has_correction_bias=True, n_group=1, norm_topk_prob=True, routed_scaling_factor=2.446,
+                        num_shared_experts=1, shared_expert_intermediate_size=32),
     "deepseek_v3": dict(moe_layers=(1, 2), scoring_func="sigmoid", has_correction_bias=True, n_group=4),
+    # the multimodal config's text model: every layer MoE (enable_moe_block), its dense MLP counted as a shared
+    # expert, softmax renormalised, then the per-expert scale
+    "gemma4": dict(model_type="gemma4_text", moe_layers=(0, 1, 2, 3), num_experts=16, top_k=4,
+                   scoring_func="softmax", norm_topk_prob=True, has_expert_scale=True, has_correction_bias=False,
+                   num_shared_experts=1, shared_expert_intermediate_size=64, moe_intermediate_size=32),
     "deepseek_v2": dict(moe_layers=(1, 2), scoring_func="softmax", has_correction_bias=False, norm_topk_prob=False),
     "gpt_oss": dict(norm_topk_prob=True, scoring_func="softmax"),
     "minimax_m2": dict(scoring_func="sigmoid", has_correction_bias=True, norm_topk_prob=True),
@@ -130,6 +139,21 @@ def test_readers_get_the_routing_facts(name) -> None:
     spec = ModelSpec.from_hf_config(ALL_CONFIGS[name])
     for field, want in EXPECTED[name].items():
         assert getattr(spec, field) == want, (name, field)
+
+
+def test_kimi_linear_reader_edges() -> None:
+    """MoE layers by SGLang's rule unless only transformers' mlp_layer_types is there; disagreeing ones and Kimi K3's
+    text model (a kimi_linear config SGLang builds KimiK3MoE for) are refused."""
+    cfg = {k: v for k, v in ALL_CONFIGS["kimi_linear"].items() if k != "first_k_dense_replace"}
+    assert ModelSpec.from_hf_config(cfg).moe_layers == (0, 1, 2, 3)  # SGLang's default: no dense first layer
+    typed = {**cfg, "mlp_layer_types": ["dense", "dense", "sparse", "sparse"]}  # a transformers config's to_dict
+    assert ModelSpec.from_hf_config(typed).moe_layers == (2, 3)
+    with pytest.raises(SpecError, match="SGLang's rule"):
+        ModelSpec.from_hf_config({**typed, "first_k_dense_replace": 1})
+    for k3 in ({**cfg, "architectures": ["KimiK3LinearForCausalLM"]}, {**cfg, "routed_expert_hidden_size": 32},
+               ALL_CONFIGS["kimi_k3"]):
+        with pytest.raises(SpecError, match=r"'kimi_k3' \(Kimi K3\) is not supported"):
+            ModelSpec.from_hf_config(k3)
 
 
 def test_unsupported_families_cannot_be_described() -> None:

@@ -12,8 +12,8 @@ if os.environ.get("SGL_BUDGET_REQUIRE_SGLANG"):
 transformers = pytest.importorskip("transformers", reason="install the hf extra: pip install -e '.[hf]'")
 
 from sgl_budget.engines.hf import UnsupportedModel, apply_policy, moe_blocks, spec_of  # noqa: E402
-from sgl_budget.engines.hf.adapter import router_of  # noqa: E402
-from sgl_budget.families import FAMILIES  # noqa: E402
+from sgl_budget.engines.hf.adapter import _attr_path, router_of  # noqa: E402
+from sgl_budget.families import FAMILIES, family_of  # noqa: E402
 from sgl_budget.lang import compile_policy  # noqa: E402
 
 COMMON = dict(vocab_size=97, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
@@ -52,8 +52,19 @@ def _from_family_config(model_type: str):
 
 
 for _mt in ("qwen3_next", "qwen3_5_moe_text", "glm4_moe", "glm4_moe_lite", "hunyuan_v1_moe", "minimax_m2",
-            "ernie4_5_moe", "gpt_oss"):
+            "ernie4_5_moe", "gpt_oss", "kimi_linear"):
     CONFIGS[_mt] = _from_family_config(_mt)
+
+
+def _gemma4_text():
+    """Gemma 4's text model (model_type gemma4_text: the gemma4 row), what AutoModelForCausalLM loads from its
+    language model; the multimodal checkpoint is tested in test_gemma4_multimodal_routes_its_language_model."""
+    from family_configs import GEMMA4_TEXT
+
+    return transformers.AutoConfig.for_model(**{k: v for k, v in GEMMA4_TEXT.items() if k != "architectures"})
+
+
+CONFIGS["gemma4"] = _gemma4_text
 
 
 def test_every_family_the_adapter_takes_is_tested_here() -> None:
@@ -69,9 +80,13 @@ def build(name: str):
     with torch.no_grad():
         for block in moe_blocks(model).values():  # random routers (some init to zeros) and biases
             router = router_of(model, block)  # block.gate; GPT-OSS: block.router, a linear with a bias
-            getattr(router, "wg", router).weight.normal_(0, 0.5)
-            if FAMILIES[model.config.model_type].hf.router_bias:  # a router bias in the logits (zeros at init)
+            facts = family_of(model.config.model_type).hf
+            _attr_path(router, facts.router_weight).normal_(0, 0.5)  # gate.weight; Hunyuan: wg; Gemma 4: proj
+            if facts.router_bias:  # a router bias in the logits (zeros at init)
                 router.bias.normal_(0, 0.5)
+            if facts.expert_scale:  # Gemma 4's per-expert scale and router input scale (ones at init)
+                _attr_path(router, facts.expert_scale).uniform_(0.5, 2.0)
+                router.scale.uniform_(0.5, 1.5)
             # the bias lives on the router, on the block (MiniMax-M2) or in the router's moe_statics (ERNIE)
             for owner in (router, block, getattr(router, "moe_statics", None)):
                 if getattr(owner, "e_score_correction_bias", None) is not None:
@@ -188,3 +203,50 @@ def test_gpt_oss_weights_and_padding_in_float32() -> None:
             torch.testing.assert_close(experts.dense_experts_forward(block.experts, x, padded, pw), eager)
             with pytest.raises(RuntimeError, match="num_classes"):  # why: GPT-OSS's own eager forward
                 type(block.experts).forward.__wrapped__(block.experts, x, padded, pw)
+
+
+def test_gemma4_renormalises_over_the_kept_experts_then_scales() -> None:
+    """Gemma 4: router and experts on the decoder layer, the router's input normalised and scaled before its
+    projection, weights = softmax renormalised over the kept experts, then x per_expert_scale of each slot's expert
+    (in float32, as transformers computes it). The multimodal checkpoint routes its language model's layers, and
+    recording keeps the router's logits (its projection's output), not the probabilities it returns first."""
+    from family_configs import CHECK_ONLY
+
+    from sgl_budget.engines.hf.record import record_trace
+
+    cfg = transformers.AutoConfig.for_model(**{k: v for k, v in CHECK_ONLY["gemma4"].items() if k != "architectures"})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    blocks = moe_blocks(model)  # the decoder layers of model.model.language_model
+    assert sorted(blocks) == [0, 1, 2, 3] and all(b is l for b, l in zip(blocks.values(),
+                                                                           model.model.language_model.layers))
+    with torch.no_grad():
+        for layer in blocks.values():
+            layer.router.proj.weight.normal_(0, 0.5)
+            layer.router.per_expert_scale.uniform_(0.5, 2.0)
+            layer.router.scale.uniform_(0.5, 1.5)
+    spec = spec_of(model)
+    assert spec.has_expert_scale and spec.norm_topk_prob and spec.top_k == 4
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(3))
+    seen = {}
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        with apply_policy(model, compile_policy(f'policy "own" {{ layers {{ k = {spec.top_k} }} }}', spec)):
+            assert torch.equal(model(input_ids=ids).logits, want)
+        with apply_policy(model, compile_policy('policy "half" { budget 50%; layers { allocate uniform } }', spec)):
+            for l, layer in blocks.items():
+                layer.router.register_forward_hook(lambda m, a, out, l=l: seen.__setitem__(l, out))
+            assert not torch.equal(model(input_ids=ids).logits, want)
+        for l, layer in blocks.items():
+            layer.router._forward_hooks.clear()
+    for l, (probs, weights, idx) in seen.items():
+        assert bool((idx[:, :2] < spec.num_experts).all()) and bool((idx[:, 2:] == spec.num_experts).all())
+        top = probs.topk(2, dim=-1)  # k = 2 of top-4: the two best, kept slots first, padding last
+        assert torch.equal(idx[:, :2], top.indices)
+        scale = blocks[l].router.per_expert_scale
+        assert torch.equal(weights[:, :2], top.values / top.values.sum(-1, keepdim=True) * scale[top.indices])
+        assert (weights[:, 2:] == 0).all()
+    trace = record_trace(model, spec, torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(4)),
+                         batch_size=2, prefill_len=3)
+    assert set(trace.router_logits) == set(blocks)
+    assert all(bool((x < 0).any()) for x in trace.router_logits.values())  # logits, not softmax probabilities

@@ -147,33 +147,112 @@ def _sglang_block(config):
                                   reduce_results=False)
 
 
-def _hf_model(cfg: dict):
+def hf_model(cfg: dict, layer: int = LAYER):
+    """The transformers model of this config.json (float32, seed 0) and its MoE block of ``layer``."""
     torch.manual_seed(0)
     config = transformers.AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "architectures"})
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    block = moe_blocks(model)[LAYER]
+    return model, moe_blocks(model)[layer]
+
+
+def randomise(named_parameters, router: str, ones: tuple[str, ...] = ()) -> torch.Generator:
+    """New weights from a generator seeded 1, in order: the router's (``router`` and the parameters under it)
+    ~ N(0, ROUTER_STD), those named in ``ones`` (ones at init: made to matter) ~ U(0.5, 2), the others ~ N(0, 0.1).
+    Returns the generator, for further draws."""
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for name, p in block.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (ROUTER_STD if name == "gate.weight" else 0.1))
-    return model, block
+        for name, p in named_parameters:
+            if name in ones:
+                p.copy_(torch.rand(p.shape, generator=g) * 1.5 + 0.5)
+            else:
+                is_router = name == router or name.startswith(f"{router}.")
+                p.copy_(torch.randn(p.shape, generator=g) * (ROUTER_STD if is_router else 0.1))
+    return g
+
+
+class WeightLoading:
+    """Loading SGLang's block ``sgl`` through its parameters' own ``weight_loader`` (``default_weight_loader`` where
+    there is none), by parameter name (``prefix`` + the name in ``sgl``), over NaN-filled parameters; :meth:`finish`
+    then checks that every parameter was loaded and runs SGLang's post-loading step."""
+
+    def __init__(self, sgl, prefix: str = "") -> None:
+        self.sgl = sgl
+        self.params = {f"{prefix}{n}": p for n, p in sgl.named_parameters()}
+        with torch.no_grad():
+            for p in self.params.values():
+                p.fill_(float("nan"))  # every parameter must be written
+        self.loaded: set[str] = set()
+
+    def __call__(self, name: str, weight: torch.Tensor, *args, **kwargs) -> None:
+        from sglang.srt.model_loader.weight_utils import default_weight_loader
+
+        param = self.params[name]
+        getattr(param, "weight_loader", default_weight_loader)(param, weight.detach(), *args, **kwargs)
+        self.loaded.add(name)
+
+    def finish(self) -> None:
+        assert self.loaded == set(self.params), set(self.params) ^ self.loaded
+        finish_loading(self.sgl)
+
+
+def load_checkpoint(sgl, checkpoint: dict[str, torch.Tensor], *, stacked=(), experts=(), prefix: str = "",
+                    unstacked: str | None = None, rename=None) -> None:
+    """``checkpoint`` (names as a checkpoint holds them) into SGLang's block along the branches of a model's
+    ``load_weights``: the ``stacked`` params mapping ``(param_name, weight_name, shard_id)`` (not for names holding
+    ``unstacked``), else the experts' mapping (``make_expert_params_mapping``'s ``(param_name, weight_name,
+    expert_id, shard_id)`` or ``make_expert_params_mapping_fused``'s ``(param_name, weight_name, shard_id)``), else
+    the parameter of that name (after ``rename``); then :meth:`WeightLoading.finish`."""
+    load = WeightLoading(sgl, prefix)
+    for name, weight in checkpoint.items():
+        for param_name, weight_name, shard_id in stacked:
+            if weight_name in name and (unstacked is None or unstacked not in name):
+                load(name.replace(weight_name, param_name), weight, shard_id)
+                break
+        else:
+            for param_name, weight_name, *ids in experts:
+                if weight_name in name:
+                    name = name.replace(weight_name, param_name)
+                    load(name, weight, name, **dict(zip(("expert_id", "shard_id")[-len(ids):], ids)))
+                    break
+            else:
+                load(rename(name) if rename else name, weight)
+    load.finish()
+
+
+GATE_UP_STACKED = [(".gate_up_proj", ".gate_proj", 0), (".gate_up_proj", ".up_proj", 1)]  # a shared MLP's
+
+
+def load_per_expert(sgl, hf, router: dict[str, torch.Tensor], names: tuple[str, str, str], *, experts: str,
+                    shared: str, num_experts: int | None = None, **kwargs) -> None:
+    """The transformers block ``hf`` (fused experts, a shared MLP) into SGLang's block as a per-expert checkpoint
+    of it loads: the ``router`` weights (checkpoint name -> tensor), each expert's gate/up/down as
+    ``{experts}.{e}.{name}.weight`` with ``names`` (SGLang's ``make_expert_params_mapping`` of them, for
+    ``num_experts``: default the block's), and the shared MLP (``hf``'s attribute named as the last part of
+    ``shared``) as ``{shared}.{gate,up,down}_proj.weight`` through :data:`GATE_UP_STACKED`; ``kwargs`` go to
+    :func:`load_checkpoint`."""
+    from sglang.srt.layers.moe.fused_moe_triton import FusedMoE
+
+    w = dict(router)
+    gate_w, up_w = hf.experts.gate_up_proj.chunk(2, dim=-2)  # [E, 2I, H]: gate rows first
+    for e in range(hf.experts.num_experts):
+        for name, weight in zip(names, (gate_w[e], up_w[e], hf.experts.down_proj[e])):
+            w[f"{experts}.{e}.{name}.weight"] = weight
+    shared_mlp = getattr(hf, shared.rsplit(".", 1)[-1])
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        w[f"{shared}.{proj}.weight"] = getattr(shared_mlp, proj).weight
+    gate, up, down = names
+    if num_experts is None:
+        num_experts = hf.experts.num_experts
+    mapping = FusedMoE.make_expert_params_mapping(ckpt_gate_proj_name=gate, ckpt_down_proj_name=down,
+                                                  ckpt_up_proj_name=up, num_experts=num_experts)
+    load_checkpoint(sgl, {k: v.detach() for k, v in w.items()}, stacked=GATE_UP_STACKED, experts=mapping, **kwargs)
 
 
 def _load(sgl, hf) -> None:
     """The transformers block's weights into SGLang's block through SGLang's weight loaders, the way
     qwen3_5.py's load_weights loads a fused-experts checkpoint (and qwen3_next.py a per-expert one: the same
     weight_loader calls per expert), then the quant methods' post-loading step as SGLang's model loader runs it."""
-    from sglang.srt.model_loader.weight_utils import default_weight_loader
-
-    params = dict(sgl.named_parameters())
-    with torch.no_grad():
-        for p in params.values():
-            p.fill_(float("nan"))  # every parameter must be written below
-
-    def load(name, weight, *args):
-        param = params[name]
-        getattr(param, "weight_loader", default_weight_loader)(param, weight.detach(), *args)
-
+    load = WeightLoading(sgl)
     load("gate.weight", hf.gate.weight)
     gate_w, up_w = hf.experts.gate_up_proj.chunk(2, dim=-2)  # [E, 2I, H]: gate rows first
     for e in range(hf.experts.num_experts):
@@ -184,7 +263,7 @@ def _load(sgl, hf) -> None:
     load("shared_expert.gate_up_proj.weight", hf.shared_expert.up_proj.weight, 1)
     load("shared_expert.down_proj.weight", hf.shared_expert.down_proj.weight)
     load("shared_expert_gate.weight", hf.shared_expert_gate.weight)
-    finish_loading(sgl)
+    load.finish()
 
 
 def finish_loading(sgl) -> None:
@@ -198,6 +277,21 @@ def finish_loading(sgl) -> None:
         assert not p.isnan().any(), f"SGLang's {name} was not loaded"
 
 
+SPEC_FIELDS = ("num_experts", "top_k", "moe_layers", "scoring_func", "norm_topk_prob", "grouped",
+               "has_correction_bias", "routed_scaling_factor")
+
+
+def block_family(name: str, sgl, model, block, directory, fields=SPEC_FIELDS, **extra) -> SimpleNamespace:
+    """A family's blocks for the checks: the spec the launcher publishes to the workers for the checkpoint whose
+    ``config.json`` is in ``directory`` equals the adapter's spec of ``model`` on ``fields``."""
+    spec = model_spec_for(str(directory))
+    hf_spec = spec_of(model)
+    for field in fields:
+        assert getattr(spec, field) == getattr(hf_spec, field), field
+    return SimpleNamespace(name=name, sgl=sgl, model=model, block=block, spec=spec, hf_spec=hf_spec, dir=directory,
+                           **extra)
+
+
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family(request, sglang_cpu, tmp_path_factory):
     sgl_cfg, hf_cfg = FAMILIES[request.param]
@@ -206,18 +300,14 @@ def family(request, sglang_cpu, tmp_path_factory):
     # the CPU path: a separate shared expert with its gate (no fusion), SGLang's own TopK and FusedMoE
     assert sgl.shared_expert is not None and sgl.num_fused_shared_experts == 0
     assert isinstance(sgl.shared_expert_gate, torch.nn.Linear)
-    model, block = _hf_model(hf_cfg)
+    model, block = hf_model(hf_cfg)
+    randomise(block.named_parameters(), router="gate.weight")
     _load(sgl, block)
     directory = tmp_path_factory.mktemp(request.param)
     (directory / "config.json").write_text(json.dumps(sgl_cfg))
-    spec = model_spec_for(str(directory))  # what the launcher publishes to the workers for this checkpoint
-    hf_spec = spec_of(model)
-    assert spec.model_type == config.model_type  # qwen3_5_moe: the spec of its text model, as SGLang builds it
-    for field in ("num_experts", "top_k", "moe_layers", "scoring_func", "norm_topk_prob", "grouped",
-                  "has_correction_bias", "routed_scaling_factor"):
-        assert getattr(spec, field) == getattr(hf_spec, field), field
-    return SimpleNamespace(name=request.param, sgl=sgl, model=model, block=block, spec=spec, hf_spec=hf_spec,
-                           dir=directory)
+    family = block_family(request.param, sgl, model, block, directory)
+    assert family.spec.model_type == config.model_type  # qwen3_5_moe: the spec of its text model, as SGLang builds it
+    return family
 
 
 def _use(family, policy_text: str | None, stock_fast_path: bool = True) -> None:

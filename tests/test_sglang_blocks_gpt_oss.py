@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -34,14 +33,10 @@ pytest.importorskip("sglang", reason="install the sglang extra: pip install -e '
 transformers = pytest.importorskip("transformers", reason="install the hf extra: pip install -e '.[hf]'")
 
 from family_configs import CHECK_ONLY  # noqa: E402
-from test_sglang_blocks import (ALLOC_T, UNIFORM_50, _use, check_policy_block, check_stock_block,  # noqa: E402,F401
-                                finish_loading, sglang_cpu)
-
-from sgl_budget.engines.hf import moe_blocks, spec_of  # noqa: E402
-from sgl_budget.engines.sglang.settings import model_spec_for  # noqa: E402
+from test_sglang_blocks import (ALLOC_T, UNIFORM_50, _use, block_family, check_policy_block,  # noqa: E402,F401
+                                check_stock_block, hf_model, load_checkpoint, randomise, sglang_cpu)
 
 LAYER = 1
-ROUTER_STD = 0.5  # decisive routing, no near-ties
 CONFIG = {**CHECK_ONLY["gpt_oss"], "torch_dtype": "float32", "dtype": "float32"}  # as family_models writes it
 
 
@@ -52,52 +47,26 @@ def gpt_oss(sglang_cpu, tmp_path_factory):
     config = transformers.AutoConfig.for_model(**{k: v for k, v in CONFIG.items() if k != "architectures"})
     sgl = GptOssSparseMoeBlock(layer_id=LAYER, config=config, quant_config=None,
                                prefix=f"model.layers.{LAYER}.mlp").eval()
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    block = moe_blocks(model)[LAYER]
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in block.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (ROUTER_STD if name.startswith("router.") else 0.1))
+    model, block = hf_model(CONFIG, LAYER)
+    randomise(block.named_parameters(), router="router")  # decisive routing, no near-ties
     _load(sgl, block)
     directory = tmp_path_factory.mktemp("gpt_oss")
     (directory / "config.json").write_text(json.dumps(CONFIG))
-    spec = model_spec_for(str(directory))
-    hf_spec = spec_of(model)
-    for field in ("num_experts", "top_k", "moe_layers", "scoring_func", "norm_topk_prob", "grouped",
-                  "has_correction_bias", "routed_scaling_factor"):
-        assert getattr(spec, field) == getattr(hf_spec, field), field
-    return SimpleNamespace(name="gpt_oss", sgl=sgl, model=model, block=block, spec=spec, hf_spec=hf_spec,
-                           dir=directory)
+    return block_family("gpt_oss", sgl, model, block, directory)
 
 
 def _load(sgl, hf) -> None:
     """The transformers block's weights into SGLang's block as ``GptOssForCausalLM.load_weights`` loads a bf16
-    checkpoint of them (transformers' parameter names), then the quant method's post-loading step."""
+    checkpoint of them (transformers' parameter names; the experts' weights, not their biases, transposed), then the
+    quant method's post-loading step."""
     from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
-    from sglang.srt.model_loader.weight_utils import default_weight_loader
 
-    params = dict(sgl.named_parameters())
-    with torch.no_grad():
-        for p in params.values():
-            p.fill_(float("nan"))  # every parameter must be written below
     mapping = FusedMoE.make_expert_params_mapping_fused(
         ckpt_gate_up_proj_name="gate_up_proj", ckpt_down_proj_name="down_proj",
         ckpt_gate_up_proj_bias_name="gate_up_proj_bias", ckpt_down_proj_bias_name="down_proj_bias")
-    for name, weight in hf.named_parameters():  # router.weight, router.bias, experts.gate_up_proj, ...
-        weight = weight.detach()
-        for param_name, weight_name, shard_id in mapping:
-            if weight_name in name:
-                name = name.replace(weight_name, param_name)
-                param = params[name]
-                if "bias" not in name:
-                    weight = weight.transpose(-2, -1)
-                param.weight_loader(param, weight, name, shard_id=shard_id)
-                break
-        else:
-            param = params[name]
-            getattr(param, "weight_loader", default_weight_loader)(param, weight)
-    finish_loading(sgl)
+    checkpoint = {name: w.detach().transpose(-2, -1) if name.startswith("experts.") and "bias" not in name
+                  else w.detach() for name, w in hf.named_parameters()}  # router.weight, router.bias, experts.*
+    load_checkpoint(sgl, checkpoint, experts=mapping)
 
 
 def _sglang(family, x: torch.Tensor) -> tuple[torch.Tensor, int]:

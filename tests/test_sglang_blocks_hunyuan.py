@@ -28,10 +28,8 @@ from __future__ import annotations
 
 import json
 import os
-from types import SimpleNamespace
 
 import pytest
-import torch
 
 if os.environ.get("SGL_BUDGET_REQUIRE_SGLANG"):
     import sglang  # noqa: F401  (CI: a missing sglang is a failure, not a skip)
@@ -40,14 +38,10 @@ pytest.importorskip("sglang", reason="install the sglang extra: pip install -e '
 transformers = pytest.importorskip("transformers", reason="install the hf extra: pip install -e '.[hf]'")
 
 from family_models import CONFIGS  # noqa: E402
-from test_sglang_blocks import (ALLOC_T, UNIFORM_50, check_policy_block, check_stock_block,  # noqa: E402,F401
-                                finish_loading, sglang_cpu)
-
-from sgl_budget.engines.hf import moe_blocks, spec_of  # noqa: E402
-from sgl_budget.engines.sglang.settings import model_spec_for  # noqa: E402
+from test_sglang_blocks import (ALLOC_T, UNIFORM_50, block_family, check_policy_block,  # noqa: E402,F401
+                                check_stock_block, hf_model, load_per_expert, randomise, sglang_cpu)
 
 LAYER = 1
-ROUTER_STD = 0.5  # router weights ~ N(0, 0.5): decisive routing, no near-ties
 CONFIG = {**CONFIGS["hunyuan_v1_moe"], "torch_dtype": "float32", "dtype": "float32"}  # as family_models writes it
 
 
@@ -65,73 +59,28 @@ def hunyuan(sglang_cpu, tmp_path_factory):
     sgl = HunYuanSparseMoeBlock(config=config, quant_config=None, layer_id=LAYER).eval()  # as HunYuanDecoderLayer
     assert sgl.shared_mlp is not None and sgl.topk.topk_config.top_k == config.moe_topk[LAYER]
 
-    hf_config = transformers.AutoConfig.for_model(**{k: v for k, v in CONFIG.items() if k != "architectures"})
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).eval()
-    block = moe_blocks(model)[LAYER]
+    model, block = hf_model(CONFIG, LAYER)
     assert type(block).__name__ == "HunYuanMoEV1Moe"
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in block.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (ROUTER_STD if name == "gate.wg.weight" else 0.1))
+    randomise(block.named_parameters(), router="gate.wg.weight")  # router weights ~ N(0, 0.5): decisive routing
     _load(sgl, block, config.num_experts)
 
-    spec = model_spec_for(str(directory))  # what the launcher publishes to the workers for this checkpoint
-    hf_spec = spec_of(model)
-    assert spec.model_type == "hunyuan_v1_moe"
-    for field in ("num_experts", "top_k", "moe_layers", "scoring_func", "norm_topk_prob", "grouped",
-                  "has_correction_bias", "routed_scaling_factor"):
-        assert getattr(spec, field) == getattr(hf_spec, field), field
-    return SimpleNamespace(name="hunyuan_v1_moe", sgl=sgl, model=model, block=block, spec=spec, hf_spec=hf_spec,
-                           dir=directory)
-
-
-def _checkpoint(hf) -> dict[str, torch.Tensor]:
-    """The transformers block's weights under a Hunyuan checkpoint's per-expert names (relative to the layer)."""
-    w = {"mlp.gate.wg.weight": hf.gate.wg.weight}
-    gate_w, up_w = hf.experts.gate_up_proj.chunk(2, dim=-2)  # [E, 2I, H]: gate rows first
-    for e in range(hf.experts.num_experts):
-        w[f"mlp.experts.{e}.gate_proj.weight"] = gate_w[e]
-        w[f"mlp.experts.{e}.up_proj.weight"] = up_w[e]
-        w[f"mlp.experts.{e}.down_proj.weight"] = hf.experts.down_proj[e]
-    for proj in ("gate_proj", "up_proj", "down_proj"):
-        w[f"mlp.shared_mlp.{proj}.weight"] = getattr(hf.shared_mlp, proj).weight
-    return {k: v.detach() for k, v in w.items()}
+    family = block_family("hunyuan_v1_moe", sgl, model, block, directory)
+    assert family.spec.model_type == "hunyuan_v1_moe"
+    return family
 
 
 def _load(sgl, hf, num_experts: int) -> None:
     """The transformers block's weights into SGLang's block through the branches of
     ``HunYuanMoEV1ForCausalLM.load_weights`` that a MoE layer's weights take (stacked gate/up of the shared MLP,
-    the experts' mapping, the router's ``wg.`` rename), then the quant methods' post-loading step."""
-    from sglang.srt.layers.moe.fused_moe_triton import FusedMoE
-    from sglang.srt.model_loader.weight_utils import default_weight_loader
+    the experts' mapping, the router's ``wg.`` rename), from a Hunyuan checkpoint's per-expert names (relative to
+    the layer), then the quant methods' post-loading step."""
 
-    params = {f"mlp.{n}": p for n, p in sgl.named_parameters()}
-    with torch.no_grad():
-        for p in params.values():
-            p.fill_(float("nan"))  # every parameter must be written below
-    stacked = [(".gate_up_proj", ".gate_proj", 0), (".gate_up_proj", ".up_proj", 1)]
-    experts = FusedMoE.make_expert_params_mapping(ckpt_gate_proj_name="gate_proj", ckpt_down_proj_name="down_proj",
-                                                  ckpt_up_proj_name="up_proj", num_experts=num_experts)
-    loaded = set()
-    for name, weight in _checkpoint(hf).items():
-        for param_name, weight_name, shard_id in stacked:
-            if weight_name in name and "mlp.experts" not in name:
-                name = name.replace(weight_name, param_name)
-                params[name].weight_loader(params[name], weight, shard_id)
-                break
-        else:
-            for param_name, weight_name, expert_id, shard_id in experts:
-                if weight_name in name:
-                    name = name.replace(weight_name, param_name)
-                    params[name].weight_loader(params[name], weight, name, shard_id=shard_id, expert_id=expert_id)
-                    break
-            else:
-                name = name.replace("wg.", "") if "mlp.gate.wg." in name else name
-                getattr(params[name], "weight_loader", default_weight_loader)(params[name], weight)
-        loaded.add(name)
-    assert loaded == set(params), set(params) ^ loaded
-    finish_loading(sgl)
+    def rename(name: str) -> str:
+        return name.replace("wg.", "") if "mlp.gate.wg." in name else name
+
+    load_per_expert(sgl, hf, {"mlp.gate.wg.weight": hf.gate.wg.weight}, ("gate_proj", "up_proj", "down_proj"),
+                    experts="mlp.experts", shared="mlp.shared_mlp", num_experts=num_experts, prefix="mlp.",
+                    unstacked="mlp.experts", rename=rename)
 
 
 def test_stock_block_equals_transformers(hunyuan) -> None:

@@ -24,7 +24,7 @@ def _data_errors() -> tuple[type[Exception], ...]:
     found: list[type[Exception]] = [SpecError, CliError]
     for mod, name in (("sgl_budget.alloc.profile", "ProfileError"), ("sgl_budget.similarity", "SimilarityFileError"),
                       ("sgl_budget.traces", "TraceError"), ("sgl_budget.traces.format", "TraceError"),
-                      ("sgl_budget.client", "ServerError")):
+                      ("sgl_budget.engines.sglang.client", "ServerError")):
         cls = getattr(sys.modules.get(mod), name, None)
         if isinstance(cls, type):
             found.append(cls)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
 from .errors import CliError
 from .loaders import MIX_HELP, load_mixes, require_policies_or_mixes
-from .output import plot_quality, show_progress
+from .output import eval_progress, print_eval, show_progress
+
+
+SERVER_HELP = ("a running SGLang server launched with --moe-calibration (and the policies to measure): the engine "
+               "routes and computes everything, so models too big for one process get it too")
 
 
 def _windows(args, text_path: str):
@@ -39,6 +41,7 @@ def cmd_record(args: argparse.Namespace) -> int:
     from ..engines.hf.record import record_trace
     from ..traces import write_trace
 
+    _require_model(args)
     model, windows = _windows(args, args.text)
     trace = record_trace(model, _spec(model), windows, batch_size=args.batch_size, prefill_len=args.prefill_len,
                          show_progress=show_progress(),
@@ -51,9 +54,14 @@ def cmd_record(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
+    if args.server:
+        from .server import cmd_profile_server
+
+        return cmd_profile_server(args)
     from ..alloc import save_profile
     from ..engines.hf.profile import profile_layers
 
+    _require_model(args)
     model, windows = _windows(args, args.calib)
     spec = _spec(model)
     prof = profile_layers(model, spec, windows, batch_size=args.batch_size, show_progress=show_progress(),
@@ -68,6 +76,7 @@ def cmd_similarity(args: argparse.Namespace) -> int:
     from ..engines.hf.similarity import expert_similarity
     from ..similarity import save_similarity
 
+    _require_model(args)
     model, windows = _windows(args, args.calib)
     table = expert_similarity(model, _spec(model), windows, method=args.method, tokens=args.tokens,
                               batch_size=args.batch_size, show_progress=show_progress(),
@@ -79,60 +88,52 @@ def cmd_similarity(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
+    if args.server:
+        from .server import cmd_eval_server
 
+        return cmd_eval_server(args)
     from ..engines.hf.evaluate import evaluate
     from ..lang import load_policy
 
+    _require_model(args)
     mix_specs = getattr(args, "mix", None)
     require_policies_or_mixes(args.policies, mix_specs)  # before the model loads
     model, windows = _windows(args, args.text)
     spec = _spec(model)
     policies = [load_policy(Path(p), spec) for p in args.policies]
     mixes = load_mixes(mix_specs, spec)
-    console = Console() if sys.stdout.isatty() else Console(width=160)
-
-    def progress(r) -> None:
-        if not args.json:
-            print(f"  {r.name}: ppl {r.perplexity:.3f} ({r.seconds:.0f} s)", file=sys.stderr)
-
-    results = evaluate(model, policies, windows, batch_size=args.batch_size, mode=args.mode, progress=progress,
-                       show_progress=show_progress(quiet=args.json), mixes=mixes)
-    if args.json:
-        print(json.dumps([r.to_dict() for r in results], indent=2))
-    else:
-        full = results[0]
-        t = Table(title=f"{args.model}: {args.mode} evaluation on {windows.shape[0]} windows x {windows.shape[1]} "
-                        f"tokens of {args.text} ({full.tokens} predicted tokens, batch {args.batch_size})",
-                  title_justify="left")
-        for col in ("policy", "perplexity", "Δ ppl", "top-1 acc", "KL to full", "act/token", "unique experts/batch"):
-            t.add_column(col, justify="left" if col == "policy" else "right")
-        for r in results:
-            ref = r.full_perplexity if r.full_perplexity is not None else full.perplexity  # a share: its rows
-            t.add_row(f"  ↳ {r.name} (its rows)" if r.mix else r.name, f"{r.perplexity:.3f}",
-                      f"{r.perplexity - ref:+.3f}", f"{r.accuracy:.4f}", f"{max(r.kl_to_full, 0.0):.4f}",
-                      f"{r.activations_per_token:.3f}", f"{r.unique_per_batch:.2f}")
-        if mixes:
-            t.caption = ("mix: each batch's rows split between policies in the given shares; ↳: one policy of "
-                         "the mix on its own rows (Δ ppl against full top-k on those rows); a mixed batch reads the "
-                         "union of the experts its rows need")
-            t.caption_justify = "left"
-        console.print(t)
-    if args.plot:
-        plot_quality([r for r in results if not r.mix], args.plot,
-                     title=f"{Path(args.model).name}: {args.mode}, batch {args.batch_size}")
-        print(f"wrote {args.plot}", file=sys.stderr if args.json else sys.stdout)
+    results = evaluate(model, policies, windows, batch_size=args.batch_size, mode=args.mode,
+                       progress=eval_progress(args.json), show_progress=show_progress(quiet=args.json), mixes=mixes)
+    print_eval(results, args, f"{args.model}: {args.mode} evaluation on {windows.shape[0]} windows x "
+                              f"{windows.shape[1]} tokens of {args.text}", Path(args.model).name, bool(mixes))
     return 0
+
+
+def _require_model(args: argparse.Namespace) -> None:
+    if not args.model:
+        raise CliError("give --model DIR (a local transformers checkpoint) or --server URL (a running SGLang "
+                       "server launched with --moe-calibration)")
 
 
 def add_commands(sub) -> None:
     """``record``, ``profile``, ``similarity``, ``eval`` on a local transformers model."""
     model_help = "local transformers MoE model directory (config.json, weights, tokenizer)"
 
-    def common(p, text_flag: str, windows: int, seq_len: int, batch: int) -> None:
-        p.add_argument("--model", required=True, help=model_help)
-        p.add_argument(text_flag, required=True, help="text file (.txt or .txt.xz; documents separated by blank lines)")
+    def common(p, text_flag: str, windows: int, seq_len: int, batch: int, server: bool = False) -> None:
+        if server:
+            src = p.add_mutually_exclusive_group()
+            src.add_argument("--model", help=model_help)
+            src.add_argument("--server", metavar="URL", help=SERVER_HELP)
+            p.add_argument("--tokenizer", help="with --server: a local copy of the served model's tokenizer (default: "
+                                               "the server's tokenizer path, when it exists here)")
+            p.add_argument("--logprobs", type=int, default=32, metavar="N",
+                           help="with --server: KL to stock over the union of stock's N most likely next tokens "
+                                "at each position of a window, plus one bucket for the rest (a lower bound; "
+                                "default %(default)s)")
+        else:
+            p.add_argument("--model", required=True, help=model_help)
+        p.add_argument(text_flag, required=not server,
+                       help="text file (.txt or .txt.xz; documents separated by blank lines)")
         p.add_argument("--windows", type=int, default=windows, help="token windows to use (default %(default)s)")
         p.add_argument("--seq-len", type=int, default=seq_len, help="tokens per window (default %(default)s)")
         p.add_argument("--batch-size", type=int, default=batch, help="sequences per batch (default %(default)s)")
@@ -146,7 +147,7 @@ def add_commands(sub) -> None:
     r.set_defaults(func=cmd_record)
 
     p = sub.add_parser("profile", help="Alloc-L: measure per-layer sensitivity (KL at each k) -> profile YAML")
-    common(p, "--calib", 32, 256, 8)
+    common(p, "--calib", 32, 256, 8, server=True)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_profile)
 
@@ -158,10 +159,15 @@ def add_commands(sub) -> None:
     s.set_defaults(func=cmd_similarity)
 
     e = sub.add_parser("eval", help="quality and cost of policies on a real model vs full top-k")
-    e.add_argument("policies", nargs="*", help=".policy files")
+    e.add_argument("policies", nargs="*", help=".policy files (with --server: sent to it as policy text, compiled "
+                                               "against the served model)")
     e.add_argument("--mix", action="append", metavar="PART[,PART...]",
                    help=MIX_HELP + "; also reported: each policy of the mix on its own rows")
-    common(e, "--text", 32, 128, 16)
+    common(e, "--text", 32, 128, 16, server=True)
+    e.add_argument("--policies", dest="policies_names", metavar="A,B", help="with --server: which of its served policies to evaluate "
+                                                     "(default: every policy it offers; `sgl-budget eval --server URL "
+                                                     "--list` shows them)")
+    e.add_argument("--list", action="store_true", help="with --server: list the server's policies and exit")
     e.add_argument("--mode", choices=["decode", "prefill"], default="decode",
                    help="decode: B sequences decoded in lock-step with a KV cache (default); prefill: whole windows")
     e.add_argument("--plot", help="write a PNG of perplexity against experts per token and per decode batch")

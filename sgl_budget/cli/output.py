@@ -18,6 +18,53 @@ def show_progress(quiet: bool = False) -> bool:
     return not quiet and sys.stderr.isatty()
 
 
+def eval_progress(quiet: bool):
+    """A line on stderr per finished evaluation run (none under ``--json``)."""
+    def progress(r) -> None:
+        if not quiet:
+            print(f"  {r.name}: ppl {r.perplexity:.3f} ({r.seconds:.0f} s)", file=sys.stderr)
+
+    return progress
+
+
+def print_eval(results, args, title: str, plot_name: str, mixes: bool = False) -> None:
+    """An evaluation's results: a table (or JSON with ``--json``) and the quality plot (``--plot``), the same for
+    every engine. The first result is the reference (full top-k / stock)."""
+    import json
+
+    from rich.table import Table
+
+    if args.json:
+        print(json.dumps([r.to_dict() for r in results], indent=2))
+    else:
+        full = results[0]
+        t = Table(title=f"{title} ({full.tokens} predicted tokens, batch {args.batch_size}); phase: {full.phase}",
+                  title_justify="left")
+        for col in ("policy", "perplexity", "Δ ppl", "top-1 acc", "top-1 = ref", "KL to ref", "act/token",
+                    "unique experts/batch"):
+            t.add_column(col, justify="left" if col == "policy" else "right")
+        for r in results:
+            ref = r.full_perplexity if r.full_perplexity is not None else full.perplexity  # a share: its rows
+            agree = "-" if r.agreement is None else f"{r.agreement:.4f}"
+            t.add_row(f"  ↳ {r.name} (its rows)" if r.mix else r.name, f"{r.perplexity:.3f}",
+                      f"{r.perplexity - ref:+.3f}", f"{r.accuracy:.4f}", agree, f"{max(r.kl_to_full, 0.0):.4f}",
+                      f"{r.activations_per_token:.3f}", f"{r.unique_per_batch:.2f}")
+        notes = [f"ref: {full.name}"]
+        if full.kl_note:
+            notes.append(f"KL to ref: {full.kl_note}")
+        if mixes:
+            notes.append("mix: each batch's rows split between policies in the given shares; ↳: one policy of the "
+                         "mix on its own rows (Δ ppl against full top-k on those rows); a mixed batch reads the union "
+                         "of the experts its rows need")
+        t.caption = "\n".join(notes)
+        t.caption_justify = "left"
+        console().print(t)
+    if args.plot:
+        plot_quality([r for r in results if not r.mix], args.plot, title=f"{plot_name}: {args.mode}, batch "
+                                                                          f"{args.batch_size}")
+        print(f"wrote {args.plot}", file=sys.stderr if args.json else sys.stdout)
+
+
 def plot_quality(results, path: str, title: str = "") -> None:
     """Perplexity against experts per token and against distinct experts per decode batch (two panels).
 

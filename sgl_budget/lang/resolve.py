@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 from ..errors import Diagnostic, PolicyError, SourceSpan
 from ..spec import ModelSpec
@@ -286,10 +286,19 @@ class _Loaded:
 
     base_dir: Path
     cache: dict
+    allowed: Mapping[str, Path] | None = None  # set: only these names, never a path the text sends (calibration)
 
     def path(self, s: Str) -> Path:
         if not s.value.strip():
             raise _err("empty file name", s.span, "name a file relative to the policy's directory")
+        if self.allowed is not None:
+            got = self.allowed.get(s.value)
+            if got is None:
+                known = ", ".join(repr(n) for n in sorted(self.allowed)) or "none"
+                raise _err(f"{s.value!r} is not a file this server loaded at launch", s.span,
+                           f"a policy sent in a request may name only those files (by the name a launch policy "
+                           f"gives them, or their absolute path): {known}")
+            return got
         p = Path(s.value)
         return p if p.is_absolute() else self.base_dir / p
 
@@ -469,12 +478,16 @@ def _describe(ctx: RouteContext) -> str:
 NEVER = Condition(batch=Interval(2, 1))  # stands in for a condition that was itself an error
 
 
-def resolve(ast: PolicyAst, spec: ModelSpec, base_dir: str | Path = ".") -> PolicyIR:
-    """Resolve ``ast`` against ``spec``; raises one :class:`PolicyError` carrying every independent problem."""
+def resolve(ast: PolicyAst, spec: ModelSpec, base_dir: str | Path = ".",
+            allowed_files: Mapping[str, Path] | None = None) -> PolicyIR:
+    """Resolve ``ast`` against ``spec``; raises one :class:`PolicyError` carrying every independent problem.
+
+    ``allowed_files``: the only file names the policy may use (name -> path), for policy text that arrives in a
+    request: no other name is ever opened, or even looked up on disk."""
     errs = _Errors()
     if not ast.name.value.strip():
         errs.run(_raise, "the policy has an empty name", ast.name.span, 'name it, e.g. policy "alloc-moe-half"')
-    files = _Loaded(Path(base_dir), {})
+    files = _Loaded(Path(base_dir), {}, allowed_files)
     eligible = spec.topk_group * (spec.num_experts // spec.n_group) if spec.grouped else spec.num_experts
     failed_kinds: set[str] = set()  # kinds with a bad condition: reachability is not judged (no cascades)
 

@@ -17,7 +17,10 @@ the *gate score*, exactly as the model does:
 
 Weights are always the *unbiased* gate scores of the chosen experts, renormalised
 when ``spec.norm_topk_prob`` (``sum + eps``, or ``clamp(sum, min)`` under a clamp convention: ERNIE in
-transformers) and scaled by ``routed_scaling_factor``.
+transformers) and scaled by ``routed_scaling_factor``. A model with a learned per-expert scale
+(``spec.has_expert_scale``: Gemma 4) then multiplies each slot's weight by the scale of the expert the slot
+finally uses; the scale is a weight of the layer, so the engines apply it to the router's output
+(:func:`apply_expert_scale`) — it changes no selection, and any router (reference or kernel) serves it.
 
 Exact ties: every ranking a policy adds (top-k at any k once a policy stage
 applies, the group limit, Alloc-T, SERE, piggybacking) puts the lower expert
@@ -277,3 +280,18 @@ def finalize_weights(spec: ModelSpec, raw: Tensor, valid: Tensor | None, conv: C
     if conv.apply_routed_scaling and spec.routed_scaling_factor != 1.0:
         w = w * spec.routed_scaling_factor
     return w.float()
+
+
+def apply_expert_scale(weights: Tensor, ids: Tensor, expert_scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Gemma 4's last step: each slot's weight times the layer's learned ``expert_scale[id]`` (``[E]``), float32 out.
+
+    ``weights`` / ``ids`` ``[.., K]`` are a router's output (renormalised over the kept slots); padded slots (id
+    -1 or >= E) keep weight 0. The product is taken in ``dtype``, as the engine's own router takes it
+    (transformers: float32; SGLang on CPU: the router logits' dtype, which its weights were computed in, so the
+    float32 weights convert to it exactly), so the model's own k stays bit for bit the engine's routing.
+    """
+    e = expert_scale.shape[-1]
+    valid = (ids >= 0) & (ids < e)
+    scale = expert_scale.to(weights.device)[ids.long().clamp(0, e - 1)]
+    w = weights.to(dtype) * scale.to(dtype)
+    return torch.where(valid, w, torch.zeros_like(w)).float()

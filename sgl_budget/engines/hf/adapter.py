@@ -9,7 +9,10 @@ become index ``num_experts``, which the transformers experts modules skip (their
 one-hot has ``num_experts + 1`` classes), with weight 0. GPT-OSS (router ``mlp.router``, a
 linear with a bias; weights = softmax over the chosen experts' logits) is described by its
 :class:`~sgl_budget.families.HfFacts`; its eager experts cannot take the padding index, so a
-padding policy runs sgl_budget's padding-safe experts forward (:mod:`.experts`).
+padding policy runs sgl_budget's padding-safe experts forward (:mod:`.experts`). Gemma 4's router and
+experts sit on the decoder layer (the "block" is the layer); its router normalises its input before the
+projection, returns its softmax first, and the weights get the layer's per-expert scale last
+(:func:`~sgl_budget.routing.scoring.apply_expert_scale`).
 
 The context (phase, batch) of a forward comes from the block input ``[B, S, H]``:
 ``S == 1`` is a decode step of B sequences, otherwise a prefill of B sequences and
@@ -32,7 +35,8 @@ from torch import Tensor, nn
 from ...lang.ir import PolicyIR, RouteContext
 from ...lang.policy_set import PolicySet
 from ...routing import Conventions, LayerRouter, MixedRouter, RouteOutput
-from ...families import FAMILIES, HfFacts, hf_refusal
+from ...families import FAMILIES, HfFacts, family_of, hf_refusal
+from ...routing.scoring import apply_expert_scale
 from ...spec import ModelSpec
 from .experts import IMPLEMENTATION as DENSE_EXPERTS
 from .experts import register as register_dense_experts
@@ -47,13 +51,15 @@ class UnsupportedModel(ValueError):
 def moe_blocks(model: nn.Module) -> dict[int, nn.Module]:
     """``{decoder layer index: MoE block}`` for a transformers causal LM (blocks with a router and ``experts``)."""
     inner = getattr(model, "model", model)
-    layers = getattr(inner, "layers", None)
+    # a multimodal model (Gemma 4's ForConditionalGeneration) keeps its decoder layers in its language model
+    layers = getattr(inner, "layers", None) or getattr(getattr(inner, "language_model", None), "layers", None)
     if layers is None:
         raise UnsupportedModel(f"{type(model).__name__} has no .model.layers")
     facts = hf_facts_of(model)
     out = {}
     for i, layer in enumerate(layers):
-        mlp = getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe", None)
+        # Gemma 4: the router and the experts are the decoder layer's own (its mlp is a dense MLP beside them)
+        mlp = layer if facts.moe_on_layer else getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe", None)
         gate = getattr(mlp, facts.router, None)
         if gate is not None and hasattr(mlp, "experts") and _has_path(gate, facts.router_weight):
             out[i] = mlp
@@ -62,7 +68,7 @@ def moe_blocks(model: nn.Module) -> dict[int, nn.Module]:
 
 def hf_facts_of(model: nn.Module) -> HfFacts:
     """This model's family's transformers facts (the defaults, ``block.gate.weight``, for a model of no family)."""
-    fam = FAMILIES.get(getattr(getattr(model, "config", None), "model_type", None) or "")
+    fam = family_of(getattr(getattr(model, "config", None), "model_type", None) or "")
     return fam.hf if fam is not None and fam.hf is not None else HfFacts()
 
 
@@ -170,6 +176,8 @@ def _check_model(model: nn.Module, spec: ModelSpec) -> tuple[dict[int, nn.Module
     if sorted(blocks) != list(spec.moe_layers):
         raise UnsupportedModel(f"the model's MoE layers {sorted(blocks)} differ from the spec's {list(spec.moe_layers)}")
     facts = hf_facts(mt)
+    if spec.has_expert_scale and not facts.expert_scale:
+        raise UnsupportedModel(f"the spec of {spec.name!r} has a per-expert scale the family's router does not name")
     clamp = float(getattr(model.config, facts.renorm_clamp)) if facts.renorm_clamp else None
     return blocks, Conventions(sorted_selection=facts.sorted_selection, renorm_clamp_min=clamp,
                                weights_from_selected_logits=facts.weights_from_selected_logits)
@@ -177,7 +185,8 @@ def _check_model(model: nn.Module, spec: ModelSpec) -> tuple[dict[int, nn.Module
 
 def hf_facts(model_type: str) -> HfFacts:
     """The family's transformers router facts (:mod:`sgl_budget.families`); only for families the adapter takes."""
-    facts = FAMILIES[model_type].hf
+    fam = family_of(model_type)  # gemma4_text: the gemma4 row
+    facts = fam.hf if fam is not None else None
     assert facts is not None
     return facts
 
@@ -213,7 +222,12 @@ def _install(handle: PolicyHandle, blocks: dict[int, nn.Module], spec: ModelSpec
         def gate_forward(hidden_states, *bias_arg, gate=gate, weight=weight, layer=layer, handle=handle,
                          block=block, router_bias=router_bias):  # MiniMax-M2's block passes its correction bias
             h = hidden_states.reshape(-1, weight.shape[1])
-            if logits_fp32:
+            if facts.router_input_norm:  # Gemma4TextRouter.forward's own ops, in its order
+                h = gate.norm(h)
+                h = h * gate.scale * gate.scalar_root_size
+            if facts.router_returns_probs:  # its projection module itself (recording hooks its output: the logits)
+                logits = _attr_path(gate, facts.router_weight.rpartition(".")[0])(h)
+            elif logits_fp32:
                 logits = F.linear(h.type(torch.float32), weight.type(torch.float32),
                                   None if router_bias is None else router_bias.type(torch.float32))
             else:
@@ -222,9 +236,13 @@ def _install(handle: PolicyHandle, blocks: dict[int, nn.Module], spec: ModelSpec
             bias = ((bias_arg[0] if bias_arg else correction_bias(block, facts.correction_bias))
                     if spec.has_correction_bias else None)
             weights, ids = handle.route(layer, logits, ctx, bias)
+            if spec.has_expert_scale:  # Gemma 4: x per_expert_scale of each slot's expert, in float32 as it does
+                weights = apply_expert_scale(weights, ids, _attr_path(gate, facts.expert_scale))
             ids = torch.where(ids >= 0, ids, spec.num_experts).long()
             if cast_back:  # ERNIE casts to the hidden states' dtype (its logits are float32)
                 weights = weights.to(hidden_states.dtype if facts.weights_to_hidden_dtype else logits.dtype)
+            if facts.router_returns_probs:  # Gemma 4's router returns its float32 softmax first
+                return F.softmax(logits, dim=-1, dtype=torch.float32), weights, ids
             return logits, weights, ids
 
         pre = block.register_forward_pre_hook(pre_hook, with_kwargs=True)

@@ -22,33 +22,15 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor
 
 from ...lang.ir import PolicyIR
 from ...lang.mix import PolicyMix
+from ...quality import EvalResult
 from .adapter import PolicyMixHandle, apply_policy, apply_policy_mix, moe_blocks, router_of
 from .progress import bar
-
-
-@dataclass
-class EvalResult:
-    name: str
-    perplexity: float
-    accuracy: float
-    kl_to_full: float
-    activations_per_token: float  # real (non-padding) experts per token, mean over MoE layers
-    unique_per_batch: float  # distinct experts per routed batch, mean over MoE layers
-    tokens: int
-    seconds: float
-    budget: float | None = None  # the policy's budget in experts per token, if it has one
-    mix: str | None = None  # a policy's share of a mix: the mix's label (its rows only; seconds: the whole mix)
-    full_perplexity: float | None = None  # a share of a mix: full top-k's perplexity on the same rows
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def kl_to_reference(ref_logp: Tensor, logp: Tensor) -> Tensor:
@@ -129,13 +111,15 @@ def _score(name: str, logp: Tensor, full: Tensor | None, windows: Tensor, stats:
     targets = windows[:, 1:]
     lp = logp.float()
     nll = -lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    acc = (lp.argmax(-1) == targets).float().mean()
-    kl = 0.0
+    top1 = lp.argmax(-1)
+    acc = (top1 == targets).float().mean()
+    kl, agree = 0.0, 1.0
     if full is not None:
         kl = float(kl_to_reference(full.float(), lp).mean())
+        agree = float((top1 == full.float().argmax(-1)).float().mean())
     return EvalResult(name=name, perplexity=math.exp(float(nll.mean())), accuracy=float(acc), kl_to_full=kl,
                       activations_per_token=stats[0], unique_per_batch=stats[1], tokens=int(targets.numel()),
-                      seconds=seconds, budget=budget)
+                      seconds=seconds, budget=budget, agreement=agree)
 
 
 def _timed_run(model, windows: Tensor, batch: int, mode: str, name: str, show: bool, before=None) -> Tensor:
@@ -205,4 +189,12 @@ def evaluate(model, policies: list[PolicyIR], windows: Tensor, batch_size: int =
         results += got
         if progress:
             progress(got[0])
+    for r in results:
+        r.phase = phase_label(mode, batch_size)
     return results
+
+
+def phase_label(mode: str, batch_size: int) -> str:
+    """What an evaluation measured, in words (the server path reports the same)."""
+    return (f"decode (lock-step batches of {batch_size} sequences, teacher-forced)" if mode == "decode"
+            else f"prefill (batches of {batch_size} windows)")

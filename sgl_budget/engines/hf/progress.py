@@ -1,13 +1,5 @@
-"""Progress bars for the long model runs (eval, profile, similarity, record, demo), on stderr."""
+"""Progress bars for the transformers runs (the shared :func:`sgl_budget.progress.bar`)."""
 
-from __future__ import annotations
+from ...progress import bar
 
-import sys
-
-
-def bar(total: int, desc: str, enabled: bool, unit: str = "it"):
-    """A tqdm bar on stderr that disappears when done (a no-op object when ``enabled`` is false)."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, leave=False, file=sys.stderr,
-                dynamic_ncols=True)
+__all__ = ["bar"]

@@ -13,7 +13,7 @@ from torch import Tensor
 from ...spec import ModelSpec
 from ...traces import Trace
 from ...traces.format import DECODE, PREFILL
-from .adapter import correction_bias, hf_facts_of, moe_blocks, router_of
+from .adapter import _attr_path, correction_bias, hf_facts_of, moe_blocks, router_of
 from .progress import bar
 
 
@@ -25,8 +25,13 @@ def record_trace(model, spec: ModelSpec, windows: Tensor, batch_size: int = 16, 
 
     blocks = moe_blocks(model)
     current: dict[int, Tensor] = {}
-    hooks = [router_of(model, b).register_forward_hook(  # the router's logits (GPT-OSS: its bias included)
-        lambda m, a, out, l=l: current.__setitem__(l, out[0].detach().float())) for l, b in blocks.items()]
+    facts = hf_facts_of(model)
+    # the router's logits (GPT-OSS: its bias included); Gemma 4's router returns its softmax first: its projection's
+    # output is the logits
+    proj = facts.router_weight.rpartition(".")[0] if facts.router_returns_probs else ""
+    hooks = [(_attr_path(router_of(model, b), proj) if proj else router_of(model, b)).register_forward_hook(
+        lambda m, a, out, l=l: current.__setitem__(l, (out[0] if isinstance(out, tuple) else out).detach().float()))
+        for l, b in blocks.items()]
     per_seq: list[dict[int, list[Tensor]]] = []
     progress = bar(windows.numel(), "recording", show_progress, unit="tok")
     try:

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ...similarity import SimilarityTable, derive_critical
 from ...spec import ModelSpec
-from .adapter import moe_blocks
+from .adapter import _attr_path, hf_facts_of, moe_blocks
 from .progress import bar
 
 METHODS = ("frobenius", "cosine", "cka")
@@ -69,9 +69,11 @@ def expert_similarity(model, spec: ModelSpec, windows: Tensor, method: str = "fr
                       show_progress: bool = False) -> SimilarityTable:
     """Per-layer similarity of the model's experts, from their outputs on a sample of calibration tokens."""
     blocks = moe_blocks(model)
+    facts = hf_facts_of(model)
     inputs: dict[int, list[Tensor]] = {l: [] for l in blocks}
-    hooks = [b.register_forward_pre_hook(lambda m, a, l=l: inputs[l].append(a[0].reshape(-1, a[0].shape[-1])))
-             for l, b in blocks.items()]
+    # the experts' input: the block's (Gemma 4, whose "block" is the decoder layer: its experts' own input)
+    hooks = [(b.experts if facts.moe_on_layer else b).register_forward_pre_hook(
+        lambda m, a, l=l: inputs[l].append(a[0].reshape(-1, a[0].shape[-1]))) for l, b in blocks.items()]
     try:
         with bar(windows.shape[0], "calibration forwards", show_progress, unit="window") as b:
             for i in range(0, windows.shape[0], batch_size):
@@ -85,7 +87,11 @@ def expert_similarity(model, spec: ModelSpec, windows: Tensor, method: str = "fr
     for l, chunks in bar_iter(inputs.items(), len(inputs), "expert similarity per layer", show_progress):
         h = torch.cat(chunks).float()
         pick = torch.randperm(h.shape[0], generator=g)[:tokens]
-        matrices[l] = similarity_matrix(expert_outputs(blocks[l].experts, h[pick]), method)
+        outs = expert_outputs(blocks[l].experts, h[pick])
+        if facts.expert_scale:  # Gemma 4: an expert's contribution carries its learned per-expert scale
+            scale = _attr_path(getattr(blocks[l], facts.router), facts.expert_scale).float()
+            outs = outs * scale.to(outs.device)[:, None, None]
+        matrices[l] = similarity_matrix(outs, method)
     return SimilarityTable(
         matrices=matrices, critical={l: derive_critical(m) for l, m in matrices.items()},
         model={"name": spec.name, "num_experts": spec.num_experts, "moe_layers": list(spec.moe_layers)},

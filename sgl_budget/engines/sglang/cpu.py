@@ -183,4 +183,7 @@ def register_worker_hooks() -> bool:
     from . import cpu_config  # per-layer intermediate-size lists (Hunyuan) in the CPU engine's TP padding
 
     cpu_config.register()
+    from . import cpu_gemma4  # Gemma 4's router: SGLang's CPU norm drops the fused input scale; torch on CPU
+
+    cpu_gemma4.register()
     return True

@@ -10,13 +10,18 @@ from pathlib import Path
 from typing import Any
 
 from ...explain import summary_dict
+from ... import __version__
 from ...lang.policy_set import DEFAULT, REQUEST_KEY, PolicySet
+from .calibration import CALIBRATION_KEY, allowed_files
 
 ROUTE = "/moe_policies"
 
 
-def policy_listing(pset: PolicySet, per_request_blocker: str | None = None) -> dict[str, Any]:
-    """What ``GET /moe_policies`` answers: how a request picks a policy, the default, and each policy's summary."""
+def policy_listing(pset: PolicySet, per_request_blocker: str | None = None, calibration: bool = False
+                   ) -> dict[str, Any]:
+    """What ``GET /moe_policies`` answers: how a request picks a policy, the default, each policy's summary, the
+    model the policies were checked against, and whether calibration requests are served (with the files
+    request policies may name)."""
     names = (DEFAULT,) if per_request_blocker else pset.request_names
     policies = []
     for name in names:
@@ -26,7 +31,9 @@ def policy_listing(pset: PolicySet, per_request_blocker: str | None = None) -> d
                          **summary_dict(pset.irs[i])})
     return {"request_field": f"custom_params.{REQUEST_KEY}", "default": pset.names[pset.default],
             "per_request": per_request_blocker is None, "per_request_off_because": per_request_blocker,
-            "policies": policies}
+            "policies": policies, "model": pset.irs[0].spec.to_dict(), "sgl_budget": __version__,
+            "calibration": {"enabled": calibration, "request_field": f"custom_params.{CALIBRATION_KEY}",
+                            "files": sorted(allowed_files()) if calibration else []}}
 
 
 def add_listing_route(listing: dict[str, Any]) -> None:

@@ -42,6 +42,11 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--moe-record-trace", type=str, default=None, metavar="DIR",
                    help="Record router logits into sgl_budget trace files in DIR (for offline replay). "
                         "Decode steps replayed from CUDA graphs are not seen: disable CUDA graphs to record them.")
+    g.add_argument("--moe-calibration", action="store_true", default=False,
+                   help="Serve calibration requests (custom_params.moe_calibration: policy text sent in the request, "
+                        "lock-step decode measurement of prefilled windows, routing statistics), which sgl-budget "
+                        "eval/profile/tune --server send. Off by default: without it such requests get HTTP 400. "
+                        "Request policies may name only files the launch's policies load.")
     g.add_argument("--moe-record-max-tokens", type=int, default=DEFAULT_RECORD_MAX_TOKENS, metavar="N",
                    help="Stop recording after N tokens per worker (bounds the trace size).")
 
@@ -50,7 +55,8 @@ def settings_from_namespace(args: argparse.Namespace) -> Settings:
     return Settings(policy=getattr(args, "moe_policy", None), record_dir=getattr(args, "moe_record_trace", None),
                     record_max_tokens=getattr(args, "moe_record_max_tokens", DEFAULT_RECORD_MAX_TOKENS),
                     named=named_policies(getattr(args, "moe_named_policy", None)),
-                    log_interval=getattr(args, "moe_policy_log_interval", DEFAULT_LOG_INTERVAL))
+                    log_interval=getattr(args, "moe_policy_log_interval", DEFAULT_LOG_INTERVAL),
+                    calibration=bool(getattr(args, "moe_calibration", False)))
 
 
 def named_policies(value) -> tuple[tuple[str, str], ...]:
@@ -95,6 +101,8 @@ def apply_settings(settings: Settings, model_path: str | None, trust_remote_code
                             f"{settings.log_interval}")
         if settings.named and blocker:
             raise SpecError(f"--moe-named-policy: per-request policies cannot be served here: {blocker}")
+        if settings.calibration and blocker:
+            raise SpecError(f"--moe-calibration: calibration requests cannot be served here: {blocker}")
         if settings.active:
             if not model_path:
                 raise SpecError("--moe-policy / --moe-named-policy / --moe-record-trace need --model-path")
@@ -172,7 +180,7 @@ def after_from_cli_args(args: argparse.Namespace, server_args) -> None:
     if pset is not None:  # the launcher's HTTP app lists what requests may pick
         from .listing import add_listing_route, policy_listing
 
-        add_listing_route(policy_listing(pset, per_request_blocker(server_args)))
+        add_listing_route(policy_listing(pset, per_request_blocker(server_args), calibration=settings.calibration))
 
 
 def _from_cli_args_hook(original, cls, args, *rest, **kwargs):
@@ -195,7 +203,8 @@ def build_server_args(**kwargs):
     settings = Settings(policy=kwargs.pop("moe_policy", None), record_dir=kwargs.pop("moe_record_trace", None),
                         record_max_tokens=kwargs.pop("moe_record_max_tokens", DEFAULT_RECORD_MAX_TOKENS),
                         named=named_policies(kwargs.pop("moe_named_policies", None)),
-                        log_interval=kwargs.pop("moe_policy_log_interval", DEFAULT_LOG_INTERVAL))
+                        log_interval=kwargs.pop("moe_policy_log_interval", DEFAULT_LOG_INTERVAL),
+                        calibration=bool(kwargs.pop("moe_calibration", False)))
     kwargs.update(before_server_args(kwargs.get("model_path"), {k: kwargs.get(k) for k in CPU_ARGS},
                                      exit_on_error=False))
     server_args = ServerArgs(**kwargs)
@@ -234,6 +243,21 @@ def _init_new_hook(original, cls, batch, *args, **kwargs):
     if routing is not None and getattr(batch, "reqs", None) is not None:
         routing.on_forward_batch(batch, forward_batch)
     return forward_batch
+
+
+BATCH_ATTRS = ("_sgl_budget_rows", "_sgl_budget_calibration")  # requests.ROWS_ATTR, calibration.CALIB_ATTR
+
+
+def _load_batch_hook(original, self, forward_batch, *args, **kwargs):
+    """Around a model runner's ``load_batch``: SGLang 0.5.23 copies the live ForwardBatch into its runner's static
+    buffers and runs the copy, so what :func:`_init_new_hook` noted on the live batch moves to the copy."""
+    out = original(self, forward_batch, *args, **kwargs)
+    if out is not None and out is not forward_batch:
+        for attr in BATCH_ATTRS:
+            value = getattr(forward_batch, attr, None)
+            if value is not None:
+                setattr(out, attr, value)
+    return out
 
 
 def _req_init_hook(original, self, *args, **kwargs):
@@ -279,6 +303,10 @@ def activate(settings: Settings) -> None:
     if settings.routes:
         pset = load_policy_set(spec, settings.policy, settings.named)
         routing = PolicyRouting(pset, stats=PolicyStats(pset, settings.log_interval, report=_reports()))
+        if settings.calibration:
+            from .calibration import PolicyCache, allowed_files
+
+            routing.calibration = PolicyCache(spec, allowed_files())
         log.info("sgl_budget: routing with %s", pset.describe())
     _STATE["routing"] = routing
     _STATE["recorder"] = Recorder(settings.record_dir, spec, settings.record_max_tokens,
@@ -307,6 +335,10 @@ def _register_request_hooks(settings: Settings) -> None:
         HookRegistry.register("sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new", _init_new_hook,
                               HookType.AROUND)
         HookRegistry.register("sglang.srt.managers.schedule_batch.Req.__init__", _req_init_hook, HookType.AROUND)
+        for runner in ("eager_runner.EagerRunner", "decode_cuda_graph_runner.DecodeCudaGraphRunner",
+                       "prefill_cuda_graph_runner.PrefillCudaGraphRunner"):
+            HookRegistry.register(f"sglang.srt.model_executor.runner.{runner}.load_batch", _load_batch_hook,
+                                  HookType.AROUND)
 
 
 def install_fork_hook() -> None:

@@ -56,8 +56,12 @@ def verify_hook(original, self, *args, **kwargs):
     """Around ``SamplingParams.verify``: SGLang's checks, then the policy name."""
     from .settings import request_names
 
+    from .calibration import check_request as check_calibration
+
     result = original(self, *args, **kwargs)
-    check_request(getattr(self, "custom_params", None), request_names())
+    params = getattr(self, "custom_params", None)
+    check_request(params, request_names())
+    check_calibration(params, requested_name(params))
     return result
 
 
@@ -69,6 +73,11 @@ def cache_key(extra_key: str | None, custom_params, pset: PolicySet) -> str | No
     policy's prefix to a request of another. SGLang scopes its radix tree by ``Req.extra_key`` (as it
     does for LoRA adapters); default-policy requests keep the plain key and share the cache as before.
     """
+    from .calibration import calibration_scope
+
+    scope = calibration_scope(custom_params)  # policy text / lock-step routing: never another request's KV
+    if scope:
+        extra_key = f"{extra_key or ''}\x1fsgl_budget.calibration={scope}"
     try:
         p = pset.index(requested_name(custom_params))
     except UnknownPolicy:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -37,12 +38,16 @@ from torch import Tensor
 from ...lang.ir import PolicyIR
 from ...lang.policy_set import PolicySet
 from ...routing import Conventions, LayerRouter, MixedRouter, routed_per_policy
+from ...routing.scoring import apply_expert_scale
 from ...spec import ModelSpec
+from .calibration import CALIB_ATTR, CalibrationBatch, PolicyCache, lockstep_unview, lockstep_view, plan_batch, \
+    record_layer
 from .context import current_forward_batch, route_context
 from .requests import ROWS_ATTR, BatchRows, RowPolicies, request_policies, token_ids
 from .stats import PolicyStats
 
 log = logging.getLogger("sgl_budget")
+CALIBRATION_ROUTERS = 512  # layer routers of request policies kept per worker (calibration mode)
 SGLANG_RENORM_EPSILON = 1e-20  # sglang.srt.layers.moe.topk._RENORMALIZE_SUM_EPSILON
 
 
@@ -59,7 +64,30 @@ def sglang_conventions(topk_config) -> Conventions:
         sorted_selection=not (biased or grouped),
         scores_in_logit_dtype=biased or grouped,
         ignore_correction_bias=drops,
+        # Gemma 4's routing function: torch.topk of the raw logits, softmax over the chosen logits
+        weights_from_selected_logits=expert_scale_of(topk_config) is not None,
     )
+
+
+GEMMA4_ROUTING = "sglang.srt.models.gemma4_causal"  # the module whose Gemma4MoE defines Gemma 4's routing function
+
+
+def expert_scale_of(topk_config):
+    """The ``[E]`` per-expert scale Gemma 4's routing function multiplies in (None for any other TopK).
+
+    SGLang 0.5.23's ``Gemma4MoE`` routes through ``TopK(custom_routing_function=routing_function)``, a closure over
+    its ``per_expert_scale`` parameter (loaded in place, so the closure sees the checkpoint's values). On CPU it
+    computes ``torch.topk(logits, k)``, ``softmax`` of the chosen logits in their dtype, times
+    ``per_expert_scale[ids]`` cast to that dtype, then float32; on CUDA one Triton kernel does the same in float32
+    (ties: lower expert id first). sgl_budget routes that rule (:func:`sglang_conventions`) and multiplies the same
+    scale in (:func:`~sgl_budget.routing.scoring.apply_expert_scale`) by the expert each slot finally uses.
+    """
+    fn = topk_config.custom_routing_function
+    code = getattr(fn, "__code__", None)
+    if (fn is None or code is None or getattr(fn, "__module__", None) != GEMMA4_ROUTING
+            or "per_expert_scale" not in code.co_freevars or not fn.__closure__):
+        return None
+    return fn.__closure__[code.co_freevars.index("per_expert_scale")].cell_contents
 
 
 def stock_drops_correction_bias(topk_config) -> bool:
@@ -93,9 +121,12 @@ def check_topk_matches_spec(spec: ModelSpec, topk_config, num_experts: int, laye
         problems.append(f"grouped top-k is {grouped} in SGLang, {spec.grouped} in the spec")
     if (topk_config.correction_bias is not None) != spec.has_correction_bias:
         problems.append("correction bias presence differs")
-    if topk_config.custom_routing_function is not None:
+    scaled = expert_scale_of(topk_config) is not None  # Gemma 4's own function: a rule sgl_budget routes
+    if topk_config.custom_routing_function is not None and not (scaled and spec.has_expert_scale):
         fn = getattr(topk_config.custom_routing_function, "__qualname__", "custom_routing_function")
         problems.append(f"the model routes with its own function ({fn}), whose rule the spec does not describe")
+    if spec.has_expert_scale and not scaled:
+        problems.append("the spec multiplies a per-expert scale in, which this TopK has none of")
     # SGLang's grouped biased path (DeepSeek-V3, GLM-4) scores with sigmoid whatever scoring_func says
     biased_grouped = topk_config.correction_bias is not None and bool(topk_config.use_grouped_topk)
     scoring = "sigmoid" if biased_grouped else topk_config.scoring_func
@@ -139,6 +170,8 @@ class PolicyRouting:
     routers: dict[tuple[int, bool], MixedRouter] = field(default_factory=dict)  # (layer, bias dropped) -> router
     rows: RowPolicies | None = None
     stock_fast_path: bool = True  # stock plans run SGLang's own select_experts (tests turn this off)
+    calibration: PolicyCache | None = None  # set: calibration mode (request policies compiled here)
+    calibration_routers: OrderedDict = field(default_factory=OrderedDict)  # (layer, drop, key) -> LayerRouter
 
     def __post_init__(self) -> None:
         if self.rows is None:
@@ -171,6 +204,13 @@ class PolicyRouting:
 
     def on_forward_batch(self, batch, forward_batch) -> None:
         """Host side, when SGLang builds a forward batch: its row -> policy map (device buffer) and counts."""
+        if self.calibration is not None:
+            plan = plan_batch(batch, self.pset, self.calibration)
+            if plan is not None:  # routed by _select_calibration; not counted in the serving statistics
+                for i, why in plan.errors.items():
+                    log.warning("sgl_budget: calibration request %s: %s", getattr(plan.reqs[i], "rid", "?"), why)
+                setattr(forward_batch, CALIB_ATTR, plan)
+                return
         per_req, lens, decoding = request_policies(batch, self.pset)
         ids = forward_batch.input_ids if forward_batch.input_ids is not None else forward_batch.seq_lens
         setattr(forward_batch, ROWS_ATTR, self.rows.fill(token_ids(per_req, lens), ids.device))
@@ -181,8 +221,6 @@ class PolicyRouting:
                        layer_id=None, num_token_non_padded=None, expert_location_dispatch_info=None,
                        dynamic_expert_bias=None, router_logits_partials=None):
         """Drop-in for SGLang's ``select_experts`` (same signature, same output type)."""
-        from sglang.srt.layers.moe import topk as T
-
         kwargs = dict(layer_id=layer_id, num_token_non_padded=num_token_non_padded,
                       expert_location_dispatch_info=expert_location_dispatch_info,
                       dynamic_expert_bias=dynamic_expert_bias, router_logits_partials=router_logits_partials)
@@ -194,6 +232,9 @@ class PolicyRouting:
         ctx = route_context(num_tokens, fb)
         if not spec.is_moe_layer(layer_id):
             self.router(layer_id, topk_config, router_logits.shape[-1])  # raises the explanatory error
+        plan = getattr(fb, CALIB_ATTR, None) if fb is not None else None
+        if plan is not None:
+            return self._select_calibration(original, hidden_states, router_logits, topk_config, plan, ctx, kwargs)
         info: BatchRows | None = getattr(fb, ROWS_ATTR, None) if fb is not None else None
         # every row of one policy (known on the host), else a mixed batch (the row map on the device)
         uniform = info.uniform if info is not None else (0 if len(self.pset) == 1 else None)
@@ -212,33 +253,77 @@ class PolicyRouting:
                                 router_logits.device)
             return original(hidden_states, router_logits, topk_config, **kwargs)
         router = self.router(layer_id, topk_config, router_logits.shape[-1])
-
-        if router_logits_partials is not None:
-            T.rocm_router_reduce_partials(router_logits_partials, router_logits)
-        router_logits, bias = T.expert_location_dispatch.transform_select_experts_inputs(
-            router_logits=router_logits, correction_bias=topk_config.correction_bias,
-            info=expert_location_dispatch_info)
-        if bias is not None and bias.dim() == 2 and bias.shape[0] == 1:  # ERNIE's [1, E] (squeezed on CPU / NPU)
-            bias = bias.reshape(bias.shape[1])
+        router_logits, bias = _select_inputs(router_logits, topk_config, expert_location_dispatch_info,
+                                             router_logits_partials)
         row_mask = _row_mask(num_tokens, num_token_non_padded, router_logits.device)
         rows = None if uniform is not None else self.rows.rows(num_tokens, router_logits.device, info)
-        weights, ids = router(router_logits, ctx, correction_bias=bias, row_policy=rows, row_mask=row_mask,
-                              uniform=uniform)
-        valid = ids >= 0
+        weights, ids = _route(router, router_logits, topk_config, ctx, correction_bias=bias, row_policy=rows,
+                              row_mask=row_mask, uniform=uniform)
         if self.stats is not None:
-            self._count(valid.sum(dim=-1), uniform, num_tokens, info, row_mask, router_logits.device)
-        ids = fill_padding(ids, valid, spec.num_experts)  # valid ids everywhere through SGLang's remap
-        n_shared = topk_config.num_shared_topk_slots
-        if n_shared and not (T._use_aiter or T.has_per_rank_fused_shared_slots(n_shared)):
-            weights, ids = _append_shared(weights, ids, topk_config, spec.num_experts)
-        ids, weights, recorder_ids = T._post_process_topk_ids(
-            topk_ids=ids, topk_weights=weights, topk_config=topk_config, router_logits=router_logits,
-            num_token_non_padded=num_token_non_padded, layer_id=layer_id,
-            expert_location_dispatch_info=expert_location_dispatch_info)
-        ids, weights = _restore_padding(ids, weights, valid, minus_one=_runner_skips_minus_one(topk_config, ids))
-        if recorder_ids is not None:
-            T.get_global_expert_distribution_recorder().on_select_experts(topk_ids=recorder_ids)
-        return T.StandardTopKOutput(weights, ids, router_logits)
+            self._count((ids >= 0).sum(dim=-1), uniform, num_tokens, info, row_mask, router_logits.device)
+        return _standard_output(weights, ids, router_logits, topk_config, spec.num_experts, kwargs)
+
+    def _select_calibration(self, original, hidden_states: Tensor, router_logits: Tensor, topk_config,
+                            plan: CalibrationBatch, ctx, kwargs: dict):
+        """A forward carrying calibration requests (:mod:`.calibration`): each request's policy (named or sent as
+        text), lock-step groups routed as decode steps of their B rows, routing statistics into the reports."""
+        spec = self.ir.spec
+        layer_id = kwargs["layer_id"]
+        ctx = plan.context(ctx)
+        keys = list(dict.fromkeys(plan.keys))
+        irs = [plan.irs[plan.keys.index(k)] for k in keys]
+
+        def stock(ir: PolicyIR) -> bool:
+            plan_ = ir.plan(layer_id, ctx)
+            return self.stock_fast_path and plan_.is_stock_shape and plan_.k == spec.top_k
+
+        if all(map(stock, irs)):  # SGLang's own routing (per token: lock-step changes nothing)
+            out = original(hidden_states, router_logits, topk_config, **kwargs)
+            record_layer(plan, out.topk_ids[:, :spec.top_k], spec.num_experts)
+            return out
+        router = self._calibration_router(layer_id, topk_config, router_logits.shape[-1], keys, irs)
+        router_logits, bias = _select_inputs(router_logits, topk_config, kwargs["expert_location_dispatch_info"],
+                                             kwargs["router_logits_partials"])
+        uniform = 0 if len(keys) == 1 else None
+        rows = None
+        if uniform is None:
+            per_req = [keys.index(k) for k in plan.keys]
+            rows = torch.tensor(token_ids(per_req, plan.lens), dtype=torch.int32, device=router_logits.device)
+        if plan.lockstep:
+            view = lockstep_view(router_logits, plan)
+            weights, ids = _route(router, view, topk_config, ctx, correction_bias=bias, uniform=uniform,
+                                  row_policy=None if rows is None else lockstep_view(rows, plan))
+            weights, ids = lockstep_unview(weights, plan), lockstep_unview(ids, plan)
+        else:
+            weights, ids = _route(router, router_logits, topk_config, ctx, correction_bias=bias, row_policy=rows,
+                                  uniform=uniform)
+        record_layer(plan, ids, spec.num_experts)
+        return _standard_output(weights, ids, router_logits, topk_config, spec.num_experts, kwargs)
+
+    def _calibration_router(self, layer_id: int, topk_config, num_experts: int, keys: list[str],
+                            irs: list[PolicyIR]) -> MixedRouter:
+        """A router over the policies of one calibration forward; each policy's layer router built once (the
+        launch's policies share :meth:`router`'s, request policies are kept for the most recent ones)."""
+        self.router(layer_id, topk_config, num_experts)  # the model checks, once per layer
+        drop = stock_drops_correction_bias(topk_config)
+        conv = sglang_conventions(topk_config)
+        device = topk_config.correction_bias.device if topk_config.correction_bias is not None else None
+        per = []
+        for key, ir in zip(keys, irs):
+            if key.startswith("named:"):
+                per.append(self.routers[(layer_id, drop)].routers[int(key[6:])])
+                continue
+            ck = (layer_id, drop, key)
+            r = self.calibration_routers.get(ck)
+            if r is None:
+                r = _router(ir, layer_id, conv)
+                r.prepare(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+                self.calibration_routers[ck] = r
+                while len(self.calibration_routers) > CALIBRATION_ROUTERS:
+                    self.calibration_routers.popitem(last=False)
+            self.calibration_routers.move_to_end(ck)
+            per.append(r)
+        return MixedRouter(per, spec_top_k(irs[0]))
 
     def _count(self, per_row: Tensor, uniform: int | None, num_tokens: int, info, row_mask: Tensor | None,
                device) -> None:
@@ -259,6 +344,58 @@ def _row_mask(num_tokens: int, num_token_non_padded: Tensor | None, device) -> T
     if num_token_non_padded is None:
         return None
     return torch.arange(num_tokens, device=device) < num_token_non_padded
+
+
+def spec_top_k(ir: PolicyIR) -> int:
+    return ir.spec.top_k
+
+
+def _route(router: MixedRouter, router_logits: Tensor, topk_config, ctx, **kwargs) -> tuple[Tensor, Tensor]:
+    """``router``'s ``(weights, ids)`` for these logits, with Gemma 4's per-expert scale applied as SGLang does."""
+    scale = expert_scale_of(topk_config)
+    # Gemma 4 weighs in the logits' dtype on CPU, in float32 in its CUDA kernel
+    logits = router_logits.float() if scale is not None and router_logits.is_cuda else router_logits
+    weights, ids = router(logits, ctx, **kwargs)
+    if scale is not None:  # x per_expert_scale of each slot's final expert, in that dtype
+        weights = apply_expert_scale(weights, ids, scale, dtype=logits.dtype)
+    return weights, ids
+
+
+def _select_inputs(router_logits: Tensor, topk_config, dispatch_info, partials) -> tuple[Tensor, Tensor | None]:
+    """The router logits and correction bias as SGLang's ``select_experts`` prepares them (ROCm partials reduced,
+    EPLB's logical view)."""
+    from sglang.srt.layers.moe import topk as T
+
+    if partials is not None:
+        T.rocm_router_reduce_partials(partials, router_logits)
+    router_logits, bias = T.expert_location_dispatch.transform_select_experts_inputs(
+        router_logits=router_logits, correction_bias=topk_config.correction_bias, info=dispatch_info)
+    if bias is not None and bias.dim() == 2 and bias.shape[0] == 1:  # ERNIE's [1, E] (squeezed on CPU / NPU)
+        bias = bias.reshape(bias.shape[1])
+    return router_logits, bias
+
+
+def _standard_output(weights: Tensor, ids: Tensor, router_logits: Tensor, topk_config, num_experts: int,
+                     kwargs: dict):
+    """A routed ``(weights, ids)`` (-1 = padded slot) as SGLang's ``StandardTopKOutput``: padding filled with valid
+    ids through SGLang's own post-processing (EPLB remap, padded-row mask, capture), fused shared-expert columns
+    appended, the padded slots restored for the runner."""
+    from sglang.srt.layers.moe import topk as T
+
+    layer_id = kwargs["layer_id"]
+    valid = ids >= 0
+    ids = fill_padding(ids, valid, num_experts)  # valid ids everywhere through SGLang's remap
+    n_shared = topk_config.num_shared_topk_slots
+    if n_shared and not (T._use_aiter or T.has_per_rank_fused_shared_slots(n_shared)):
+        weights, ids = _append_shared(weights, ids, topk_config, num_experts)
+    ids, weights, recorder_ids = T._post_process_topk_ids(
+        topk_ids=ids, topk_weights=weights, topk_config=topk_config, router_logits=router_logits,
+        num_token_non_padded=kwargs["num_token_non_padded"], layer_id=layer_id,
+        expert_location_dispatch_info=kwargs["expert_location_dispatch_info"])
+    ids, weights = _restore_padding(ids, weights, valid, minus_one=_runner_skips_minus_one(topk_config, ids))
+    if recorder_ids is not None:
+        T.get_global_expert_distribution_recorder().on_select_experts(topk_ids=recorder_ids)
+    return T.StandardTopKOutput(weights, ids, router_logits)
 
 
 def _router(ir: PolicyIR, layer: int, conv: Conventions) -> LayerRouter:

@@ -10,7 +10,9 @@ travel in environment variables, which every spawned child inherits:
 * ``SGLBUDGET_POLICY_LOG_INTERVAL`` — seconds between the per-policy statistics log lines;
 * ``SGLBUDGET_MOE_SPEC`` — the model spec the launcher validated against (JSON);
 * ``SGLBUDGET_RECORD_DIR`` / ``SGLBUDGET_RECORD_MAX_TOKENS`` — router-logit recording
-  (``SGLBUDGET_RECORD_ALL_RANKS=1``: every TP rank records, to check that ranks agree).
+  (``SGLBUDGET_RECORD_ALL_RANKS=1``: every TP rank records, to check that ranks agree);
+* ``SGLBUDGET_MOE_CALIBRATION`` / ``SGLBUDGET_CALIBRATION_FILES`` — calibration mode (``--moe-calibration``) and
+  the data files request policies may name (:mod:`.calibration`).
 
 The launcher validates the policy against the model's config before any worker
 starts; workers compile it again (cheap) against the same spec.
@@ -28,7 +30,9 @@ from ...lang.limits import load_for_engine
 from ...lang.ir import PolicyIR
 from ...lang.policy_set import PolicySet, load_policy_set
 from ...families import sglang_refusal
+from ...lang.inline import launch_files
 from ...spec import ModelSpec, SpecError
+from .calibration import ENV_CALIBRATION, ENV_FILES
 
 ENV_POLICY = "SGLBUDGET_MOE_POLICY"
 ENV_NAMED = "SGLBUDGET_MOE_NAMED_POLICIES"
@@ -50,21 +54,24 @@ class Settings:
     record_max_tokens: int = DEFAULT_RECORD_MAX_TOKENS
     named: tuple[tuple[str, str], ...] = ()  # (name, path) of the policies a request may pick
     log_interval: float = DEFAULT_LOG_INTERVAL
+    calibration: bool = False  # --moe-calibration: serve calibration requests (sgl-budget eval/profile --server)
 
     @property
     def active(self) -> bool:
-        return bool(self.policy or self.record_dir or self.named)
+        return bool(self.policy or self.record_dir or self.named or self.calibration)
 
     @property
     def routes(self) -> bool:
-        """A policy (default or named) routes some requests: the worker installs the routing hook."""
-        return bool(self.policy or self.named)
+        """A policy (default, named, or sent by calibration requests) routes some requests: the worker installs
+        the routing hook."""
+        return bool(self.policy or self.named or self.calibration)
 
     @classmethod
     def from_env(cls) -> "Settings":
         return cls(policy=os.environ.get(ENV_POLICY) or None, record_dir=os.environ.get(ENV_RECORD_DIR) or None,
                    record_max_tokens=int(os.environ.get(ENV_RECORD_MAX, DEFAULT_RECORD_MAX_TOKENS)),
-                   named=named_from_env(), log_interval=float(os.environ.get(ENV_LOG_INTERVAL, DEFAULT_LOG_INTERVAL)))
+                   named=named_from_env(), log_interval=float(os.environ.get(ENV_LOG_INTERVAL, DEFAULT_LOG_INTERVAL)),
+                   calibration=os.environ.get(ENV_CALIBRATION) == "1")
 
     def export(self, spec: ModelSpec | None) -> None:
         """Publish to this process's environment, so every worker spawned from now on sees it."""
@@ -78,6 +85,13 @@ class Settings:
         else:
             os.environ.pop(ENV_NAMED, None)
         os.environ[ENV_RECORD_MAX] = str(self.record_max_tokens)
+        if self.calibration:
+            os.environ[ENV_CALIBRATION] = "1"
+            os.environ[ENV_FILES] = json.dumps(launch_files([p for p in (self.policy, *(p for _, p in self.named))
+                                                              if p]))
+        else:
+            os.environ.pop(ENV_CALIBRATION, None)
+            os.environ.pop(ENV_FILES, None)
         os.environ[ENV_LOG_INTERVAL] = str(self.log_interval)
         if spec is not None:
             os.environ[ENV_SPEC] = json.dumps(spec.to_dict())
