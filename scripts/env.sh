@@ -5,6 +5,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${SGL_BUDGET_VENV:-$ROOT/.venv}"
 PY="${PYTHON:-python3}"
 EXTRAS="${1:-}"
+# SGL_BUDGET_MORE_EXTRAS (e.g. "lmeval", which .ci/run sets) adds extras to whatever the caller asks for
+if [ -n "${SGL_BUDGET_MORE_EXTRAS:-}" ]; then EXTRAS="${EXTRAS:+$EXTRAS,}$SGL_BUDGET_MORE_EXTRAS"; fi
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip

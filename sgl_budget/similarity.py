@@ -46,6 +46,126 @@ class SimilarityFileError(ValueError):
         super().__init__(f"{path}: {message}" + (f" (hint: {hint})" if hint else ""))
 
 
+METHODS = ("frobenius", "cosine", "cka")  # SERE's similarity metrics (``sgl-budget similarity --method``)
+STORED_BYTES = 4 << 30  # cka keeps every expert's outputs: at most this much per layer and session
+
+
+def glu_expert_outputs(h: Tensor, gate_up: Tensor, down: Tensor, act) -> Tensor:
+    """``[E, N, H]``: every gated expert applied to every token of ``h [N, H]`` (``gate_up [E, 2I, H]``, gate
+    rows first; ``down [E, H, I]``; ``act`` the gate's activation). Both engines' expert math (a tensor-parallel
+    shard of I gives a partial sum of the output)."""
+    gate_up = torch.einsum("nh,eih->eni", h, gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.einsum("eni,ehi->enh", act(gate) * up, down)
+
+
+def sample_tokens(num_tokens: int, layers, tokens: int, seed: int = 0) -> dict[int, Tensor]:
+    """The calibration tokens each layer's similarity is measured on: indices into all ``num_tokens`` tokens in
+    window order (window-major), ``tokens`` per layer drawn layer after layer (in the order given) from one
+    generator seeded ``seed``. The transformers path and ``--server`` draw the same ones."""
+    g = torch.Generator().manual_seed(seed)
+    return {l: torch.randperm(num_tokens, generator=g)[:tokens] for l in layers}
+
+
+def frobenius_similarity(dist: Tensor) -> Tensor:
+    """SERE's ``frobenius``: ``1 - ||O_a - O_b||_F / max pair distance`` from the ``[E, E]`` distances."""
+    return 1 - dist / dist.max().clamp_min(1e-12)
+
+
+def cosine_similarity(mean_cos: Tensor) -> Tensor:
+    """SERE's ``cosine``: the mean per-token cosine of two experts' outputs mapped to [0, 1]."""
+    return (mean_cos + 1) / 2
+
+
+def cka_similarity(cross: Tensor) -> Tensor:
+    """Linear CKA from ``cross[a, b] = ||X_a^T X_b||_F^2`` of the token-centred outputs."""
+    norms = cross.diagonal().sqrt()
+    return cross / (norms[:, None] * norms[None, :]).clamp_min(1e-12)
+
+
+def unit_diagonal(sim: Tensor) -> Tensor:
+    sim = sim.clamp(0, 1)
+    sim.fill_diagonal_(1.0)
+    return sim
+
+
+def similarity_matrix(outs: Tensor, method: str) -> Tensor:
+    """``[E, E]`` in [0, 1] with unit diagonal from expert outputs ``[E, N, H]`` (the transformers path: all
+    outputs at once)."""
+    e = outs.shape[0]
+    if method == "frobenius":
+        flat = outs.reshape(e, -1)
+        sim = frobenius_similarity(torch.cdist(flat, flat))
+    elif method == "cosine":
+        unit = torch.nn.functional.normalize(outs, dim=-1)
+        sim = cosine_similarity(torch.einsum("anh,bnh->abn", unit, unit).mean(-1))
+    elif method == "cka":
+        xc = outs - outs.mean(dim=1, keepdim=True)
+        # ||X_a^T X_b||_F^2 one row at a time ([E, H, H] per row keeps memory bounded)
+        cross = torch.stack([torch.einsum("nh,bnk->bhk", xc[a], xc).pow(2).sum((-1, -2)) for a in range(e)])
+        sim = cka_similarity(cross)
+    else:
+        raise ValueError(f"method must be one of {METHODS}")
+    return unit_diagonal(sim)
+
+
+class SimilarityStats:
+    """One layer's similarity accumulated from expert outputs that arrive a few tokens at a time (the SGLang
+    workers' path): the same matrix as :func:`similarity_matrix` of all the outputs at once, up to rounding.
+
+    ``frobenius`` keeps the Gram matrix of the flattened outputs (float64; squared distances are
+    ``G_aa + G_bb - 2 G_ab``), ``cosine`` the sum over tokens of every pair's cosine (float64). Linear CKA
+    centres every expert's outputs over all tokens and compares ``H x H`` cross-covariances, which no small
+    statistic gives: ``cka`` keeps the outputs themselves (at most :data:`STORED_BYTES`) and computes
+    :func:`similarity_matrix` at the end.
+    """
+
+    def __init__(self, method: str, max_stored_bytes: int = STORED_BYTES) -> None:
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}")
+        self.method, self.max_stored_bytes = method, max_stored_bytes
+        self.tokens = 0
+        self.stat: Tensor | None = None
+        self.kept: list[Tensor] = []
+        self.stored = 0
+
+    def add(self, outs: Tensor) -> None:
+        """Outputs ``[E, n, H]`` of every expert on ``n`` more tokens."""
+        e = outs.shape[0]
+        if self.method == "cka":
+            self.stored += outs.numel() * 4
+            if self.stored > self.max_stored_bytes:
+                raise ValueError(f"--method cka keeps every expert's outputs (experts x tokens x hidden floats): "
+                                 f"over {self.max_stored_bytes / 2**30:.1f} GiB per layer here; use fewer --tokens, "
+                                 "or frobenius / cosine (accumulated as they arrive)")
+            self.kept.append(outs.float().cpu())
+        elif self.method == "frobenius":
+            flat = outs.reshape(e, -1).double()
+            got = flat @ flat.T
+            self.stat = got if self.stat is None else self.stat + got
+        else:
+            unit = torch.nn.functional.normalize(outs.float(), dim=-1).double()
+            got = torch.einsum("anh,bnh->ab", unit, unit)
+            self.stat = got if self.stat is None else self.stat + got
+        self.tokens += outs.shape[1]
+
+    def matrix(self) -> Tensor:
+        """``[E, E]`` float32 in [0, 1], unit diagonal."""
+        if self.tokens == 0:
+            raise ValueError("no expert outputs were accumulated")
+        if self.method == "cka":
+            return similarity_matrix(torch.cat(self.kept, dim=1), "cka")
+        stat = self.stat.cpu()
+        if self.method == "frobenius":
+            sq = stat.diagonal()
+            dist = (sq[:, None] + sq[None, :] - 2 * stat).clamp_min(0).sqrt()
+            dist.fill_diagonal_(0.0)
+            sim = frobenius_similarity(dist)
+        else:
+            sim = cosine_similarity(stat / self.tokens)
+        return unit_diagonal(sim.float())
+
+
 def derive_critical(sim: Tensor) -> Tensor:
     """Experts ranked most critical first: ascending best similarity to any other expert (stable)."""
     off = sim.clone().float()

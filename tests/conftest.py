@@ -41,3 +41,20 @@ def write_similarity(spec: ModelSpec, directory: Path, seed: int = 0) -> Path:
     if not path.exists():
         save_similarity(synthetic_similarity(spec, seed=seed), path)
     return path
+
+
+CALIBRATION_POLICIES = ("uniform-50", "alloc-l-50", "alloc-lt-50", "sere-50", "alloc-moe-sere-50")  # every kind
+
+
+@pytest.fixture(scope="session")
+def calibration_server():
+    """One stock SGLang server on CPU (fp32) with ``--moe-calibration`` and every bundled kind of brown-moe policy
+    by name, shared by the calibration-through-the-server tests (eval, profile, tune, similarity)."""
+    pytest.importorskip("sglang", reason="install the sglang extra: pip install -e '.[sglang]'")
+    from sgl_budget.cli import bundled_dir, default_model_dir
+    from sgl_budget.engines.sglang.server import Server
+
+    brown = bundled_dir() / "brown-moe"
+    named = [a for k in CALIBRATION_POLICIES for a in ("--moe-named-policy", f"{k}={brown / f'{k}.policy'}")]
+    with Server(default_model_dir(), extra_args=[*named, "--moe-calibration"], env={"TRITON_INTERPRET": None}) as s:
+        yield s

@@ -124,10 +124,25 @@ def test_policy_listing(served) -> None:
     if policy is None:
         with pytest.raises(HTTPError, match="HTTP 404"):
             served.get("/moe_policies")
+        _calibration_refused(served, "not an SGLang server launched with sgl_budget")
         return
     got = served.get("/moe_policies")
     assert [(p["name"], p["file"]) for p in got["policies"]] == [("default", str(policy.resolve())), ("stock", None)]
     assert got["policies"][0]["policy"] == policy.stem  # the name in the file (each is named as its file)
+    assert got["calibration"]["enabled"] is False and got["model"]["name"] == MODEL.name
+    _calibration_refused(served, "launched without --moe-calibration")
+
+
+def _calibration_refused(served, cli_message: str) -> None:
+    """Without --moe-calibration a calibration request is a 400 (nothing computed) and `eval --server` says why."""
+    from sgl_budget.cli import main
+
+    with pytest.raises(HTTPError) as e:
+        served.generate([5, 6, 7], 1, custom_params={"moe_calibration": {"report": True}})
+    assert e.value.status == 400 and "--moe-calibration" in e.value.body
+    r = subprocess.run([sys.executable, "-m", "sgl_budget.cli", "eval", "--server", served.url, "--text",
+                        str(MODEL / "config.json")], capture_output=True, text=True)
+    assert r.returncode == 2 and cli_message in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_alone_equals_transformers(served, hf) -> None:

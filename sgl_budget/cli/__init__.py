@@ -16,7 +16,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import demo, model, policy, replay, serve_demo
+from . import demo, model, policy, replay, serve_demo, server
 from .errors import EXIT_BAD_INPUT, CliError, user_errors
 from .loaders import DEMO_TRACE, EMBEDDED_TRACE, bundled_dir, default_model_dir
 
@@ -27,7 +27,7 @@ __all__ = ["main", "build_parser", "CliError", "EXIT_BAD_INPUT", "bundled_dir", 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sgl-budget", description="Check, explain and replay MoE expert-activation policies.")
     sub = p.add_subparsers(dest="cmd", required=True)
-    for group in (policy, replay, model, demo, serve_demo):
+    for group in (policy, replay, model, server, demo, serve_demo):
         group.add_commands(sub)
     return p
 

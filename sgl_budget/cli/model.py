@@ -73,6 +73,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_similarity(args: argparse.Namespace) -> int:
+    if args.server:
+        from .server import cmd_similarity_server
+
+        return cmd_similarity_server(args)
     from ..engines.hf.similarity import expert_similarity
     from ..similarity import save_similarity
 
@@ -119,17 +123,19 @@ def add_commands(sub) -> None:
     """``record``, ``profile``, ``similarity``, ``eval`` on a local transformers model."""
     model_help = "local transformers MoE model directory (config.json, weights, tokenizer)"
 
-    def common(p, text_flag: str, windows: int, seq_len: int, batch: int, server: bool = False) -> None:
+    def common(p, text_flag: str, windows: int, seq_len: int, batch: int, server: bool = False,
+               logprobs: bool = True) -> None:
         if server:
             src = p.add_mutually_exclusive_group()
             src.add_argument("--model", help=model_help)
             src.add_argument("--server", metavar="URL", help=SERVER_HELP)
             p.add_argument("--tokenizer", help="with --server: a local copy of the served model's tokenizer (default: "
                                                "the server's tokenizer path, when it exists here)")
-            p.add_argument("--logprobs", type=int, default=32, metavar="N",
-                           help="with --server: KL to stock over the union of stock's N most likely next tokens "
-                                "at each position of a window, plus one bucket for the rest (a lower bound; "
-                                "default %(default)s)")
+            if logprobs:
+                p.add_argument("--logprobs", type=int, default=32, metavar="N",
+                               help="with --server: KL to stock over the union of stock's N most likely next tokens "
+                                    "at each position of a window, plus one bucket for the rest (a lower bound; "
+                                    "default %(default)s)")
         else:
             p.add_argument("--model", required=True, help=model_help)
         p.add_argument(text_flag, required=not server,
@@ -152,7 +158,7 @@ def add_commands(sub) -> None:
     p.set_defaults(func=cmd_profile)
 
     s = sub.add_parser("similarity", help="SERE: expert similarity from expert outputs -> safetensors")
-    common(s, "--calib", 32, 256, 8)
+    common(s, "--calib", 32, 256, 8, server=True, logprobs=False)
     s.add_argument("--method", choices=["frobenius", "cosine", "cka"], default="frobenius")
     s.add_argument("--tokens", type=int, default=2048, help="calibration tokens per layer")
     s.add_argument("--out", required=True)

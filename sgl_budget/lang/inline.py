@@ -22,7 +22,7 @@ REQUEST_FILE = "<request>"  # the file name diagnostics give policy text from a 
 MAX_REQUEST_POLICY_CHARS = 65536  # longer policy text in a request is refused before parsing
 
 
-def _named_files(text: str, file: str) -> list[str]:
+def named_files(text: str, file: str) -> list[str]:
     """The file names a policy's text gives (``similarity "..."``, ``allocate dp from "..."``)."""
     ast = parse_policy(text, file)
     names = [s.value.value for b in ast.of("reroute") for s in b.settings
@@ -38,7 +38,7 @@ def launch_files(policy_paths: Iterable[str | Path]) -> dict[str, str]:
     out: dict[str, str] = {}
     for p in policy_paths:
         path = Path(p).resolve()
-        for name in _named_files(path.read_text(encoding="utf-8"), str(path)):
+        for name in named_files(path.read_text(encoding="utf-8"), str(path)):
             full = str(Path(name) if Path(name).is_absolute() else (path.parent / name).resolve())
             out.setdefault(name, full)  # the first launch policy to name it decides (names are relative)
             out[full] = full

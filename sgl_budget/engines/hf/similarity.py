@@ -15,44 +15,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ...similarity import SimilarityTable, derive_critical
+from ...similarity import METHODS, SimilarityTable, derive_critical, glu_expert_outputs, sample_tokens, \
+    similarity_matrix
 from ...spec import ModelSpec
 from .adapter import _attr_path, hf_facts_of, moe_blocks
 from .progress import bar
 
-METHODS = ("frobenius", "cosine", "cka")
+__all__ = ["METHODS", "expert_outputs", "expert_similarity", "similarity_matrix"]
 
 
 def expert_outputs(experts, h: Tensor) -> Tensor:
     """``[E, N, H]``: every expert applied to every token of ``h [N, H]``."""
-    gate_up = torch.einsum("nh,eih->eni", h, experts.gate_up_proj.float())
-    gate, up = gate_up.chunk(2, dim=-1)
-    act = experts.act_fn(gate) * up
-    return torch.einsum("eni,ehi->enh", act, experts.down_proj.float())
-
-
-def similarity_matrix(outs: Tensor, method: str) -> Tensor:
-    """``[E, E]`` in [0, 1] with unit diagonal from expert outputs ``[E, N, H]``."""
-    e = outs.shape[0]
-    if method == "frobenius":
-        flat = outs.reshape(e, -1)
-        dist = torch.cdist(flat, flat)
-        sim = 1 - dist / dist.max().clamp_min(1e-12)
-    elif method == "cosine":
-        unit = torch.nn.functional.normalize(outs, dim=-1)
-        cos = torch.einsum("anh,bnh->abn", unit, unit).mean(-1)
-        sim = (cos + 1) / 2
-    elif method == "cka":
-        xc = outs - outs.mean(dim=1, keepdim=True)
-        # ||X_a^T X_b||_F^2 one row at a time ([E, H, H] per row keeps memory bounded)
-        cross = torch.stack([torch.einsum("nh,bnk->bhk", xc[a], xc).pow(2).sum((-1, -2)) for a in range(e)])
-        norms = cross.diagonal().sqrt()
-        sim = cross / (norms[:, None] * norms[None, :]).clamp_min(1e-12)
-    else:
-        raise ValueError(f"method must be one of {METHODS}")
-    sim = sim.clamp(0, 1)
-    sim.fill_diagonal_(1.0)
-    return sim
+    return glu_expert_outputs(h, experts.gate_up_proj.float(), experts.down_proj.float(), experts.act_fn)
 
 
 def bar_iter(items, total: int, desc: str, show: bool):
@@ -82,11 +56,11 @@ def expert_similarity(model, spec: ModelSpec, windows: Tensor, method: str = "fr
     finally:
         for h in hooks:
             h.remove()
-    g = torch.Generator().manual_seed(seed)
+    picks = sample_tokens(windows.numel(), list(inputs), tokens, seed)
     matrices = {}
     for l, chunks in bar_iter(inputs.items(), len(inputs), "expert similarity per layer", show_progress):
         h = torch.cat(chunks).float()
-        pick = torch.randperm(h.shape[0], generator=g)[:tokens]
+        pick = picks[l]
         outs = expert_outputs(blocks[l].experts, h[pick])
         if facts.expert_scale:  # Gemma 4: an expert's contribution carries its learned per-expert scale
             scale = _attr_path(getattr(blocks[l], facts.router), facts.expert_scale).float()

@@ -16,6 +16,12 @@ asks for them with ``custom_params: {"moe_calibration": {...}}``, which a server
 * ``"report": true`` — the request's routing statistics come back in ``meta_info["sgl_budget"]``: routed
   expert slots and tokens, distinct experts per routed batch, the phase measured, and whether its group
   was routed as asked (a group the scheduler split is reported, never silently routed otherwise).
+* ``"similarity": {"session": ID, "method": M, "positions": {"<layer>": [p, ...]}, "finish": BOOL}`` — SERE's
+  expert similarity measured inside the workers (:mod:`.expert_similarity`): at each listed MoE layer the expert
+  input of the request's tokens at window positions ``p`` runs through every expert with the layer's own weight
+  shards, the outputs are summed over the tensor- / expert-parallel ranks and accumulated into the worker-side
+  session ``ID``; a request with ``finish`` (and no positions) gets the session's per-layer ``[E, E]`` matrices
+  back in its report (``"similarity"``) and ends the session. ``sgl-budget similarity --server`` sends these.
 """
 
 from __future__ import annotations
@@ -39,8 +45,11 @@ ENV_CALIBRATION = "SGLBUDGET_MOE_CALIBRATION"  # "1": this launch serves calibra
 ENV_FILES = "SGLBUDGET_CALIBRATION_FILES"  # JSON {name: absolute path}: files request policies may name
 MAX_GROUP_ROWS = 4096
 CALIB_ATTR = "_sgl_budget_calibration"  # set on a ForwardBatch that carries calibration requests
-_FIELDS = {"policy", "group", "report"}
+_FIELDS = {"policy", "group", "report", "similarity"}
 _GROUP_FIELDS = {"id", "rows", "lockstep"}
+_SIMILARITY_FIELDS = {"session", "method", "positions", "finish"}
+SIMILARITY_METHODS = ("frobenius", "cosine", "cka")  # sgl_budget.similarity.METHODS
+MAX_POSITIONS = 1 << 20  # positions one request may list over all its layers
 
 
 class CalibrationRefused(ValueError):
@@ -56,6 +65,17 @@ class Calibration:
     rows: int = 0  # B
     lockstep: bool = False  # route the group's prefill as decode steps of B tokens
     report: bool = False  # return routing statistics in meta_info["sgl_budget"]
+    similarity: "SimilarityAsk | None" = None  # expert outputs to accumulate (sgl-budget similarity --server)
+
+
+@dataclass(frozen=True)
+class SimilarityAsk:
+    """What one request's ``moe_calibration.similarity`` asks for (:mod:`.expert_similarity`)."""
+
+    session: str
+    method: str
+    positions: dict  # MoE layer -> tuple of window positions whose expert input is measured
+    finish: bool = False
 
 
 def enabled() -> bool:
@@ -80,9 +100,10 @@ def parse(value: Any) -> Calibration:
     report = value.get("report", False)
     if not isinstance(report, bool):
         raise CalibrationRefused(f"{CALIBRATION_KEY}.report must be true or false")
+    similarity = parse_similarity(value["similarity"]) if "similarity" in value else None
     group = value.get("group")
     if group is None:
-        return Calibration(policy=policy, report=report)
+        return Calibration(policy=policy, report=report, similarity=similarity)
     if not isinstance(group, dict) or set(group) - _GROUP_FIELDS or "id" not in group or "rows" not in group:
         raise CalibrationRefused(f'{CALIBRATION_KEY}.group must be {{"id": ID, "rows": B, "lockstep": BOOL}}')
     gid, rows, lockstep = group["id"], group["rows"], group.get("lockstep", False)
@@ -92,7 +113,42 @@ def parse(value: Any) -> Calibration:
         raise CalibrationRefused(f"{CALIBRATION_KEY}.group.rows must be an integer in 1..{MAX_GROUP_ROWS}")
     if not isinstance(lockstep, bool):
         raise CalibrationRefused(f"{CALIBRATION_KEY}.group.lockstep must be true or false")
-    return Calibration(policy=policy, group=gid, rows=rows, lockstep=lockstep, report=report)
+    return Calibration(policy=policy, group=gid, rows=rows, lockstep=lockstep, report=report, similarity=similarity)
+
+
+def parse_similarity(value: Any) -> SimilarityAsk:
+    """A ``moe_calibration.similarity`` value; :class:`CalibrationRefused` says what is wrong."""
+    key = f"{CALIBRATION_KEY}.similarity"
+    if not isinstance(value, dict) or set(value) - _SIMILARITY_FIELDS or "session" not in value:
+        raise CalibrationRefused(f'{key} must be {{"session": ID, "method": M, "positions": {{"<layer>": '
+                                 '[positions]}, "finish": BOOL}')
+    session, method, finish = value["session"], value.get("method", "frobenius"), value.get("finish", False)
+    if not isinstance(session, str) or not session or len(session) > 128:
+        raise CalibrationRefused(f"{key}.session must be a non-empty string (at most 128 characters)")
+    if method not in SIMILARITY_METHODS:
+        raise CalibrationRefused(f"{key}.method must be one of {list(SIMILARITY_METHODS)}")
+    if not isinstance(finish, bool):
+        raise CalibrationRefused(f"{key}.finish must be true or false")
+    raw = value.get("positions", {})
+    if not isinstance(raw, dict):
+        raise CalibrationRefused(f'{key}.positions must be an object {{"<MoE layer>": [window positions]}}')
+    positions, total = {}, 0
+    for layer, pos in raw.items():
+        if not (isinstance(layer, str) and layer.isdigit()) or not isinstance(pos, list) \
+                or not all(isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in pos):
+            raise CalibrationRefused(f"{key}.positions: each key must be a layer index (a string of digits) and "
+                                     "each value a list of non-negative token positions")
+        if len(set(pos)) != len(pos):
+            raise CalibrationRefused(f"{key}.positions: layer {layer} lists a position twice")
+        total += len(pos)
+        if pos:
+            positions[int(layer)] = tuple(pos)
+    if total > MAX_POSITIONS:
+        raise CalibrationRefused(f"{key}.positions: at most {MAX_POSITIONS} positions per request")
+    if finish and positions:
+        raise CalibrationRefused(f"{key}: a finishing request carries no positions (send it after the session's "
+                                 "last windows came back)")
+    return SimilarityAsk(session=session, method=method, positions=positions, finish=finish)
 
 
 class PolicyCache:
@@ -125,6 +181,8 @@ def check_request(custom_params, named: str | None) -> None:
                                  "refuses calibration requests (relaunch with --moe-calibration to calibrate "
                                  "through it)")
     cal = parse(custom_params[CALIBRATION_KEY])
+    if cal.similarity is not None:
+        _check_similarity(cal.similarity)
     if cal.policy is not None:
         if named is not None:
             raise CalibrationRefused(f"give either moe_policy ({named!r}) or {CALIBRATION_KEY}.policy, not both")
@@ -139,6 +197,18 @@ def check_request(custom_params, named: str | None) -> None:
             cache.get(cal.policy)
         except PolicyError as e:
             raise CalibrationRefused(f"{CALIBRATION_KEY}.policy cannot be served:\n{e.format()}") from None
+
+
+def _check_similarity(ask: SimilarityAsk) -> None:
+    from .settings import spec_from_env
+
+    spec = spec_from_env()
+    if spec is None:  # pragma: no cover - a calibration launch always exports its spec
+        return
+    wrong = sorted(l for l in ask.positions if not spec.is_moe_layer(l))
+    if wrong:
+        raise CalibrationRefused(f"{CALIBRATION_KEY}.similarity.positions: layer(s) {wrong[:8]} are not MoE layers "
+                                 f"of {spec.name} (MoE layers {list(spec.moe_layers)[:16]})")
 
 
 def calibration_scope(custom_params) -> str | None:
@@ -195,6 +265,8 @@ class CalibrationBatch:
     errors: dict[int, str] = field(default_factory=dict)  # request index -> why its group was not routed as asked
     phase: str = "prefill"
     reports: dict[int, dict] = field(default_factory=dict)  # request index -> its statistics (filled per layer)
+    similarity: dict = field(default_factory=dict)  # MoE layer -> [(session, forward rows)] (.expert_similarity)
+    expert_scales: dict = field(default_factory=dict)  # MoE layer -> Gemma 4's per-expert scale (similarity)
 
     @property
     def lockstep(self) -> bool:
@@ -237,6 +309,10 @@ def plan_batch(batch, pset, cache: PolicyCache) -> CalibrationBatch | None:
             out.reports[i]["lockstep"] = out.lockstep
             if i in out.errors:
                 out.reports[i]["error"] = out.errors[i]
+    if any(c is not None and c.similarity is not None for c in cals):
+        from .expert_similarity import plan_similarity
+
+        plan_similarity(out, cals, prefix, decode)
     return out
 
 

@@ -148,17 +148,54 @@ class ServerClient:
                                    "return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": top_n}
         if token_ids is not None:
             payload["token_ids_logprob"] = [list(map(int, t)) for t in token_ids]
-        try:
-            replies = self.post("/generate", payload)
-        except _HTTPStatus as e:
-            raise ServerError(f"the server refused the request (HTTP {e.status}): {e.message}") from None
-        if isinstance(replies, dict):
-            replies = [replies]
+        replies = self._generate(payload)
         out = [_scored(r, None if token_ids is None else token_ids[i]) for i, r in enumerate(replies)]
         errors = {w.report.get("error") for w in out if w.report.get("error")}
         if errors:
             raise ServerError("the server could not route the group as one batch: " + "; ".join(sorted(errors)))
         return out
+
+    def _generate(self, payload: dict) -> list[dict]:
+        """``POST /generate`` of a batch; one reply per prompt; a refusal (HTTP 400...) is a ServerError."""
+        try:
+            replies = self.post("/generate", payload)
+        except _HTTPStatus as e:
+            raise ServerError(f"the server refused the request (HTTP {e.status}): {e.message}") from None
+        return [replies] if isinstance(replies, dict) else replies
+
+    def similarity(self, windows: Sequence[Sequence[int]], session: str, method: str,
+                   positions: Sequence[dict[int, Sequence[int]]] | None = None, finish: bool = False) -> dict | None:
+        """One call of a similarity session (``sgl-budget similarity --server``): ``windows`` routed with stock,
+        the expert inputs of window i at ``positions[i]`` (MoE layer -> window positions) measured in the
+        workers; with ``finish`` (no positions: send it after every window came back) the session's report
+        ``{"method", "tokens", "matrices"}`` (matrices: layer -> ``[E, E]`` lists)."""
+        params = []
+        for i in range(len(windows)):
+            sim: dict[str, Any] = {"session": session, "method": method, "finish": finish}
+            if positions is not None:
+                sim["positions"] = {str(l): sorted(map(int, p)) for l, p in positions[i].items() if len(p)}
+            params.append({"max_new_tokens": 1, "temperature": 0.0, "custom_params": {
+                "moe_policy": "stock", CALIBRATION_KEY: {"report": True, "similarity": sim}}})
+        # return_logprob from position 0: no prefix of a window is served from the cache, every token is computed
+        payload = {"input_ids": [list(map(int, w)) for w in windows], "sampling_params": params,
+                   "return_logprob": True, "logprob_start_len": 0}
+        replies = self._generate(payload)
+        reports = []
+        for r in replies:
+            got = r.get("meta_info", {}).get(INFO_KEY)
+            if not got:
+                raise ServerError("the server's reply carries no sgl_budget report: is its sgl_budget the same "
+                                  "version as this one?")
+            reports.append(got[0])
+        if not finish:
+            return None
+        sim = reports[0].get("similarity")
+        if not isinstance(sim, dict):
+            raise ServerError("the server's sgl_budget does not measure expert similarity (upgrade it on the "
+                              "server)")
+        if sim.get("error"):
+            raise ServerError(f"the server could not measure expert similarity: {sim['error']}")
+        return sim
 
 
 def _scored(reply: dict, asked: Sequence[int] | None) -> ScoredWindow:

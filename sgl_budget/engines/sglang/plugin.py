@@ -44,8 +44,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                         "Decode steps replayed from CUDA graphs are not seen: disable CUDA graphs to record them.")
     g.add_argument("--moe-calibration", action="store_true", default=False,
                    help="Serve calibration requests (custom_params.moe_calibration: policy text sent in the request, "
-                        "lock-step decode measurement of prefilled windows, routing statistics), which sgl-budget "
-                        "eval/profile/tune --server send. Off by default: without it such requests get HTTP 400. "
+                        "lock-step decode measurement of prefilled windows, routing statistics, expert similarity measured "
+                        "in the workers), which sgl-budget eval/profile/tune/similarity --server send. Off by default: without it such requests get HTTP 400. "
                         "Request policies may name only files the launch's policies load.")
     g.add_argument("--moe-record-max-tokens", type=int, default=DEFAULT_RECORD_MAX_TOKENS, metavar="N",
                    help="Stop recording after N tokens per worker (bounds the trace size).")
@@ -317,7 +317,7 @@ def activate(settings: Settings) -> None:
 def _reports() -> bool:
     """Rank 0 of the tensor-parallel group logs and exports the statistics (every rank counts the same batches)."""
     try:
-        from sglang.srt.distributed import get_tensor_model_parallel_rank
+        from sglang.srt.distributed.parallel_state import get_tensor_model_parallel_rank
 
         return get_tensor_model_parallel_rank() == 0
     except Exception:  # not initialised (tests): this process reports
@@ -392,3 +392,7 @@ def register() -> None:
         from . import native_moe
 
         native_moe.register()
+        if settings.calibration:  # sgl-budget similarity --server: expert outputs measured in the workers
+            from . import expert_similarity
+
+            expert_similarity.register()

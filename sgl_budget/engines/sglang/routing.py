@@ -270,6 +270,8 @@ class PolicyRouting:
         spec = self.ir.spec
         layer_id = kwargs["layer_id"]
         ctx = plan.context(ctx)
+        if layer_id in plan.similarity and expert_scale_of(topk_config) is not None:  # for .expert_similarity
+            plan.expert_scales[layer_id] = expert_scale_of(topk_config)
         keys = list(dict.fromkeys(plan.keys))
         irs = [plan.irs[plan.keys.index(k)] for k in keys]
 
