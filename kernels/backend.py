@@ -50,6 +50,8 @@ class KernelRouter(LayerRouter):
             return False
         if self.conv.scores_in_logit_dtype and router_logits.dtype != torch.float32:
             return False  # the kernels score in float32
+        if self.spec.scoring_func not in ("softmax", "sigmoid"):
+            return False  # the kernels score with softmax or sigmoid only (DeepSeek-V4's sqrtsoftplus: the reference)
         if self.conv.renorm_clamp_min is not None:
             return False  # the kernels renormalise by sum + eps, not clamp(sum, min) (ERNIE in transformers)
         if self.conv.weights_from_selected_logits:

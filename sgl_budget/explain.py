@@ -141,7 +141,7 @@ def explain_policy(ir: PolicyIR, as_json: bool = False, console: Console | None 
         return
     console = console or Console()
     spec = ir.spec
-    rule = ("softmax" if spec.scoring_func == "softmax" else "sigmoid") + (
+    rule = {"softmax": "softmax", "sqrtsoftplus": "sqrt(softplus)"}.get(spec.scoring_func, "sigmoid") + (
         " + correction bias" if spec.has_correction_bias else "") + (
         f", grouped top-k {spec.topk_group}/{spec.n_group}" if spec.grouped else "") + (
         ", renormalised" if spec.norm_topk_prob else ", not renormalised") + (

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 ConfigReader = Literal["qwen", "qwen_renorm", "qwen_always_renorm", "deepseek", "all_layers", "glm4", "minimax_m2",
-                       "hunyuan", "ernie", "kimi_linear", "gemma4", "unsupported"]
+                       "hunyuan", "ernie", "kimi_linear", "gemma4", "deepseek_v4", "unsupported"]
 CpuStatus = Literal["served", "in-process", "no"]
 
 
@@ -37,6 +37,10 @@ class HfFacts:
     correction_bias: str = "gate.e_score_correction_bias"  # its attribute path under the MoE block
     weights_to_hidden_dtype: bool = False  # cast_back casts to the hidden states' dtype, not the logits' (ERNIE)
     renorm_clamp: str = ""  # config attribute: the renormalisation divides by clamp(sum, min=it) (ERNIE: moe_norm_min)
+    scores_in_logit_dtype: bool = False  # gate scores, selection and weights in the logits' dtype, not float32 (DeepSeek-V4)
+    # a block attribute that, when true, marks an MoE block no policy routes (DeepSeek-V4's ``is_hash``: experts from a
+    # token-id table); the adapter leaves such blocks alone (the spec's moe_layers leave them out)
+    stock_block: str = ""
     # Gemma 4: the router and the experts are attributes of the decoder layer itself (``layer.router``,
     # ``layer.experts``), not of an MoE block; the router RMS-normalises its input (no weight), multiplies by
     # ``router.scale`` and hidden_size**-0.5, then projects (``router.proj``); its first output is softmax(logits) in
@@ -190,15 +194,27 @@ FAMILY_LIST: tuple[Family, ...] = (
                  "chosen logits in their dtype on CPU (float32 in its CUDA kernel), times the scale in that dtype; "
                  "each engine's policies do as it does (own-k is bit for bit each engine's routing). The "
                  "multimodal checkpoint's language model (model.language_model.layers) is what the adapter routes"),
-    Family("deepseek_v4", "DeepSeek-V4", ("deepseek-ai/DeepSeek-V4-Flash",), "unsupported", hf=None,
-           hf_refusal=_NOT_READ,
-           sglang_refusal="its routed layers select with sqrt(softplus(logits)) + correction bias, ungrouped, "
-                          "renormalised (SGLang: TopK(scoring_func='sqrtsoftplus', use_grouped_topk=False); "
-                          "transformers: DeepseekV4TopKRouter), a scoring function sgl_budget's routing (reference, "
-                          "Triton kernels, SGLang path, adapter) does not implement yet; and its first num_hash_layers "
-                          "MoE layers take their experts from a frozen token-id table (tid2eid[input_ids]: SGLang's "
-                          "HashTopK, which never calls select_experts; transformers' DeepseekV4HashRouter), which a "
-                          "policy cannot re-rank, so those layers could only stay stock", cpu="no"),
+    Family("deepseek_v4", "DeepSeek-V4", ("deepseek-ai/DeepSeek-V4-Flash",), "deepseek_v4", renorm_eps=1e-20,
+           hf=HfFacts(sorted_selection=False, scores_in_logit_dtype=True, stock_block="is_hash"),
+           cpu="in-process",
+           cpu_note="not served whole on CPU: on a machine without CUDA SGLang 0.5.23's DeepSeek-V4 MoE block alone "
+                    "calls CUDA JIT kernels (the shared MLP's clamped SwiGLU silu_and_mul_clamp; the hash layers' fused "
+                    "hash_topk while SGLANG_OPT_USE_FUSED_HASH_TOPK is on, its default); SGLang's own MoE block "
+                    "(DeepseekV2MoE built with is_deepseek_v4: MoEGate router, TopK(scoring_func='sqrtsoftplus', "
+                    "use_grouped_topk=False, correction_bias) on its torch-native path, FusedMoE on "
+                    "moe_forward_native, the shared MLP with a pure-torch SwiGLU stand-in) is tested in-process on "
+                    "CPU: stock and policy outputs equal the transformers block's, and a hash layer stays stock "
+                    "(tests/test_sglang_blocks_deepseek_v4.py)",
+           notes="routed layers select with sqrt(softplus(logits)) + e_score_correction_bias, ungrouped (n_group is "
+                 "ignored by both engines), weigh by the unbiased scores renormalised (sum + 1e-20) times "
+                 "routed_scaling_factor; SGLang's CPU path scores in the logits' dtype and sums in float32, "
+                 "transformers scores, sums and weighs in the logits' dtype, and each engine's policies do as it "
+                 "does; the first num_hash_layers layers pick experts from a frozen token-id table (SGLang's "
+                 "HashTopK, which never calls select_experts; transformers' DeepseekV4HashRouter): they are not "
+                 "policy-routed (left out of the spec's MoE layers, so check, explain, replay and both engines "
+                 "leave them stock); a config without num_hash_layers / mlp_layer_types is refused (SGLang 0.5.23 "
+                 "then hashes no layer, transformers 5.19 the first 3), and so is DeepSeek-V4.1 "
+                 "(sqrtsoftplus_log1p routing)"),
     Family("kimi_linear", "Kimi Linear", ("moonshotai/Kimi-Linear-48B-A3B-Instruct",), "kimi_linear",
            renorm_eps=1e-20, hf=HfFacts(logits_fp32=True, cast_back=False, sorted_selection=False),
            cpu="in-process",

@@ -16,7 +16,8 @@ from typing import Any, Literal
 from .families import family_of
 from .datacheck import decode_utf8, describe, int_problem, is_int, is_number, parse_json
 
-ScoringFunc = Literal["softmax", "sigmoid"]
+ScoringFunc = Literal["softmax", "sigmoid", "sqrtsoftplus"]
+SCORING_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
 
 
 class SpecError(ValueError):
@@ -27,8 +28,10 @@ class SpecError(ValueError):
 class ModelSpec:
     """What sgl_budget needs to know about an MoE model.
 
-    ``moe_layers`` holds the *real* decoder-layer indices of the MoE layers
-    (DeepSeek's first dense layers are absent from it). Grouped top-k is on
+    ``moe_layers`` holds the *real* decoder-layer indices of the MoE layers a policy
+    routes (DeepSeek's first dense layers are absent from it, and so are DeepSeek-V4's
+    hash-routed layers, whose experts a fixed token-id table picks: no policy can
+    change them, so every tool leaves them as the model runs them). Grouped top-k is on
     when ``n_group > 1``; ``topk_group`` groups are kept per token. The
     correction bias itself is a weight, not a config value: ``has_correction_bias``
     says whether the model selects experts with ``sigmoid + bias`` (DeepSeek-V3
@@ -172,8 +175,8 @@ def _range_problems(s: ModelSpec) -> list[str]:
         problems.append("moe_layers must be strictly increasing")
     if not 1 <= s.top_k <= s.num_experts:
         problems.append(f"top_k must lie in 1..num_experts ({s.num_experts})")
-    if s.scoring_func not in ("softmax", "sigmoid"):
-        problems.append(f"scoring_func must be softmax or sigmoid, not {describe(s.scoring_func)}")
+    if s.scoring_func not in SCORING_FUNCS:
+        problems.append(f"scoring_func must be softmax, sigmoid or sqrtsoftplus, not {describe(s.scoring_func)}")
     if s.num_experts % s.n_group:
         problems.append("n_group must divide num_experts")
     if not 1 <= s.topk_group <= s.n_group:
@@ -484,6 +487,58 @@ def _gemma4_fields(f: _Fields, mt: str, n_layers: int) -> dict[str, Any]:
                 norm_topk_prob=True, has_expert_scale=True)
 
 
+def _deepseek_v4_fields(f: _Fields, mt: str, n_layers: int) -> dict[str, Any]:
+    """DeepSeek-V4: every decoder layer is an MoE layer; the first ``num_hash_layers`` take their experts from a frozen
+    token-id table (SGLang's ``HashTopK``, which never calls ``select_experts``; transformers'
+    ``DeepseekV4HashRouter``): no policy can re-rank them, so they are *not* in ``moe_layers`` (every tool -- check,
+    explain, replay, both engines -- then leaves them stock, as it leaves dense layers). The other layers select with
+    ``sqrt(softplus(logits)) + e_score_correction_bias`` (``scoring_func``), ungrouped whatever ``n_group`` says
+    (SGLang: ``TopK(use_grouped_topk=False)``; transformers: ``DeepseekV4TopKRouter``), weigh by the unbiased scores,
+    renormalised (sum + 1e-20), times ``routed_scaling_factor``; ``n_shared_experts`` MLPs of ``moe_intermediate_size``.
+
+    The hash layers: SGLang 0.5.23 reads ``num_hash_layers`` (0 when absent), transformers 5.19 reads
+    ``mlp_layer_types`` (``hash_moe`` entries; built from ``num_hash_layers``, 3 when absent). A config naming neither,
+    or both in disagreement, is refused (the engines would route different layers by hash). Refused as well: a
+    ``norm_topk_prob`` of false (transformers always renormalises, SGLang follows the flag), a ``topk_method`` other
+    than ``noaux_tc`` (SGLang then builds no correction bias, transformers always adds its own), a ``scoring_func``
+    other than sqrtsoftplus or sigmoid."""
+    n_hash = f.integer("num_hash_layers", default=0, lo=0, hi=100_000)
+    kinds = f.cfg.get("mlp_layer_types")
+    typed = None
+    if kinds is not None:
+        if not (isinstance(kinds, list) and len(kinds) == n_layers and all(k in ("hash_moe", "moe") for k in kinds)):
+            f.problems.append(f"mlp_layer_types must list hash_moe or moe for each of the {n_layers} layers, not "
+                              f"{describe(kinds)}")
+        else:
+            typed = tuple(i for i, k in enumerate(kinds) if k == "hash_moe")
+    hash_layers = tuple(range(min(n_hash, n_layers)))
+    if typed is not None and f.cfg.get("num_hash_layers") is None:
+        hash_layers = typed
+    elif typed is not None and typed != hash_layers:
+        f.problems.append(f"mlp_layer_types hashes layers {list(typed)} (transformers' rule) but num_hash_layers "
+                          f"hashes {list(hash_layers)} (SGLang's rule)")
+    elif typed is None and kinds is None and f.cfg.get("num_hash_layers") is None:
+        f.problems.append("num_hash_layers (or mlp_layer_types) is missing: SGLang 0.5.23 then routes no layer by "
+                          "hash, transformers 5.19 the first 3")
+    scoring = f.text("scoring_func", "sqrtsoftplus")
+    if scoring not in ("sqrtsoftplus", "sigmoid"):
+        f.problems.append(f"scoring_func {scoring!r}: sgl_budget reads DeepSeek-V4 configs scoring with sqrtsoftplus "
+                          "(or sigmoid)")
+    if not f.flag("norm_topk_prob", True):
+        f.problems.append("norm_topk_prob false: transformers 5.19 always renormalises DeepSeek-V4's weights, "
+                          "SGLang 0.5.23 does not")
+    if f.text("topk_method", "noaux_tc") != "noaux_tc":
+        f.problems.append("topk_method other than noaux_tc: SGLang 0.5.23 then builds no correction bias, "
+                          "transformers 5.19 always adds one")
+    inter = f.integer("moe_intermediate_size", hi=1 << 24)
+    n_shared = f.integer("n_shared_experts", default=0, lo=0, hi=1 << 16)
+    return dict(moe_layers=tuple(i for i in range(n_layers) if i not in hash_layers), moe_intermediate_size=inter,
+                num_shared_experts=n_shared, shared_expert_intermediate_size=n_shared * inter,
+                scoring_func=scoring if scoring in ("sqrtsoftplus", "sigmoid") else "sqrtsoftplus",
+                norm_topk_prob=True, routed_scaling_factor=f.number("routed_scaling_factor", 1.5),
+                has_correction_bias=True)
+
+
 def _unsupported_fields(f: _Fields, mt: str, n_layers: int) -> dict[str, Any]:
     """A known family whose config sgl_budget cannot describe: its engines' refusal, as a SpecError."""
     from .families import family_of, sglang_refusal
@@ -499,7 +554,8 @@ _READERS: dict[str, Callable[[_Fields, str, int], dict[str, Any]]] = {
     "qwen_renorm": lambda f, mt, n: _qwen_fields(f, mt, n, norm_default=True),
     "qwen_always_renorm": lambda f, mt, n: _qwen_fields(f, mt, n, always_renorm=True),
     "glm4": _glm4_fields, "minimax_m2": _minimax_m2_fields, "hunyuan": _hunyuan_fields, "ernie": _ernie_fields,
-    "kimi_linear": _kimi_linear_fields, "gemma4": _gemma4_fields, "unsupported": _unsupported_fields,
+    "kimi_linear": _kimi_linear_fields, "gemma4": _gemma4_fields, "deepseek_v4": _deepseek_v4_fields,
+    "unsupported": _unsupported_fields,
 }
 
 # Model types outside families.FAMILIES whose configs still read as a spec (replay, explain), by shape.

@@ -120,6 +120,11 @@ EXPECTED = {  # the routing facts each reader must get from the published config
                         has_correction_bias=True, n_group=1, norm_topk_prob=True, routed_scaling_factor=2.446,
                         num_shared_experts=1, shared_expert_intermediate_size=32),
     "deepseek_v3": dict(moe_layers=(1, 2), scoring_func="sigmoid", has_correction_bias=True, n_group=4),
+    # num_hash_layers 1: layer 0 routes by token id (no policy can change it), layers 1..3 by sqrt(softplus) + bias,
+    # ungrouped whatever n_group says
+    "deepseek_v4": dict(moe_layers=(1, 2, 3), num_layers=4, num_experts=16, top_k=4, scoring_func="sqrtsoftplus",
+                        has_correction_bias=True, n_group=1, norm_topk_prob=True, routed_scaling_factor=1.5,
+                        num_shared_experts=1, shared_expert_intermediate_size=32, moe_intermediate_size=32),
     # the multimodal config's text model: every layer MoE (enable_moe_block), its dense MLP counted as a shared
     # expert, softmax renormalised, then the per-expert scale
     "gemma4": dict(model_type="gemma4_text", moe_layers=(0, 1, 2, 3), num_experts=16, top_k=4,
@@ -154,6 +159,27 @@ def test_kimi_linear_reader_edges() -> None:
                ALL_CONFIGS["kimi_k3"]):
         with pytest.raises(SpecError, match=r"'kimi_k3' \(Kimi K3\) is not supported"):
             ModelSpec.from_hf_config(k3)
+
+
+def test_deepseek_v4_reader_edges() -> None:
+    """Hash layers from num_hash_layers (SGLang's key) or mlp_layer_types (a transformers config's to_dict); configs
+    whose engines would route differently are refused: neither key (SGLang hashes no layer, transformers the first 3),
+    the two disagreeing, norm_topk_prob false, a topk_method without the correction bias, another scoring rule."""
+    cfg = {k: v for k, v in ALL_CONFIGS["deepseek_v4"].items() if k != "num_hash_layers"}
+    assert ModelSpec.from_hf_config({**cfg, "num_hash_layers": 3}).moe_layers == (3,)
+    assert ModelSpec.from_hf_config({**cfg, "num_hash_layers": 0, "n_group": 8, "topk_group": 4}).moe_layers == \
+        (0, 1, 2, 3)
+    typed = {**cfg, "mlp_layer_types": ["hash_moe", "hash_moe", "moe", "moe"]}
+    assert ModelSpec.from_hf_config(typed).moe_layers == (2, 3)
+    assert ModelSpec.from_hf_config({**typed, "num_hash_layers": 2}).moe_layers == (2, 3)
+    for bad, why in ((cfg, "num_hash_layers .or mlp_layer_types. is missing"),
+                     ({**typed, "num_hash_layers": 1}, "SGLang's rule"),
+                     ({**cfg, "num_hash_layers": 1, "norm_topk_prob": False}, "always renormalises"),
+                     ({**cfg, "num_hash_layers": 1, "topk_method": "greedy"}, "no correction bias"),
+                     ({**cfg, "num_hash_layers": 1, "scoring_func": "softmax"}, "sqrtsoftplus"),
+                     ({**cfg, "num_hash_layers": 4}, "no MoE layers")):
+        with pytest.raises(SpecError, match=why):
+            ModelSpec.from_hf_config(bad)
 
 
 def test_unsupported_families_cannot_be_described() -> None:

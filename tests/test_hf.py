@@ -52,7 +52,7 @@ def _from_family_config(model_type: str):
 
 
 for _mt in ("qwen3_next", "qwen3_5_moe_text", "glm4_moe", "glm4_moe_lite", "hunyuan_v1_moe", "minimax_m2",
-            "ernie4_5_moe", "gpt_oss", "kimi_linear"):
+            "ernie4_5_moe", "gpt_oss", "kimi_linear", "deepseek_v4"):
     CONFIGS[_mt] = _from_family_config(_mt)
 
 
@@ -250,3 +250,36 @@ def test_gemma4_renormalises_over_the_kept_experts_then_scales() -> None:
                          batch_size=2, prefill_len=3)
     assert set(trace.router_logits) == set(blocks)
     assert all(bool((x < 0).any()) for x in trace.router_logits.values())  # logits, not softmax probabilities
+
+
+def test_deepseek_v4_hash_layers_stay_stock_and_routed_layers_are_exact_in_bfloat16() -> None:
+    """DeepSeek-V4: the first num_hash_layers layers pick experts from tid2eid[input_ids] (DeepseekV4HashRouter): not
+    in the spec's MoE layers, never hooked, their routing the same under any policy. The routed layers score, select and
+    weigh in the logits' dtype (DeepseekV4TopKRouter), so the model's own k stays bit for bit in bfloat16 too."""
+    model = build("deepseek_v4")
+    spec = spec_of(model)
+    hashed = model.model.layers[0].mlp
+    assert hashed.is_hash and type(hashed.gate).__name__ == "DeepseekV4HashRouter"
+    assert spec.moe_layers == (1, 2, 3) and sorted(moe_blocks(model)) == [1, 2, 3]
+    assert spec.scoring_func == "sqrtsoftplus" and spec.has_correction_bias and not spec.grouped
+    with torch.no_grad():
+        hashed.gate.tid2eid.copy_(torch.randint(0, 16, hashed.gate.tid2eid.shape, generator=torch.Generator()
+                                                .manual_seed(3)))
+        hashed.gate.weight.normal_(0, 0.5)
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(4))
+    seen = []
+    hashed.gate.register_forward_hook(lambda m, a, out: seen.append(out))
+    forward = hashed.gate.forward
+    with torch.no_grad():
+        model(input_ids=ids)
+        with apply_policy(model, compile_policy('policy "q" { budget 25%; layers { allocate uniform } }', spec)):
+            assert hashed.gate.forward == forward  # the hash router is left as it is
+            model(input_ids=ids)
+    (_, w0, i0), (_, w1, i1) = seen
+    assert torch.equal(i0, hashed.gate.tid2eid[ids.reshape(-1)]) and torch.equal(i0, i1) and torch.equal(w0, w1)
+    model = model.to(torch.bfloat16)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        with apply_policy(model, compile_policy(f'policy "own" {{ layers {{ k = {spec.top_k} }} }}', spec)):
+            got = model(input_ids=ids).logits
+    assert want.dtype == torch.bfloat16 and torch.equal(got, want)

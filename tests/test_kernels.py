@@ -131,6 +131,38 @@ def test_backend_selection_and_equivalence(tmp_path) -> None:
         KernelRouter(ir, 1, backend="cuda")
 
 
+def test_sqrtsoftplus_takes_the_reference() -> None:
+    """DeepSeek-V4's sqrt(softplus) scoring has no kernel: even backend="triton" routes it with the reference
+    (and so equals it exactly), for every plan the kernels would otherwise take."""
+    from dataclasses import replace
+
+    from conftest import TINY_SIGMOID
+    from sgl_budget.kernels.backend import compile_kernel_routers
+    from sgl_budget.lang import compile_policy
+    from sgl_budget.lang.ir import RouteContext
+
+    spec = replace(TINY_SIGMOID, name="tiny-sqrtsoftplus", scoring_func="sqrtsoftplus", n_group=1, topk_group=1,
+                   model_type="deepseek_v4")
+    x = torch.randn(12, spec.num_experts, generator=torch.Generator().manual_seed(0)) * 2
+    bias = torch.linspace(-0.1, 0.1, spec.num_experts)
+    for src in ('policy "k" { layers { k = 2 } }',
+                'policy "t" { budget 50%; tokens { reallocate by score; min_k 1; max_k 4 } }'):
+        ir = compile_policy(src, spec)
+        ref = compile_kernel_routers(ir, backend="torch")[1]
+        tri = compile_kernel_routers(ir, backend="triton")[1]
+        ctx = RouteContext("decode", 12)
+        assert not tri.kernel_applies(tri.plan(ctx), x)
+        rw, ri = ref(x.to(DEVICE), ctx, correction_bias=bias.to(DEVICE))
+        tw, ti = tri(x.to(DEVICE), ctx, correction_bias=bias.to(DEVICE))
+        assert torch.equal(ti, ri) and torch.equal(tw, rw), src
+    scores = torch.nn.functional.softplus(x).sqrt()  # the "k = 2" plan above, by hand
+    ref = compile_kernel_routers(compile_policy('policy "k" { layers { k = 2 } }', spec), backend="torch")[1]
+    w, ids = ref(x, RouteContext("decode", 12), correction_bias=bias)
+    assert torch.equal(ids[:, :2], (scores + bias).topk(2, dim=-1).indices) and bool((ids[:, 2:] == -1).all())
+    raw = scores.gather(1, ids[:, :2])
+    torch.testing.assert_close(w[:, :2], raw / (raw.sum(-1, keepdim=True) + 1e-20) * 2.5)
+
+
 LAYER_BODIES = [
     "layers { k = 2 }",
     "budget 50%; tokens { reallocate by score; min_k 1; max_k 4 }",

@@ -179,8 +179,8 @@ class WeightLoading:
         self.sgl = sgl
         self.params = {f"{prefix}{n}": p for n, p in sgl.named_parameters()}
         with torch.no_grad():
-            for p in self.params.values():
-                p.fill_(float("nan"))  # every parameter must be written
+            for p in self.params.values():  # every parameter must be written (integer ones: -1, e.g. an id table)
+                p.fill_(float("nan") if p.is_floating_point() else -1)
         self.loaded: set[str] = set()
 
     def __call__(self, name: str, weight: torch.Tensor, *args, **kwargs) -> None:
@@ -274,7 +274,7 @@ def finish_loading(sgl) -> None:
         if method is not None and hasattr(method, "process_weights_after_loading"):
             method.process_weights_after_loading(module)
     for name, p in sgl.named_parameters():
-        assert not p.isnan().any(), f"SGLang's {name} was not loaded"
+        assert not (p.isnan() if p.is_floating_point() else p == -1).any(), f"SGLang's {name} was not loaded"
 
 
 SPEC_FIELDS = ("num_experts", "top_k", "moe_layers", "scoring_func", "norm_topk_prob", "grouped",

@@ -8,9 +8,9 @@ to uncertain ones while the layer's slot total — hence its cost — stays fixe
 Cross-token ranking key (scores must be comparable between tokens):
 
 * softmax models: the softmax probability (a distribution per token already);
-* sigmoid models: the token's *normalised* selection score,
+* sigmoid and sqrtsoftplus models: the token's *normalised* selection score,
   ``max(s, 0) / sum(max(s', 0) over the token's eligible experts)``, since raw
-  sigmoid scores (plus correction bias) are not a per-token distribution.
+  sigmoid / sqrt(softplus) scores (plus correction bias) are not a per-token distribution.
 
 Ties break deterministically by (key descending, token index, rank) through a
 stable sort over the batch's candidates laid out token-major; within a token,

@@ -138,7 +138,7 @@ class LayerRouter:
                 row_mask: Tensor | None = None) -> tuple[Slots, Tensor | None, Tensor | None]:
         # past the stock path selection is always sorted: SERE's "top S" means each token's best S slots
         if plan.reallocation is not None:
-            slots = reallocate(gs, plan.k, plan.reallocation, sigmoid=self.spec.scoring_func == "sigmoid",
+            slots = reallocate(gs, plan.k, plan.reallocation, sigmoid=self.spec.scoring_func != "softmax",
                                row_mask=row_mask)
         else:
             slots = select_topk(gs, plan.k, maybe_masked=False, stock=self.is_stock_plan(plan))

@@ -7,6 +7,9 @@ the *gate score*, exactly as the model does:
   ``softmax(logits.float())``; selection score = gate score (ERNIE-4.5-MoE: + its correction bias).
 * sigmoid models (DeepSeek-V3 ``noaux_tc``): gate score = ``sigmoid(logits.float())``;
   selection score = gate score + ``e_score_correction_bias`` when the model has one.
+* sqrtsoftplus models (DeepSeek-V4): gate score = ``sqrt(softplus(logits))`` (float32, or the logits'
+  dtype under ``scores_in_logit_dtype``: both engines' own routers); selection score = gate score +
+  ``e_score_correction_bias``. Like sigmoid scores they are no per-token distribution.
 * grouped top-k (``spec.n_group > 1``): experts outside the ``topk_group`` best
   groups get selection score ``-inf``. Group score = sum of the group's top-2
   selection scores for models with a correction bias (DeepSeek-V3 / SGLang
@@ -81,6 +84,7 @@ class Conventions:
     scores_in_logit_dtype: bool = False  # score in the router logits' dtype (else float32)
     renorm_clamp_min: float | None = None  # set: renormalise by clamp(sum, min=it) instead of sum + eps (ERNIE in HF)
     ignore_correction_bias: bool = False  # the engine's own top-k drops the bias (SGLang's CUDA softmax fused_topk)
+    renorm_sum_fp32: bool = False  # the renormalisation sums in float32 (then divides by type promotion: SGLang's torch paths)
     # GPT-OSS's transformers router: top-k on the raw logits, weights = softmax over the chosen experts' logits in
     # the logits' dtype (mathematically the renormalised softmax; bit for bit only this way). Ranking and the
     # policy stages still use the softmax gate scores; only the stock selection and the final weights change.
@@ -150,8 +154,11 @@ class GateScores:
 
 
 def gate_scores(spec: ModelSpec, router_logits: Tensor, conv: Conventions = REFERENCE) -> Tensor:
-    """The model's unbiased gate scores (float32 unless ``conv`` says otherwise): softmax or sigmoid."""
+    """The model's unbiased gate scores (float32 unless ``conv`` says otherwise): softmax, sigmoid or
+    sqrt(softplus) (``F.softplus(x).sqrt()``, as SGLang's ``TopK`` and transformers' ``SqrtSoftplusActivation``)."""
     x = router_logits if conv.scores_in_logit_dtype else router_logits.float()
+    if spec.scoring_func == "sqrtsoftplus":
+        return torch.nn.functional.softplus(x).sqrt()
     return torch.sigmoid(x) if spec.scoring_func == "sigmoid" else torch.softmax(x, dim=-1)
 
 
@@ -224,12 +231,12 @@ def eligible_per_token(spec: ModelSpec) -> int:
 def gate_probs(spec: ModelSpec, router_logits: Tensor, correction_bias: Tensor | None = None) -> Tensor:
     """The model's routing distribution ``[..., T, E]`` float32, used to measure routing mass.
 
-    Softmax models: the softmax itself. Sigmoid models: sigmoid scores divided by
+    Softmax models: the softmax itself. Sigmoid and sqrtsoftplus models: the scores divided by
     their sum over all experts. The correction bias only steers selection, so it
     does not enter the distribution (the argument exists for a uniform call shape).
     """
     scores = gate_scores(spec, router_logits)
-    if spec.scoring_func == "sigmoid":
+    if spec.scoring_func != "softmax":
         scores = scores / scores.sum(dim=-1, keepdim=True)
     return scores
 
@@ -267,7 +274,7 @@ def finalize_weights(spec: ModelSpec, raw: Tensor, valid: Tensor | None, conv: C
         return w.float()
     w = raw if valid is None else raw.masked_fill(~valid, 0.0)
     if spec.norm_topk_prob:
-        denom = w.sum(dim=-1, keepdim=True)
+        denom = w.sum(dim=-1, keepdim=True, dtype=torch.float32 if conv.renorm_sum_fp32 else None)
         if conv.renorm_clamp_min is not None:
             denom = torch.clamp(denom, min=conv.renorm_clamp_min)
         else:

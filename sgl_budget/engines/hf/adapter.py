@@ -12,7 +12,8 @@ linear with a bias; weights = softmax over the chosen experts' logits) is descri
 padding policy runs sgl_budget's padding-safe experts forward (:mod:`.experts`). Gemma 4's router and
 experts sit on the decoder layer (the "block" is the layer); its router normalises its input before the
 projection, returns its softmax first, and the weights get the layer's per-expert scale last
-(:func:`~sgl_budget.routing.scoring.apply_expert_scale`).
+(:func:`~sgl_budget.routing.scoring.apply_expert_scale`). DeepSeek-V4's routed layers score, select and weigh in the
+logits' dtype (``HfFacts.scores_in_logit_dtype``); its hash layers (``block.is_hash``) are left alone.
 
 The context (phase, batch) of a forward comes from the block input ``[B, S, H]``:
 ``S == 1`` is a decode step of B sequences, otherwise a prefill of B sequences and
@@ -49,7 +50,8 @@ class UnsupportedModel(ValueError):
 
 
 def moe_blocks(model: nn.Module) -> dict[int, nn.Module]:
-    """``{decoder layer index: MoE block}`` for a transformers causal LM (blocks with a router and ``experts``)."""
+    """``{decoder layer index: MoE block}`` for a transformers causal LM (blocks with a router and ``experts``; not
+    the blocks the family marks as never policy-routed: DeepSeek-V4's hash layers)."""
     inner = getattr(model, "model", model)
     # a multimodal model (Gemma 4's ForConditionalGeneration) keeps its decoder layers in its language model
     layers = getattr(inner, "layers", None) or getattr(getattr(inner, "language_model", None), "layers", None)
@@ -61,6 +63,8 @@ def moe_blocks(model: nn.Module) -> dict[int, nn.Module]:
         # Gemma 4: the router and the experts are the decoder layer's own (its mlp is a dense MLP beside them)
         mlp = layer if facts.moe_on_layer else getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe", None)
         gate = getattr(mlp, facts.router, None)
+        if facts.stock_block and getattr(mlp, facts.stock_block, False):
+            continue  # DeepSeek-V4's hash layers: experts from a token-id table, no policy routes them
         if gate is not None and hasattr(mlp, "experts") and _has_path(gate, facts.router_weight):
             out[i] = mlp
     return out
@@ -180,7 +184,8 @@ def _check_model(model: nn.Module, spec: ModelSpec) -> tuple[dict[int, nn.Module
         raise UnsupportedModel(f"the spec of {spec.name!r} has a per-expert scale the family's router does not name")
     clamp = float(getattr(model.config, facts.renorm_clamp)) if facts.renorm_clamp else None
     return blocks, Conventions(sorted_selection=facts.sorted_selection, renorm_clamp_min=clamp,
-                               weights_from_selected_logits=facts.weights_from_selected_logits)
+                               weights_from_selected_logits=facts.weights_from_selected_logits,
+                               scores_in_logit_dtype=facts.scores_in_logit_dtype)
 
 
 def hf_facts(model_type: str) -> HfFacts:

@@ -64,6 +64,9 @@ def sglang_conventions(topk_config) -> Conventions:
         sorted_selection=not (biased or grouped),
         scores_in_logit_dtype=biased or grouped,
         ignore_correction_bias=drops,
+        # SGLang's torch paths sum the chosen weights in float32 (fused_topk_torch_native, biased_grouped_topk_impl);
+        # followed for sqrtsoftplus (DeepSeek-V4) only, so the other families' routing stays as it was
+        renorm_sum_fp32=topk_config.scoring_func == "sqrtsoftplus",
         # Gemma 4's routing function: torch.topk of the raw logits, softmax over the chosen logits
         weights_from_selected_logits=expert_scale_of(topk_config) is not None,
     )
@@ -132,6 +135,9 @@ def check_topk_matches_spec(spec: ModelSpec, topk_config, num_experts: int, laye
     scoring = "sigmoid" if biased_grouped else topk_config.scoring_func
     if scoring != spec.scoring_func:
         problems.append(f"scoring {scoring!r} vs {spec.scoring_func!r}")
+    if getattr(topk_config, "sqrtsoftplus_log1p", False):  # DeepSeek-V4.1: NaNs ranked first, log1p form
+        problems.append("the TopK scores with sqrtsoftplus through log1p (sqrtsoftplus_log1p, DeepSeek-V4.1), a rule "
+                        "the spec does not describe")
     if bool(topk_config.renormalize) != spec.norm_topk_prob:
         problems.append(f"renormalize={topk_config.renormalize} vs norm_topk_prob={spec.norm_topk_prob}")
     if problems:
