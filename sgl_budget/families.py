@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 ConfigReader = Literal["qwen", "qwen_renorm", "qwen_always_renorm", "deepseek", "all_layers", "glm4", "minimax_m2",
-                       "hunyuan", "ernie", "kimi_linear", "gemma4", "deepseek_v4", "unsupported"]
+                       "hunyuan", "ernie", "kimi_linear", "gemma4", "deepseek_v4", "bailing", "unsupported"]
 CpuStatus = Literal["served", "in-process", "no"]
 
 
@@ -166,9 +166,25 @@ FAMILY_LIST: tuple[Family, ...] = (
                  "Hunyuan-A13B); transformers 5.19 sizes its experts and shared MLP with intermediate_size, SGLang with "
                  "moe_intermediate_size and num_shared_expert (equal in the published config)"),
     Family("bailing_moe", "Ling (Bailing-MoE)", ("inclusionAI/Ling-mini-2.0", "inclusionAI/Ling-flash-2.0"),
-           "unsupported", hf=None, hf_refusal="transformers 5.19 has no Bailing-MoE class (remote code only)",
-           sglang_refusal="SGLang 0.5.23's CPU path never applies its routed scaling factor and transformers has no "
-                          "class to compare with, so sgl_budget cannot verify it yet", cpu="no"),
+           "bailing", renorm_eps=1e-20, hf=None,
+           hf_refusal="transformers 5.19 has no Bailing-MoE class (remote code only)",
+           cpu="in-process",
+           cpu_note="not served whole in CI (transformers 5.19 has no Bailing-MoE config class: its config.json "
+                    "loads only as remote code); SGLang's own MoE block (BailingMoESparseMoeBlock: BailingMoEGate "
+                    "router in router_dtype, TopK(use_grouped_topk, correction_bias=gate.expert_bias) - sigmoid + "
+                    "bias, grouped top-k, renormalised - FusedMoE on moe_forward_native, shared BailingMoEMLP) is "
+                    "tested in-process on CPU without a transformers reference: own-k through sgl_budget's router "
+                    "picks SGLang's experts with bit for bit the weights of SGLang's biased_grouped_topk_impl run "
+                    "eagerly (stock runs it torch.compile-d, within an ulp), and under policies the block equals "
+                    "its experts combined with sgl_budget's reference routing of the same router logits "
+                    "(tests/test_sglang_blocks_bailing.py)",
+           notes="SGLang reads first_k_dense_replace (MoE layers from it on), num_experts / num_experts_per_tok, "
+                 "num_shared_experts (moe_shared_expert_intermediate_size, else moe_intermediate_size), "
+                 "moe_router_enable_expert_bias (the correction bias), score_function (else sigmoid with the bias, "
+                 "softmax without), n_group / topk_group (grouped when set), norm_topk_prob and "
+                 "routed_scaling_factor; SGLang 0.5.23 applies routed_scaling_factor in its GPU MoE runners "
+                 "(fused_experts' combine), but its CPU paths (moe_forward_native, the AMX fused_experts_cpu) never "
+                 "do, stock or with a policy; multimodal routers (multi_gate / MultiRouter) are refused"),
     Family("llama4", "Llama 4", ("meta-llama/Llama-4-Scout-17B-16E", "meta-llama/Llama-4-Maverick-17B-128E"),
            "unsupported", hf=None,
            hf_refusal="top-1 routing whose weight scales the expert's input; nothing for a budget to reduce",

@@ -539,6 +539,39 @@ def _deepseek_v4_fields(f: _Fields, mt: str, n_layers: int) -> dict[str, Any]:
                 has_correction_bias=True)
 
 
+def _bailing_fields(f: _Fields, mt: str, n_layers: int) -> dict[str, Any]:
+    """Ling / Bailing-MoE (``bailing_moe``), as SGLang 0.5.23's ``BailingMoESparseMoeBlock`` reads its config: MoE
+    layers ``first_k_dense_replace <= i``; ``num_experts`` routed experts of ``moe_intermediate_size``;
+    ``num_shared_experts`` shared MLPs of ``moe_shared_expert_intermediate_size`` (else ``moe_intermediate_size``);
+    a correction bias (``gate.expert_bias``) with ``moe_router_enable_expert_bias``; scoring ``score_function``, else
+    sigmoid with the bias and softmax without (SGLang asserts those pairs); grouped top-k when ``n_group`` or
+    ``topk_group`` is set; renormalised with ``norm_topk_prob``; ``routed_scaling_factor``. Multimodal routers
+    (``multi_gate``, ``router_type: MultiRouter``: per-modality gates and biases) are refused."""
+    first_dense = f.integer("first_k_dense_replace", default=0, lo=0, hi=100_000)
+    inter = f.integer("moe_intermediate_size", hi=1 << 24)
+    n_shared = f.integer("num_shared_experts", default=0, lo=0, hi=1 << 16) \
+        if f.cfg.get("num_shared_experts") is not None else 0
+    shared_inter = f.integer("moe_shared_expert_intermediate_size", default=inter, hi=1 << 24) \
+        if f.cfg.get("moe_shared_expert_intermediate_size") is not None else inter
+    bias = f.flag("moe_router_enable_expert_bias", False)
+    scoring = f.text("score_function", "sigmoid" if bias else "softmax")
+    if f.cfg.get("score_function") is not None and (scoring == "sigmoid") != bias:
+        f.problems.append(f"score_function {scoring!r} with moe_router_enable_expert_bias {bias} (SGLang accepts "
+                          "softmax without a bias or sigmoid with one)")
+    if f.flag("multi_gate", False) or f.text("router_type", "topN") == "MultiRouter":
+        f.problems.append("multimodal routing (multi_gate / router_type MultiRouter: per-modality gates) is not "
+                          "supported")
+    n_group = f.integer("n_group", default=0, lo=0, hi=1 << 16)
+    topk_group = f.integer("topk_group", default=0, lo=0, hi=1 << 16)
+    if (n_group or topk_group) and not (n_group > 0 and 0 < topk_group <= n_group):
+        f.problems.append(f"n_group {n_group} / topk_group {topk_group}: SGLang needs 0 < topk_group <= n_group")
+    return dict(moe_layers=tuple(range(first_dense, n_layers)), moe_intermediate_size=inter,
+                num_shared_experts=n_shared, shared_expert_intermediate_size=n_shared * shared_inter,
+                scoring_func=scoring, norm_topk_prob=f.flag("norm_topk_prob", True), n_group=max(n_group, 1),
+                topk_group=max(topk_group, 1), routed_scaling_factor=f.number("routed_scaling_factor", 1.0),
+                has_correction_bias=bias)
+
+
 def _unsupported_fields(f: _Fields, mt: str, n_layers: int) -> dict[str, Any]:
     """A known family whose config sgl_budget cannot describe: its engines' refusal, as a SpecError."""
     from .families import family_of, sglang_refusal
@@ -555,7 +588,7 @@ _READERS: dict[str, Callable[[_Fields, str, int], dict[str, Any]]] = {
     "qwen_always_renorm": lambda f, mt, n: _qwen_fields(f, mt, n, always_renorm=True),
     "glm4": _glm4_fields, "minimax_m2": _minimax_m2_fields, "hunyuan": _hunyuan_fields, "ernie": _ernie_fields,
     "kimi_linear": _kimi_linear_fields, "gemma4": _gemma4_fields, "deepseek_v4": _deepseek_v4_fields,
-    "unsupported": _unsupported_fields,
+    "bailing": _bailing_fields, "unsupported": _unsupported_fields,
 }
 
 # Model types outside families.FAMILIES whose configs still read as a spec (replay, explain), by shape.

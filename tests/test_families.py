@@ -119,6 +119,10 @@ EXPECTED = {  # the routing facts each reader must get from the published config
     "kimi_linear": dict(moe_layers=(1, 2, 3), num_experts=16, top_k=4, scoring_func="sigmoid",
                         has_correction_bias=True, n_group=1, norm_topk_prob=True, routed_scaling_factor=2.446,
                         num_shared_experts=1, shared_expert_intermediate_size=32),
+    # Ling 2.0's keys: num_shared_experts, score_function, moe_router_enable_expert_bias, n_group / topk_group
+    "bailing_moe": dict(moe_layers=(1, 2), num_experts=16, top_k=4, scoring_func="sigmoid", has_correction_bias=True,
+                        n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5, num_shared_experts=1,
+                        shared_expert_intermediate_size=32, moe_intermediate_size=32),
     "deepseek_v3": dict(moe_layers=(1, 2), scoring_func="sigmoid", has_correction_bias=True, n_group=4),
     # num_hash_layers 1: layer 0 routes by token id (no policy can change it), layers 1..3 by sqrt(softplus) + bias,
     # ungrouped whatever n_group says
@@ -178,6 +182,25 @@ def test_deepseek_v4_reader_edges() -> None:
                      ({**cfg, "num_hash_layers": 1, "topk_method": "greedy"}, "no correction bias"),
                      ({**cfg, "num_hash_layers": 1, "scoring_func": "softmax"}, "sqrtsoftplus"),
                      ({**cfg, "num_hash_layers": 4}, "no MoE layers")):
+        with pytest.raises(SpecError, match=why):
+            ModelSpec.from_hf_config(bad)
+
+
+def test_bailing_reader_edges() -> None:
+    """Ling 1.x shapes (softmax, no bias, no groups), shared experts of their own size, and the configs SGLang
+    rejects or sgl_budget cannot describe (a score function against the bias, bad groups, multimodal routers)."""
+    cfg = ALL_CONFIGS["bailing_moe"]
+    plain = {k: v for k, v in cfg.items() if k not in ("score_function", "moe_router_enable_expert_bias", "n_group",
+                                                         "topk_group")}
+    s = ModelSpec.from_hf_config(plain)
+    assert (s.scoring_func, s.has_correction_bias, s.grouped) == ("softmax", False, False)
+    s = ModelSpec.from_hf_config({**cfg, "num_shared_experts": 2, "moe_shared_expert_intermediate_size": 48})
+    assert (s.num_shared_experts, s.shared_expert_intermediate_size) == (2, 96)
+    assert ModelSpec.from_hf_config({**cfg, "num_shared_experts": None}).num_shared_experts == 0
+    for bad, why in (({**cfg, "score_function": "softmax"}, "softmax without a bias"),
+                     ({**cfg, "topk_group": 5}, "topk_group <= n_group"),
+                     ({**cfg, "router_type": "MultiRouter"}, "multimodal routing"),
+                     ({**cfg, "multi_gate": True}, "multimodal routing")):
         with pytest.raises(SpecError, match=why):
             ModelSpec.from_hf_config(bad)
 

@@ -81,8 +81,8 @@ def test_bad_policy_ends_the_launch_before_any_worker(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("cfg,message", [
-    ({**QWEN3, "model_type": "bailing_moe"},
-     "model type 'bailing_moe' (Ling (Bailing-MoE)) is not supported by --moe-policy"),
+    ({**QWEN3, "model_type": "llama4"},
+     "model type 'llama4' (Llama 4) is not supported by --moe-policy"),
     ({**QWEN3, "model_type": "acme_moe"}, "model type 'acme_moe' is not an MoE family sgl_budget knows"),
     ({"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 8}, "not an MoE config"),
 ])

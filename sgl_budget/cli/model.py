@@ -54,7 +54,7 @@ def cmd_record(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    if args.server:
+    if getattr(args, "server", None):
         from .server import cmd_profile_server
 
         return cmd_profile_server(args)
@@ -73,7 +73,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_similarity(args: argparse.Namespace) -> int:
-    if args.server:
+    if getattr(args, "server", None):
         from .server import cmd_similarity_server
 
         return cmd_similarity_server(args)
@@ -92,7 +92,7 @@ def cmd_similarity(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    if args.server:
+    if getattr(args, "server", None):
         from .server import cmd_eval_server
 
         return cmd_eval_server(args)
