@@ -331,7 +331,7 @@ class PolicyRouting:
                     self.calibration_routers.popitem(last=False)
             self.calibration_routers.move_to_end(ck)
             per.append(r)
-        return MixedRouter(per, spec_top_k(irs[0]))
+        return MixedRouter(per, self.ir.spec.top_k)
 
     def _count(self, per_row: Tensor, uniform: int | None, num_tokens: int, info, row_mask: Tensor | None,
                device) -> None:
@@ -352,10 +352,6 @@ def _row_mask(num_tokens: int, num_token_non_padded: Tensor | None, device) -> T
     if num_token_non_padded is None:
         return None
     return torch.arange(num_tokens, device=device) < num_token_non_padded
-
-
-def spec_top_k(ir: PolicyIR) -> int:
-    return ir.spec.top_k
 
 
 def _route(router: MixedRouter, router_logits: Tensor, topk_config, ctx, **kwargs) -> tuple[Tensor, Tensor]:
