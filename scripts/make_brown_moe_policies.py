@@ -4,9 +4,11 @@
 
 Methods: uniform top-k reduction (Faster-MoE), Alloc-L (per-layer k by exact DP on
 the measured profile), Alloc-L+T (Alloc-MoE), SERE re-routing on top of a uniform
-k at the same budget, and Alloc-MoE + SERE. Budgets 25%, 50%, 75% of top-8; plus
-SERE on the model's own top-8 (its published setting). Profile and similarity
-files were measured on the calibration split (sgl-budget profile / similarity).
+k at the same budget, Alloc-MoE + SERE, and the per-token confidence rules top-p and
+min-p (SER) with thresholds calibrated per layer to the uniform or the Alloc-L k.
+Budgets 25%, 50%, 75% of top-8; plus SERE on the model's own top-8 (its published
+setting). Profile, similarity and calibration trace were measured on the calibration
+split (sgl-budget profile / similarity / record).
 """
 
 from pathlib import Path
@@ -14,6 +16,7 @@ from pathlib import Path
 OUT = Path(__file__).resolve().parent.parent / "policies" / "brown-moe"
 PROFILE = "profiles/brown-moe.sens.yaml"
 SIM = "profiles/brown-moe.sim.safetensors"
+CALIB = "../traces/brown-moe.calib.trace.safetensors"
 SERE = f'reroute when decode {{\n    similarity "{SIM}"\n    primary top 1\n    min_similarity 0.0\n  }}'
 
 METHODS = {
@@ -28,6 +31,18 @@ METHODS = {
     "alloc-moe-sere": ("Alloc-MoE + SERE: per-layer k, token reallocation, and decode re-routing",
                        f'layers {{\n    allocate dp from "{PROFILE}"\n    k >= 1\n  }}\n'
                        "  tokens {\n    reallocate by score\n    min_k 1\n    max_k 8\n  }\n  " + SERE),
+    "top-p": ("Top-p routing: each token keeps the fewest experts whose gate mass reaches p, p calibrated per layer "
+              "so the mean is the uniform k", "layers { allocate uniform }\n"
+              f'  tokens {{\n    top_p calibrated from "{CALIB}"\n    min_k 1\n    max_k 8\n  }}'),
+    "alloc-l-top-p": ("Alloc-L + top-p: p calibrated per layer so the layer's mean is its Alloc-L k",
+                      f'layers {{\n    allocate dp from "{PROFILE}"\n    k >= 1\n  }}\n'
+                      f'  tokens {{\n    top_p calibrated from "{CALIB}"\n    min_k 1\n    max_k 8\n  }}'),
+    "min-p": ("Relative threshold (SER / min-p): each token keeps the experts scoring >= t x its top expert's, t "
+              "calibrated per layer so the mean is the uniform k", "layers { allocate uniform }\n"
+              f'  tokens {{\n    min_p calibrated from "{CALIB}"\n    min_k 1\n    max_k 8\n  }}'),
+    "alloc-l-min-p": ("Alloc-L + min-p: t calibrated per layer so the layer's mean is its Alloc-L k",
+                      f'layers {{\n    allocate dp from "{PROFILE}"\n    k >= 1\n  }}\n'
+                      f'  tokens {{\n    min_p calibrated from "{CALIB}"\n    min_k 1\n    max_k 8\n  }}'),
 }
 
 

@@ -42,7 +42,7 @@ def main() -> None:
     model, tok = load_model(model_dir)
     spec = spec_of(model)
     windows = token_windows(tok, read_text(ROOT / "data" / "brown" / "test.txt.xz"), args.seq_len, args.windows)
-    order = ["uniform", "alloc-l", "alloc-lt", "sere", "alloc-moe-sere"]
+    order = ["uniform", "alloc-l", "alloc-lt", "top-p", "alloc-l-top-p", "min-p", "alloc-l-min-p", "sere", "alloc-moe-sere"]
     paths = [bundled_dir() / "brown-moe" / f"{m}-{p}.policy" for p in (25, 50, 75) for m in order]
     paths.append(bundled_dir() / "brown-moe" / "sere-own-k.policy")
     t0 = time.time()

@@ -38,6 +38,7 @@ from sgl_budget.engines.hf.data import load_model  # noqa: E402
 from sgl_budget.engines.hf.generate import greedy  # noqa: E402
 from sgl_budget.engines.sglang.server import HTTPError, Server  # noqa: E402
 from sgl_budget.lang import load_policy  # noqa: E402
+from sgl_budget.lang.ir import RouteContext  # noqa: E402
 from sgl_budget.traces import load_trace  # noqa: E402
 
 MODEL = default_model_dir()
@@ -50,6 +51,7 @@ CASES = {  # name -> (policy file, per-token?)
     "stock": (None, True),
     "uniform-50": (BROWN / "uniform-50.policy", True),
     "alloc-l-50": (BROWN / "alloc-l-50.policy", True),
+    "alloc-l-min-p": (BROWN / "alloc-l-min-p-50.policy", True),  # per-token confidence rule, calibrated per layer
     "alloc-t": (BROWN / "alloc-lt-50.policy", False),
     "sere": (BROWN / "sere-50.policy", False),
     "piggyback": (HERE / "policies" / "brown-moe-piggyback.policy", False),
@@ -162,6 +164,9 @@ def test_lockstep_batch_equals_transformers(served, hf) -> None:
         "max_new_tokens": NEW, "temperature": 0.0, "ignore_eos": True}})
     assert served.log().count("Prefill batch, #new-seq: 4,") == n_prefill + 1, "the 4 requests were not prefilled together"
     assert [g["output_ids"] for g in got] == _reference(hf, CASES[served.case][0], prompts), served.case
+    if CASES[served.case][1]:  # a per-token policy: each row's tokens are exactly its tokens served alone
+        alone = [served.generate(p, NEW)["output_ids"] for p in prompts]
+        assert [g["output_ids"] for g in got] == alone, served.case
     if served.case == "mix-batch4":  # the batch really switched SERE on: alone, the rows decode differently
         assert any(_reference(hf, CASES[served.case][0], [p])[0] != g["output_ids"] for p, g in zip(prompts, got))
 
@@ -217,6 +222,18 @@ def test_recorded_trace_replays_and_equals_transformers_logits(served, hf, capsy
     assert found >= 1, "no recorded prefill matches the transformers router logits of an ALONE prompt"
     assert main(["replay", str(BROWN / "uniform-50.policy"), "--trace", str(files[0]), "--batch-size", "1"]) == 0
     assert "uniform-50" in capsys.readouterr().out
+    # a confidence rule calibrated on what the engine recorded: per layer, the threshold whose mean experts per
+    # token on those tokens is the plan's k (replaying them routes exactly the reported mean)
+    from sgl_budget.routing import compile_routers
+
+    pol = files[0].parent / "top-p.policy"
+    pol.write_text(f'policy "engine-calibrated" {{ budget 50%; tokens {{ top_p calibrated from "{files[0].name}" }} }}')
+    ir = load_policy(pol, trace.spec)
+    for l, router in compile_routers(ir).items():
+        ad = router.plan(RouteContext()).adaptive
+        out = router(trace.router_logits[l].float(), RouteContext("prefill", 1, trace.num_tokens))
+        assert (out.topk_ids >= 0).sum(-1).double().mean().item() == pytest.approx(ad.calibrated_mean)
+        assert abs(ad.calibrated_mean - 4) <= 1.5, (l, ad)  # 48 tokens: steps of 1/48, ties between tokens aside
 
 
 def _hf_router_logits(model, ids: list[int]) -> dict[int, torch.Tensor]:

@@ -35,13 +35,15 @@ from sgl_budget.lang.policy_set import load_policy_set  # noqa: E402
 
 DEFAULT = BROWN / "uniform-50.policy"
 NAMED = {"fast": BROWN / "uniform-25.policy", "alloc": BROWN / "alloc-l-50.policy",
-         "lt": BROWN / "alloc-lt-50.policy", "mix4": HERE / "policies" / "brown-moe-mix.policy"}
+         "lt": BROWN / "alloc-lt-50.policy", "mix4": HERE / "policies" / "brown-moe-mix.policy",
+         "topp": BROWN / "top-p-50.policy"}
 FILE = {"default": DEFAULT, "stock": None, **NAMED}
 INTERVAL = 1.0  # seconds between statistics reports
 PROMPTS = ["Early in the spring the farmers", "Several of the students who", "Nobody in the village had ever",
            "Before the meeting the mayor", "Every evening the old man", "Across the river there was a",
            "Many of the workers in the", "Last week the board of"]
 
+TOPP = ["Once upon a time the king", "Down by the old mill", "Beyond the hills lay a", "Then the doctor said that"]
 LOCKSTEP = ["Within a few days the police", "Toward the end of the year", "Under the new rules the company",
             "Because of the heavy rain the"]
 
@@ -77,7 +79,7 @@ def test_concurrent_requests_each_get_their_policy(server, hf) -> None:
     """Per-token policies: every request's tokens = the adapter's with that policy alone, whatever it was batched
     with (8 concurrent clients, 4 policies, batches formed by timing)."""
     _, tok = hf
-    names = ["fast", "stock", None, "alloc", "stock", "fast", "default", "alloc"]
+    names = ["fast", "stock", None, "alloc", "topp", "fast", "default", "topp"]
     prompts = [_ids(tok, t) for t in PROMPTS]
     with cf.ThreadPoolExecutor(len(prompts)) as ex:
         got = list(ex.map(lambda a: _ask(server, *a), zip(prompts, names)))
@@ -86,14 +88,14 @@ def test_concurrent_requests_each_get_their_policy(server, hf) -> None:
 
 
 @pytest.mark.parametrize("names", [["stock", "fast", "default", "stock"], ["lt", "stock", "lt", "fast"],
-                                   ["mix4", "stock", "mix4", "alloc"]])
+                                   ["mix4", "stock", "mix4", "alloc"], ["topp", "lt", "topp", "stock"]])
 def test_lockstep_mixed_batch_equals_the_adapter_mix(server, hf, names) -> None:
     """One /generate call with 4 rows of different policies, prefilled and decoded together: the output equals
     the adapter's mixed batch (Alloc-T's pool and SERE's primaries within each policy's rows; ``batch >= 4`` sees
     the whole batch), and a ``stock`` row gets exactly the model's own output."""
     _, tok = hf
     # fresh prompts for the batch-level policies: a cached prefix would not be prefilled in this batch
-    texts = {"stock": PROMPTS[:4], "lt": PROMPTS[4:], "mix4": LOCKSTEP}[names[0]]
+    texts = {"stock": PROMPTS[:4], "lt": PROMPTS[4:], "mix4": LOCKSTEP, "topp": TOPP}[names[0]]
     prompts = [_ids(tok, t)[:5] for t in texts]
     assert all(len(p) == 5 for p in prompts)
     n_prefill = server.log().count("Prefill batch, #new-seq: 4,")
@@ -103,7 +105,7 @@ def test_lockstep_mixed_batch_equals_the_adapter_mix(server, hf, names) -> None:
     assert server.log().count("Prefill batch, #new-seq: 4,") == n_prefill + 1, "the 4 requests were not batched"
     assert got == _reference_mix(hf, names, prompts), names
     for p, n, g in zip(prompts, names, got):
-        if n == "stock" or (n in ("fast", "alloc", "default")):  # per-token policies: as if alone
+        if n in ("stock", "fast", "alloc", "default", "topp"):  # per-token policies: as if alone
             assert g == _reference(hf, FILE[n], [p])[0], n
     if names[0] == "mix4":  # SERE ran: the mix4 rows differ from mix4 alone (batch 1 < 4)
         assert any(g != _reference(hf, FILE["mix4"], [p])[0] for p, n, g in zip(prompts, names, got) if n == "mix4")
@@ -136,6 +138,8 @@ def test_moe_policies_lists_what_requests_may_pick(server) -> None:
     assert by["default"]["file"] == str(DEFAULT.resolve()) and by["stock"]["file"] is None
     mean = {n: [s["experts_per_token"]["mean"] for s in p["situations"]] for n, p in by.items()}
     assert mean["stock"] == [8.0] and mean["default"] == [4.0] and mean["fast"] == [2.0]
+    assert mean["topp"][0] == pytest.approx(4.0, abs=0.01)  # top-p calibrated per layer to 4 on its trace
+    assert not by["topp"]["situations"][0]["experts_per_token"]["exact"]
     assert len(by["mix4"]["situations"]) > 1  # SERE only in decode batches of 4 or more: its own situation
     assert any("reroute" in s["rules"] for s in by["mix4"]["situations"])
 

@@ -109,7 +109,18 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.model_spec)
     ir = load_policy(Path(args.policy), spec)
-    explain_policy(ir, as_json=args.json, console=console())
+    trace = None
+    if args.trace:
+        from ..traces import TraceError, load_trace
+
+        try:
+            trace = load_trace(args.trace)
+        except TraceError as e:
+            raise CliError(str(e)) from None
+    try:
+        explain_policy(ir, as_json=args.json, console=console(), trace=trace)
+    except ValueError as e:
+        raise CliError(str(e)) from None
     return 0
 
 
@@ -205,6 +216,8 @@ def add_commands(sub) -> None:
     e.add_argument("policy")
     e.add_argument("--model-spec", required=True, help=spec_help)
     e.add_argument("--json", action="store_true", help="machine-readable output")
+    e.add_argument("--trace", help="a router-logit trace: show the experts per token each layer routes on its tokens "
+                                   "(the distribution of a per-token confidence rule)")
     e.set_defaults(func=cmd_explain)
 
     a = sub.add_parser("allocate", help="Alloc-L: exact per-layer k from a sensitivity profile")

@@ -63,8 +63,9 @@ class LayerOverride:
     """``layer 0..1, 5: k = 6``."""
 
     items: tuple[LayerItem, ...]
-    k: Num
+    k: Num  # the value: a layer's k, or its confidence threshold (``rule``)
     span: SourceSpan
+    rule: str = "k"  # "k" (layers block) | "top_p" | "min_p" (tokens block)
 
 
 Value = Union[Num, Str, None]

@@ -2,7 +2,7 @@
 only files the server already loaded at launch.
 
 A request can never make the server open a path it sends: :func:`launch_files` lists the data files
-(similarity tables, Alloc-L profiles) the launch's own policies name, and :func:`compile_request_policy`
+(similarity tables, Alloc-L profiles, calibration traces) the launch's own policies name, and :func:`compile_request_policy`
 resolves a request's text with exactly those (by the name a launch policy gives them, or their absolute path).
 """
 
@@ -23,12 +23,15 @@ MAX_REQUEST_POLICY_CHARS = 65536  # longer policy text in a request is refused b
 
 
 def named_files(text: str, file: str) -> list[str]:
-    """The file names a policy's text gives (``similarity "..."``, ``allocate dp from "..."``)."""
+    """The file names a policy's text gives (``similarity "..."``, ``allocate dp from "..."``,
+    ``top_p calibrated from "..."``)."""
     ast = parse_policy(text, file)
     names = [s.value.value for b in ast.of("reroute") for s in b.settings
              if s.key == "similarity" and isinstance(s.value, Str)]
     names += [s.value.value for b in ast.of("layers") for s in b.settings
               if s.key == "allocate dp" and isinstance(s.value, Str)]
+    names += [s.value.value for b in ast.of("tokens") for s in b.settings
+              if s.key.endswith(" calibrated") and isinstance(s.value, Str)]
     return names
 
 

@@ -157,6 +157,61 @@ class Reallocation:
         return max(self.min_k, min(k, self.max_k))
 
 
+AdaptiveKind = Literal["top_p", "min_p"]
+ADAPTIVE_KINDS: tuple[AdaptiveKind, ...] = ("top_p", "min_p")
+
+
+@dataclass(frozen=True)
+class Adaptive:
+    """A per-token confidence rule for one layer: each token keeps a prefix of its ranked experts.
+
+    Rank the token's eligible experts by selection score; ``s_r`` is the gate score (the weight source) at
+    rank r, ``Z`` the sum of gate scores over the token's eligible experts. A rank r in ``[min_k, max_k)``
+    passes when
+
+    * ``top_p``: ``s_0 + .. + s_{r-1} < threshold * Z`` (the smallest set whose mass reaches p: top-p routing);
+    * ``min_p``: ``s_r >= threshold * s_0`` (relative threshold: SER's ``-ser Kmin,t``, min-p);
+
+    and the token keeps its first ``k_t = min_k + #passing ranks`` experts (fp32, sums in rank order).
+    ``k_t`` depends on the token alone, never on its batch. ``calibrated_mean``: the mean experts per token
+    this threshold gives on the calibration trace (None: a threshold written in the policy).
+    """
+
+    kind: AdaptiveKind
+    threshold: float  # a float32 value (routing compares in float32)
+    min_k: int
+    max_k: int
+    calibrated_mean: float | None = None
+    target: float | None = None  # the mean the calibration aimed at (the layer's k)
+
+    def describe(self) -> str:
+        how = f" (calibrated: mean {self.calibrated_mean:.3f})" if self.calibrated_mean is not None else ""
+        return f"{self.kind} {self.threshold:.6g}{how}, min_k {self.min_k}, max_k {self.max_k}"
+
+
+@dataclass(frozen=True)
+class AdaptiveRule:
+    """A ``tokens`` block with a per-token rule, as written (thresholds resolved per layer plan)."""
+
+    kind: AdaptiveKind
+    threshold: float | None  # None: calibrated from ``trace``
+    min_k: int
+    max_k: int
+    trace: str | None = None  # calibration trace, as written
+    overrides: dict[int, tuple[AdaptiveKind, float]] = field(default_factory=dict)  # layer -> fixed rule
+    max_k_span: SourceSpan | None = field(default=None, compare=False, repr=False)
+    rule_span: SourceSpan | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def calibrated(self) -> bool:
+        return self.threshold is None
+
+    def describe(self) -> str:
+        how = f"calibrated from {self.trace}" if self.calibrated else f"{self.threshold:g}"
+        more = f", {len(self.overrides)} layer override(s)" if self.overrides else ""
+        return f"{self.kind} {how}, min_k {self.min_k}, max_k {self.max_k}{more}"
+
+
 @dataclass(frozen=True)
 class Routed:
     """What one layer plan routes per token: the batch mean and the per-token bounds.
@@ -166,7 +221,7 @@ class Routed:
     no piggybacking; a grouped model's token may still have fewer eligible experts).
     """
 
-    mean: float
+    mean: float | None  # None: data-dependent (a per-token confidence rule with a written threshold)
     lo: int
     hi: int
     exact: bool
@@ -230,21 +285,27 @@ class LayerPlan:
     reallocation: Reallocation | None = None
     reroute: Reroute | None = None
     piggyback: Piggyback | None = None
+    adaptive: Adaptive | None = None  # a per-token confidence rule (k is then the mean it targets)
 
     @property
     def is_stock_shape(self) -> bool:
-        return self.reallocation is None and self.reroute is None and self.piggyback is None
+        """A fixed k per token and nothing else (what an engine's own top-k with a smaller k computes)."""
+        return (self.reallocation is None and self.reroute is None and self.piggyback is None
+                and self.adaptive is None)
 
     def routed(self) -> Routed:
         """Experts per token this plan routes: selection's mean, widened by SERE merges and piggybacking."""
-        re, pig = self.reallocation, self.piggyback
-        mean = re.routed_k(self.k) if re is not None else self.k
+        re, pig, ad = self.reallocation, self.piggyback, self.adaptive
+        mean: float | None = re.routed_k(self.k) if re is not None else self.k
         lo, hi = (re.min_k, re.max_k) if re is not None else (self.k, self.k)
+        if ad is not None:  # per-token: the mean depends on the data (a calibrated rule's is on its trace)
+            mean, lo, hi = ad.calibrated_mean, ad.min_k, ad.max_k
         if self.reroute is not None:  # a moved slot merges into one the token holds: fewer, never more
             lo = min(lo, 1)
         if pig is not None:  # free slots up to max_k filled with experts the batch already loads
             hi = max(hi, pig.max_k)
-        return Routed(mean=float(mean), lo=lo, hi=hi, exact=self.reroute is None and pig is None)
+        return Routed(mean=None if mean is None else float(mean), lo=lo, hi=hi,
+                      exact=self.reroute is None and pig is None and ad is None)
 
 
 @dataclass(frozen=True)
@@ -275,10 +336,12 @@ class PolicyIR:
     source: str  # file name the policy came from
     budget_rules: tuple[Rule[Budget], ...] = ()
     layer_rules: tuple[Rule[LayersRule], ...] = ()
-    token_rules: tuple[Rule[Reallocation], ...] = ()
+    token_rules: tuple[Rule[Reallocation | AdaptiveRule], ...] = ()
     reroute_rules: tuple[Rule[RerouteRule], ...] = ()
     piggyback_rules: tuple[Rule[Piggyback], ...] = ()
     layer_k: dict[tuple[int, int], LayerK] = field(default_factory=dict)
+    # per-layer confidence rules of every reachable (budget, layers, tokens) combination with an adaptive tokens rule
+    adaptive: dict[tuple[int, int, int], dict[int, Adaptive]] = field(default_factory=dict)
     widths: dict[int, int] = field(default_factory=dict)
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
     _index: tuple | None = field(default=None, init=False, repr=False, compare=False)
@@ -339,18 +402,27 @@ class PolicyIR:
 
     def build(self, key: Match) -> dict[int, LayerPlan]:
         """The per-layer plans of one rule combination."""
-        _, _, ti, ri, pi = key
+        bi, li, ti, ri, pi = key
         ks = self.layer_k_for(key).k
-        realloc = self.token_rules[ti].value if ti >= 0 else None
+        tok = self.token_rules[ti].value if ti >= 0 else None
+        realloc = tok if isinstance(tok, Reallocation) else None
+        adaptive = self.adaptive_for(key) if isinstance(tok, AdaptiveRule) else {}
         rr = self.reroute_rules[ri].value if ri >= 0 else None
         pig = self.piggyback_rules[pi].value if pi >= 0 else None
         return {
             l: LayerPlan(
                 layer=l, k=ks[l], width=self.widths.get(l, self.spec.top_k), reallocation=realloc,
-                reroute=rr.per_layer[l] if rr is not None else None, piggyback=pig,
+                reroute=rr.per_layer[l] if rr is not None else None, piggyback=pig, adaptive=adaptive.get(l),
             )
             for l in self.spec.moe_layers
         }
+
+    def adaptive_for(self, key: Match) -> dict[int, Adaptive]:
+        """The per-layer confidence rules of one combination (resolved and validated by the resolver)."""
+        got = self.adaptive.get(key[:3])
+        if got is None:  # the resolver resolves every reachable combination; this is a bug, not a fallback
+            raise RuntimeError(f"policy {self.name!r}: confidence rules of combination {key} were never resolved")
+        return got
 
     @property
     def is_stock(self) -> bool:

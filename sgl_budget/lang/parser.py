@@ -138,6 +138,8 @@ class _ToAst(Transformer):
     def alloc_uniform(self, meta, items): return self._setting("allocate uniform", meta, items)
     def realloc(self, meta, items): return self._setting("reallocate by score", meta, items)
     def min_k(self, meta, items): return self._setting("min_k", meta, items)
+    def top_p(self, meta, items): return self._setting("top_p", meta, items)
+    def min_p(self, meta, items): return self._setting("min_p", meta, items)
     def max_k(self, meta, items): return self._setting("max_k", meta, items)
     def pig_max_k(self, meta, items): return self._setting("max_k", meta, items)
     def min_score(self, meta, items): return self._setting("min_score", meta, items)
@@ -146,7 +148,8 @@ class _ToAst(Transformer):
     def primary_top(self, meta, items): return self._setting("primary top", meta, items)
     def primary_count(self, meta, items): return self._setting("primary count", meta, items)
 
-    for _name in ("k_default", "k_min", "k_max", "alloc_uniform", "realloc", "min_k", "max_k", "pig_max_k",
+    for _name in ("k_default", "k_min", "k_max", "alloc_uniform", "realloc", "min_k", "max_k", "pig_max_k", "top_p",
+                  "min_p",
                   "min_score", "min_similarity", "preserve", "primary_top", "primary_count"):
         locals()[_name] = v_args(meta=True)(locals()[_name])
     del _name
@@ -154,6 +157,26 @@ class _ToAst(Transformer):
     @v_args(meta=True)
     def alloc_dp(self, meta, items):
         return Setting("allocate dp", self._str(items[0]), self._span(meta))
+
+    @v_args(meta=True)
+    def top_p_calibrated(self, meta, items):
+        return Setting("top_p calibrated", self._str(items[0]), self._span(meta))
+
+    @v_args(meta=True)
+    def min_p_calibrated(self, meta, items):
+        return Setting("min_p calibrated", self._str(items[0]), self._span(meta))
+
+    def tok_top_p(self, items):
+        return ("top_p", items[0])
+
+    def tok_min_p(self, items):
+        return ("min_p", items[0])
+
+    @v_args(meta=True)
+    def tok_layer(self, meta, items):
+        sel, (rule, value) = items
+        span = self._span(meta)
+        return Setting("layer", value, span, extra=LayerOverride(sel, value, span, rule=rule))
 
     @v_args(meta=True)
     def similarity(self, meta, items):

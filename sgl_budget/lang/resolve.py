@@ -18,7 +18,7 @@ from ..errors import Diagnostic, PolicyError, SourceSpan
 from ..spec import ModelSpec
 from .ast import Block, Cond, LayerItem, Num, PolicyAst, Setting, Str
 from .ir import (
-    Budget, Condition, ContextMatches, Interval, LayerK, LayersRule, Piggyback, PolicyIR, PrimaryRule, Reallocation,
+    Adaptive, AdaptiveRule, Budget, Condition, ContextMatches, Interval, LayerK, LayersRule, Piggyback, PolicyIR, PrimaryRule, Reallocation,
     LayerPlan, Reroute, RerouteRule, RouteContext, Rule, context_matches,
 )
 
@@ -250,20 +250,98 @@ def _layer_item(item: LayerItem, spec: ModelSpec) -> list[int]:
     return got
 
 
-def _tokens(block: Block, spec: ModelSpec, eligible: int) -> Reallocation:
-    """An Alloc-T block; every bad statement is reported."""
+ADAPTIVE_KEYS = ("top_p", "min_p", "top_p calibrated", "min_p calibrated")
+
+
+def _tokens(block: Block, spec: ModelSpec, eligible: int, files: "_Loaded") -> Reallocation | AdaptiveRule:
+    """An Alloc-T block or a per-token confidence rule; every bad statement is reported."""
     errs = _Errors()
-    if block.get("reallocate by score") is None:
-        errs.run(_raise, "a tokens block needs `reallocate by score`", block.span,
-                 "Alloc-T reallocates a layer's slots by routing score: add `reallocate by score`")
-    hint = f"per-token k lies in 0..{eligible} ({eligible} experts a token can be routed to)"
+    realloc = block.get("reallocate by score")
+    rules = [s for s in block.settings if s.key in ADAPTIVE_KEYS]
+    overrides = [s for s in block.settings if s.key == "layer"]
+    if realloc is None and not rules:
+        errs.run(_raise, "a tokens block needs `reallocate by score` or a per-token rule", block.span,
+                 "Alloc-T: `reallocate by score`; a confidence rule: `top_p 0.9` or `min_p 0.2` "
+                 "(or `top_p calibrated from \"trace.safetensors\"`)")
+    if realloc is not None and (rules or overrides):
+        errs.run(_raise, "a tokens block either reallocates by score (Alloc-T) or keeps experts by a per-token "
+                 "rule, not both", (rules or overrides)[0].span,
+                 "Alloc-T shares a batch's slots; top_p / min_p decide per token: write one of them")
+    for extra in rules[1:]:
+        errs.run(_raise, f"a second per-token rule `{extra.key}` (the block already has "
+                 f"`{rules[0].key}` on line {rules[0].span.line})", extra.span,
+                 "one rule per tokens block; a layer may differ with `layer N: top_p P`")
+    adaptive = bool(rules) and realloc is None
+    lo_min = 1 if adaptive else 0
+    hint = f"per-token k lies in {lo_min}..{eligible} ({eligible} experts a token can be routed to)"
     min_s, max_s = block.get("min_k"), block.get("max_k")
-    min_k = errs.run(_int, min_s.value, "min_k", 0, eligible, hint) if min_s else 1
+    min_k = errs.run(_int, min_s.value, "min_k", lo_min, eligible, hint) if min_s else 1
     max_k = errs.run(_int, max_s.value, "max_k", 1, eligible, hint) if max_s else spec.top_k
     if min_k is not None and max_k is not None and min_k > max_k:
         errs.run(_raise, f"min_k {min_k} is above max_k {max_k}", (min_s or max_s).span, "min_k must be <= max_k")
+    if not adaptive:
+        errs.raise_if_any()
+        return Reallocation(min_k=min_k, max_k=max_k, max_k_span=max_s.value.span if max_s else None)
+    rule = rules[0]
+    kind = rule.key.split()[0]
+    threshold = trace = None
+    if isinstance(rule.value, Num):
+        threshold = errs.run(_threshold, kind, rule.value)
+    else:
+        assert isinstance(rule.value, Str)
+        trace = rule.value.value
+        errs.run(_calibration_trace, rule.value, spec, files)
+    per_layer: dict[int, tuple] = {}
+    first: dict[int, Setting] = {}
+    for o in overrides:
+        assert o.extra is not None and isinstance(o.value, Num)
+        t = errs.run(_threshold, o.extra.rule, o.value)
+        for l in errs.run(_layer_set, o, spec) or []:
+            if l in first:
+                errs.run(_raise, f"layer {l}'s rule is set twice in this tokens block", o.span,
+                         f"it was already set on line {first[l].span.line}; keep one")
+                continue
+            first[l] = o
+            if t is not None:
+                per_layer[l] = (o.extra.rule, t)
     errs.raise_if_any()
-    return Reallocation(min_k=min_k, max_k=max_k, max_k_span=max_s.value.span if max_s else None)
+    return AdaptiveRule(kind=kind, threshold=threshold, min_k=min_k, max_k=max_k, trace=trace,
+                        overrides=dict(sorted(per_layer.items())), max_k_span=max_s.value.span if max_s else None,
+                        rule_span=rule.span)
+
+
+def _threshold(kind: str, num: Num) -> float:
+    """A confidence threshold as routing compares it (float32): top_p in (0, 1], min_p in [0, 1]."""
+    import numpy as np
+
+    if kind == "top_p":
+        if not 0.0 < num.value <= 1.0:
+            raise _err(f"top_p {_short(num.text)} is out of range", num.span,
+                       "top_p is the gate mass a token's kept experts must reach: 0 < top_p <= 1")
+    elif not 0.0 <= num.value <= 1.0:
+        raise _err(f"min_p {_short(num.text)} is out of range", num.span,
+                   "min_p is a fraction of the token's top expert's gate score: 0 <= min_p <= 1")
+    return float(np.float32(num.value))
+
+
+def _calibration_trace(s: Str, spec: ModelSpec, files: "_Loaded"):
+    """The router-logit trace a calibrated rule names, checked against the model."""
+    from ..traces import TraceError, load_trace
+
+    trace = files.load(s, "calibration trace", load_trace, TraceError, "sgl-budget record (or --moe-record-trace)")
+    t = trace.spec
+    problems = []
+    if t.num_experts != spec.num_experts:
+        problems.append(f"it has {t.num_experts} experts per layer, the model {spec.num_experts}")
+    problems += spec.layer_coverage_problems(trace.router_logits)
+    if spec.has_correction_bias and not trace.correction_bias:
+        problems.append("the model selects with a correction bias the trace does not carry")
+    if problems:
+        raise _err(f"calibration trace does not fit {spec.name}: {problems[0]}", s.span,
+                   "record router logits of this model (`--moe-record-trace DIR` on the server)")
+    if trace.num_tokens == 0:
+        raise _err("calibration trace holds no tokens", s.span, "record some traffic first")
+    return trace
 
 
 def _piggyback(block: Block, spec: ModelSpec, eligible: int) -> Piggyback:
@@ -515,7 +593,7 @@ def resolve(ast: PolicyAst, spec: ModelSpec, base_dir: str | Path = ".",
         name=ast.name.value, spec=spec, source=ast.file,
         budget_rules=rules("budget", lambda b: _budget(b, spec)),
         layer_rules=rules("layers", layers),
-        token_rules=rules("tokens", lambda b: _tokens(b, spec, eligible)),
+        token_rules=rules("tokens", lambda b: _tokens(b, spec, eligible, files)),
         reroute_rules=rules("reroute", lambda b: _reroute(b, spec, files)),
         piggyback_rules=rules("piggyback", lambda b: _piggyback(b, spec, eligible)),
     )
@@ -552,14 +630,77 @@ def _check_combinations(ir: PolicyIR, ast: PolicyAst, matches: dict[RouteContext
                 continue
             ir.layer_k[(bi, li)] = got
         ks = ir.layer_k_for(key).k
-        re = ir.token_rules[ti].value if ti >= 0 else None
+        tok = ir.token_rules[ti].value if ti >= 0 else None
+        re = tok if isinstance(tok, Reallocation) else None
         if re is not None:
             blk = ast.of("tokens")[ti]
             errs.run(_check_reallocation, re, ks, blk, _describe(ctx))
+        ads: dict[int, Adaptive] = {}
+        if isinstance(tok, AdaptiveRule):
+            akey = (bi, li, ti)
+            if akey not in ir.adaptive:
+                got = errs.run(_adaptive_plan, tok, ks, (bi, li) != (-1, -1), spec, files, ast.of("tokens")[ti],
+                               _describe(ctx))
+                if got is None:
+                    continue
+                ir.adaptive[akey] = got
+            ads = ir.adaptive[akey]
         pig = ir.piggyback_rules[pi].value if pi >= 0 else None
         for l in spec.moe_layers:
-            widths[l] = max(widths[l], ks[l], LayerPlan(l, ks[l], 0, re, None, pig).routed().hi)
+            plan = LayerPlan(l, ks[l], 0, re, None, pig, adaptive=ads.get(l))
+            widths[l] = max(widths[l], ks[l], plan.routed().hi)
     return widths
+
+
+def _adaptive_plan(rule: AdaptiveRule, ks: dict[int, int], planned: bool, spec: ModelSpec, files: _Loaded,
+                   blk: Block, where: str) -> dict[int, Adaptive]:
+    """Each layer's confidence rule for one layer plan ``ks``: written thresholds as they are, calibrated ones
+    chosen on the trace so the layer's mean experts per token is its k. ``planned``: a budget or layers block
+    set ``ks``; a written threshold must then never route more than k (its mean depends on the data)."""
+    out: dict[int, Adaptive] = {}
+    fixed = {l: rule.overrides.get(l, (rule.kind, rule.threshold)) for l in spec.moe_layers}
+    fixed = {l: v for l, v in fixed.items() if v[1] is not None}
+    calibrated = [l for l in spec.moe_layers if l not in fixed]
+    if planned:
+        over = [l for l in fixed if rule.max_k > ks[l]]
+        if over:
+            l = max(over, key=lambda x: rule.max_k - ks[x])
+            kind = fixed[l][0]
+            raise _err(f"{kind} {fixed[l][1]:g} may route up to max_k = {rule.max_k} experts per token at layer {l}, "
+                       f"above the plan's k = {ks[l]} {where}; its mean depends on the data, so the plan cannot be "
+                       "checked", rule.max_k_span or rule.rule_span or blk.span,
+                       f'calibrate the threshold to the plan (`{kind} calibrated from "trace.safetensors"`), or '
+                       f"set max_k <= {ks[l]}")
+    for l, (kind, t) in fixed.items():
+        out[l] = Adaptive(kind, t, rule.min_k, rule.max_k)  # type: ignore[arg-type]
+    if calibrated:
+        bad = [l for l in calibrated if not rule.min_k <= ks[l] <= rule.max_k]
+        if bad:
+            l = bad[0]
+            raise _err(f"layer {l}'s k = {ks[l]} lies outside min_k..max_k = {rule.min_k}..{rule.max_k} {where}: no "
+                       f"{rule.kind} threshold gives that mean", rule.rule_span or blk.span,
+                       f"widen min_k / max_k to include {ks[l]}, or change the budget")
+        setting = next(s for s in blk.settings if s.key.endswith(" calibrated"))
+        assert isinstance(setting.value, Str)
+        trace = _calibration_trace(setting.value, spec, files)
+        for l in calibrated:
+            out[l] = _calibrate(trace, files.path(setting.value), l, rule, ks[l], spec, files)
+    return dict(sorted(out.items()))
+
+
+def _calibrate(trace, path: Path, layer: int, rule: AdaptiveRule, target: int, spec: ModelSpec,
+               files: _Loaded) -> Adaptive:
+    """One layer's calibrated threshold (computed once per trace, layer, rule and target)."""
+    key = ("calibrate", str(path), layer, rule.kind, rule.min_k, rule.max_k, target)
+    if key not in files.cache:
+        from ..alloc.thresholds import calibrate_threshold
+
+        bias = trace.correction_bias.get(layer) if (trace.correction_bias and spec.has_correction_bias) else None
+        files.cache[key] = calibrate_threshold(spec, trace.router_logits[layer], bias, rule.kind, rule.min_k,
+                                               rule.max_k, float(target))
+    got = files.cache[key]
+    return Adaptive(rule.kind, got.threshold, rule.min_k, rule.max_k, calibrated_mean=got.mean,  # type: ignore[arg-type]
+                    target=float(target))
 
 
 def _check_reallocation(re: Reallocation, ks: dict[int, int], blk: Block, where: str) -> None:

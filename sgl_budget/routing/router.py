@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ..lang.ir import LayerPlan, PolicyIR, RouteContext
 from .outputs import RouteDetails, RouteOutput, pad_output
+from .adaptive import adaptive_select
 from .piggyback import piggyback
 from .reallocate import reallocate
 from .reroute import RerouteTables, reroute_slots
@@ -140,6 +141,8 @@ class LayerRouter:
         if plan.reallocation is not None:
             slots = reallocate(gs, plan.k, plan.reallocation, sigmoid=self.spec.scoring_func != "softmax",
                                row_mask=row_mask)
+        elif plan.adaptive is not None:  # per token: no other row changes what a token keeps
+            slots = adaptive_select(gs, plan.adaptive, row_mask=row_mask)
         else:
             slots = select_topk(gs, plan.k, maybe_masked=False, stock=self.is_stock_plan(plan))
         if row_mask is not None:
