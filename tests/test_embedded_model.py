@@ -36,7 +36,7 @@ def test_checkpoint_is_small_and_stock_loadable() -> None:
 
 def test_bundled_policies_compile_for_the_model() -> None:
     spec = load_spec(MODEL)
-    assert len(POLICIES) == 16
+    assert len(POLICIES) == 28  # 9 methods x 25/50/75% + SERE on the own top-8
     variants = sorted((bundled_dir() / "brown-moe" / "sere-variants").glob("*.policy"))
     assert len(variants) == 4
     for p in POLICIES + variants:

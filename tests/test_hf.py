@@ -138,6 +138,40 @@ def test_reduced_budget_changes_logits_and_k(name: str) -> None:
         assert (weights[~real] == 0).all() and bool((~real).any())  # padding: index num_experts, weight 0
 
 
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_confidence_rule_through_every_family(name: str) -> None:
+    """A per-token min-p rule through the real transformers class: tokens get different numbers of experts
+    (within min_k..max_k, padding weight 0), and a sequence's logits do not change with its batch."""
+    model = build(name)
+    spec = spec_of(model)
+    ir = compile_policy(f'policy "m" {{ tokens {{ min_p 0.6; min_k 1; max_k {spec.top_k} }} }}', spec)
+    ids = torch.randint(0, 97, (3, 7), generator=torch.Generator().manual_seed(4))
+    routed = []
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        handle = apply_policy(model, ir)
+        route = handle.route
+
+        def recording(layer, logits, ctx, bias):
+            out = route(layer, logits, ctx, bias)
+            routed.append(out)
+            return out
+
+        handle.route = recording
+        try:
+            batch = model(input_ids=ids).logits
+            alone = torch.cat([model(input_ids=ids[i:i + 1]).logits for i in range(3)])
+        finally:
+            handle.remove()
+    assert len(routed) == 4 * len(spec.moe_layers)
+    n = torch.cat([(o.topk_ids >= 0).sum(-1) for o in routed[:len(spec.moe_layers)]])
+    assert n.min() >= 1 and n.max() <= spec.top_k and n.unique().numel() > 1, name
+    for o in routed:
+        assert (o.topk_weights[o.topk_ids < 0] == 0).all()
+    assert not torch.equal(batch, want)
+    torch.testing.assert_close(alone, batch, rtol=1e-4, atol=1e-4)
+
+
 def test_context_from_shapes_and_override() -> None:
     model = build("qwen3_moe")
     spec = spec_of(model)

@@ -682,23 +682,51 @@ def _adaptive_plan(rule: AdaptiveRule, ks: dict[int, int], planned: bool, spec: 
                        f"widen min_k / max_k to include {ks[l]}, or change the budget")
         setting = next(s for s in blk.settings if s.key.endswith(" calibrated"))
         assert isinstance(setting.value, Str)
-        trace = _calibration_trace(setting.value, spec, files)
-        for l in calibrated:
-            out[l] = _calibrate(trace, files.path(setting.value), l, rule, ks[l], spec, files)
+        path = files.path(setting.value)
+        keys = {l: _calibration_key(path, spec, l, rule, ks[l]) for l in calibrated}
+        if any(k is None or k not in _CALIBRATED for k in keys.values()):  # else: this file, unchanged, fit before
+            trace = _calibration_trace(setting.value, spec, files)
+            for l in calibrated:
+                got = _calibrate(trace, l, rule, ks[l], spec)
+                if keys[l] is not None:
+                    _remember(keys[l], got)
+                out[l] = _adaptive(rule, got, ks[l])
+        else:
+            for l in calibrated:
+                out[l] = _adaptive(rule, _CALIBRATED[keys[l]], ks[l])
     return dict(sorted(out.items()))
 
 
-def _calibrate(trace, path: Path, layer: int, rule: AdaptiveRule, target: int, spec: ModelSpec,
-               files: _Loaded) -> Adaptive:
-    """One layer's calibrated threshold (computed once per trace, layer, rule and target)."""
-    key = ("calibrate", str(path), layer, rule.kind, rule.min_k, rule.max_k, target)
-    if key not in files.cache:
-        from ..alloc.thresholds import calibrate_threshold
+_CALIBRATED: dict = {}  # calibrations of this process, by trace file identity and rule (re-resolving is free)
+_CALIBRATED_MAX = 4096
 
-        bias = trace.correction_bias.get(layer) if (trace.correction_bias and spec.has_correction_bias) else None
-        files.cache[key] = calibrate_threshold(spec, trace.router_logits[layer], bias, rule.kind, rule.min_k,
-                                               rule.max_k, float(target))
-    got = files.cache[key]
+
+def _calibration_key(path: Path, spec: ModelSpec, layer: int, rule: AdaptiveRule, target: int):
+    """A calibration's identity: the trace file as it is on disk (path, size, mtime), the model's routing, the rule
+    and the target (None when the file cannot be stat'ed: then it is loaded, and its error reported)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (str(path.resolve()), st.st_size, st.st_mtime_ns, spec, layer, rule.kind, rule.min_k, rule.max_k, target)
+
+
+def _remember(key, got) -> None:
+    if len(_CALIBRATED) >= _CALIBRATED_MAX:
+        _CALIBRATED.pop(next(iter(_CALIBRATED)))
+    _CALIBRATED[key] = got
+
+
+def _calibrate(trace, layer: int, rule: AdaptiveRule, target: int, spec: ModelSpec):
+    """One layer's calibrated threshold on ``trace`` (:func:`~sgl_budget.alloc.thresholds.calibrate_threshold`)."""
+    from ..alloc.thresholds import calibrate_threshold
+
+    bias = trace.correction_bias.get(layer) if (trace.correction_bias and spec.has_correction_bias) else None
+    return calibrate_threshold(spec, trace.router_logits[layer], bias, rule.kind, rule.min_k, rule.max_k,
+                               float(target))
+
+
+def _adaptive(rule: AdaptiveRule, got, target: int) -> Adaptive:
     return Adaptive(rule.kind, got.threshold, rule.min_k, rule.max_k, calibrated_mean=got.mean,  # type: ignore[arg-type]
                     target=float(target))
 
