@@ -49,8 +49,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # HBM peak of each part, TB/s (vendor specifications); matched in this order against the device name
 PEAK_TBPS = (("H100 PCIe", 2.0), ("H100 NVL", 3.9), ("H100", 3.35), ("H200", 4.8), ("H20", 4.0),
              ("A100-SXM4-80GB", 2.039), ("A100", 1.555))
-POLICIES = ("stock top-k", "uniform-50", "alloc-l-50", "alloc-t-50", "sere", "alloc-moe-sere-50",
-            "uniform-50+piggyback")
+POLICIES = ("stock top-k", "uniform-50", "alloc-l-50", "alloc-t-50", "top-p-50", "min-p-50", "sere",
+            "alloc-moe-sere-50", "uniform-50+piggyback")
 GOAL_ROOFLINE_GAP, GOAL_OVERHEAD, GOAL_SPEEDUP = 0.05, 0.03, 1.34
 # --per-request: these policies again, as a per-request server's captured decode step routes them
 PER_REQUEST = ("uniform-50", "alloc-moe-sere-50")
@@ -74,12 +74,18 @@ class Row:
 
 
 def policy_sources(spec, tmp: Path) -> dict[str, str]:
-    """The compared policies (bodies), with the profile and similarity they read written into ``tmp``."""
+    """The compared policies (bodies), with the profile, similarity and calibration trace they read written into
+    ``tmp``."""
     from sgl_budget.alloc import save_profile, synthetic_profile
     from sgl_budget.similarity import save_similarity, synthetic_similarity
+    from sgl_budget.traces import synthetic_trace, write_trace
 
     save_profile(synthetic_profile(spec, seed=0), tmp / "p.yaml")
     save_similarity(synthetic_similarity(spec, seed=0), tmp / "s.safetensors")
+    # the confidence rules' thresholds: per layer, a mean of k = 50% of top-k experts per token on a held-out
+    # synthetic trace (another seed than the measured batches')
+    write_trace(synthetic_trace(spec, num_sequences=32, seq_len=16, seed=1000), tmp / "c.safetensors")
+    conf = 'tokens {{ {} calibrated from "c.safetensors"; min_k 1; max_k {} }}'
     dp = 'layers { allocate dp from "p.yaml"\n k >= 1 }'
     tok = "tokens { reallocate by score; min_k 1 }"
     sere = 'reroute { similarity "s.safetensors"; primary top 1; min_similarity 0.5 }'
@@ -88,6 +94,9 @@ def policy_sources(spec, tmp: Path) -> dict[str, str]:
         "uniform-50": "budget 50%",
         "alloc-l-50": f"budget 50%\n{dp}",
         "alloc-t-50": f"budget 50%\n{tok}",
+        # per-token confidence rules (each token's k from its own router scores), calibrated to the budget
+        "top-p-50": "budget 50%\n" + conf.format("top_p", spec.top_k),
+        "min-p-50": "budget 50%\n" + conf.format("min_p", spec.top_k),
         "sere": sere,
         "alloc-moe-sere-50": f"budget 50%\n{dp}\n{tok}\n{sere}",
         # OEA: free slots back up to top-k on experts the batch loads anyway (its GEMM rows should cost ~nothing)

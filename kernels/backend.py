@@ -2,7 +2,8 @@
 
 :class:`KernelRouter` is a :class:`~sgl_budget.routing.LayerRouter` whose
 ``route_scores``-level work runs in Triton for the plans the kernels cover —
-per-layer top-k, Alloc-T, SERE re-routing and piggybacking, alone or chained —
+per-layer top-k, Alloc-T, the per-token confidence rules (top-p / min-p), SERE
+re-routing and piggybacking, alone or chained —
 on a single ``[T, E]`` batch on a CUDA device; every other case (batches too
 large for the one-program batch stages, i.e. big prefills) and
 ``backend="torch"`` take the reference path. ``backend="triton"`` also runs the kernels on CPU
@@ -62,7 +63,7 @@ class KernelRouter(LayerRouter):
         if r is not None and not alloc_t_fits(t, plan.k, r.min_k, r.max_k):
             return False
         if plan.reroute is not None:
-            k_in = r.max_k if r is not None else plan.k
+            k_in = r.max_k if r is not None else plan.adaptive.max_k if plan.adaptive is not None else plan.k
             if not sere_fits(t, k_in, self.width):
                 return False
         return plan.piggyback is None or piggyback_fits(t)
@@ -84,7 +85,14 @@ class KernelRouter(LayerRouter):
         rr, pig = plan.reroute, plan.piggyback
         later = rr is not None or pig is not None  # a batch stage follows: it weighs the raw gate scores
         stage = dict(kw, renormalize=False, scale=1.0) if later else kw
-        if plan.reallocation is None:
+        if plan.adaptive is not None:  # per token: any batch size, padded rows get no slots
+            from .adaptive import adaptive_topk
+
+            ad = plan.adaptive
+            width = ad.max_k if later else self.width
+            w, ids = adaptive_topk(router_logits, ad.kind, ad.threshold, ad.min_k, ad.max_k, width,
+                                   row_mask=row_mask, **stage)
+        elif plan.reallocation is None:
             from .fused_topk import fused_topk
 
             width = plan.k if later else self.width

@@ -80,6 +80,22 @@ def score_rows(logits_ptr, bias_ptr, rows, T, BLOCK_T: tl.constexpr, E: tl.const
 
 
 @triton.jit
+def next_rank(cur, scores, cols):
+    """One round of ranking ``[BLOCK_T, E_PAD]`` rows: ``(column, one-hot pick, its gate score, cur without it)``
+    of each row's best remaining selection score in ``cur`` (exact ties: the lower expert index)."""
+    arg = tl.argmax(cur, 1)
+    pick = cols[None, :] == arg[:, None]
+    raw = tl.sum(tl.where(pick, scores, 0.0), 1)
+    return arg, pick, raw, tl.where(pick, NEG, cur)
+
+
+@triton.jit
+def put_slot(out, wo, j, value):
+    """``out [BLOCK_T, WIDTH_PAD]`` with slot ``j`` of every row set to ``value [BLOCK_T]``."""
+    return tl.where(wo[None, :] == j, value[:, None], out)
+
+
+@triton.jit
 def route_rows(logits_ptr, bias_ptr, rows, T, BLOCK_T: tl.constexpr, E: tl.constexpr, E_PAD: tl.constexpr,
                K: tl.constexpr, WIDTH_PAD: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
                N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, WRITE_KEY: tl.constexpr):
@@ -99,20 +115,17 @@ def route_rows(logits_ptr, bias_ptr, rows, T, BLOCK_T: tl.constexpr, E: tl.const
     total = tl.zeros([BLOCK_T], dtype=tl.float32)
     cur = select
     for j in tl.static_range(K):
-        arg = tl.argmax(cur, 1)
-        pick = cols[None, :] == arg[:, None]
-        raw = tl.sum(tl.where(pick, scores, 0.0), 1)
+        arg, pick, raw, cur = next_rank(cur, scores, cols)
         if WRITE_KEY:
             if SIGMOID:
                 sel = tl.sum(tl.where(pick, select, 0.0), 1)
                 kv = tl.where(sel > 0, sel, 0.0) / key_den
             else:
                 kv = raw
-            out_k = tl.where(wo[None, :] == j, kv[:, None], out_k)
-        out_w = tl.where(wo[None, :] == j, raw[:, None], out_w)
-        out_i = tl.where(wo[None, :] == j, arg[:, None], out_i)
+            out_k = put_slot(out_k, wo, j, kv)
+        out_w = put_slot(out_w, wo, j, raw)
+        out_i = put_slot(out_i, wo, j, arg)
         total += raw
-        cur = tl.where(pick, NEG, cur)
     return out_w, out_i, out_k, total
 
 

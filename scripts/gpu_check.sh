@@ -33,7 +33,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 
 rc=0
 if [ "$PART" != bench ]; then
-  "$PY" -m pytest -q -rs tests/test_kernels.py tests/test_benchmarks.py 2>&1 | tee "$OUT_DIR/kernel_tests.log" || rc=1
+  "$PY" -m pytest -q -rs tests/test_kernels.py tests/test_kernels_adaptive.py tests/test_benchmarks.py 2>&1 | tee "$OUT_DIR/kernel_tests.log" || rc=1
 fi
 if [ "$PART" != tests ]; then
   # by default also say where the time goes at batch 64, and what per-request choice costs a server

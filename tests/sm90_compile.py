@@ -79,6 +79,7 @@ _jit.JITFunction.run = _compile_only
 
 
 def main() -> None:
+    from sgl_budget.kernels.adaptive import adaptive_topk
     from sgl_budget.kernels.alloc_t import alloc_t
     from sgl_budget.kernels.backend import compile_kernel_routers
     from sgl_budget.kernels.fused_topk import fused_topk
@@ -101,7 +102,10 @@ def main() -> None:
         sere_reroute(torch.empty(t, k, dtype=torch.int32), torch.empty(t, k), torch.empty(e, e),
                      torch.zeros(e, dtype=torch.int32), "top", 1, 0.5, k)
         moe_align(torch.empty(t, k, dtype=torch.int32), e, 16)
-        n += 5
+        # confidence routing: top-p on the softmax shapes, min-p with a row mask on the grouped one
+        rule = ("min_p", 0.2, 2) if kw is grouped else ("top_p", 0.9, 1)
+        adaptive_topk(x, *rule, k, k, row_mask=torch.ones(t, dtype=torch.bool) if kw is grouped else None, **kw)
+        n += 6
     for cfg in (GemmConfig(), GemmConfig(16, 128, 128, 8, 4)):
         fused_moe(torch.empty(16, 256, dtype=torch.bfloat16), torch.empty(8, 128, 256, dtype=torch.bfloat16),
                   torch.empty(8, 256, 64, dtype=torch.bfloat16), torch.empty(16, 4), torch.zeros(16, 4,
@@ -112,6 +116,12 @@ def main() -> None:
     ir = compile_policy('policy "all" { budget 50%; tokens { reallocate by score; min_k 1 } '
                         'reroute { similarity "sim.safetensors"; primary top 1 } piggyback { max_k 6 } }',
                         spec, base_dir=sys.argv[1])
+    router = compile_kernel_routers(ir, backend="triton")[spec.moe_layers[0]]
+    router(torch.empty(64, spec.num_experts), RouteContext("decode", 64), row_mask=torch.ones(64, dtype=torch.bool))
+    n += 1
+    # and a confidence rule as the selection stage before SERE (its raw-score variant)
+    ir = compile_policy('policy "ad" { tokens { top_p 0.8; min_k 1; max_k 6 } '
+                        'reroute { similarity "sim.safetensors"; primary top 1 } }', spec, base_dir=sys.argv[1])
     router = compile_kernel_routers(ir, backend="triton")[spec.moe_layers[0]]
     router(torch.empty(64, spec.num_experts), RouteContext("decode", 64), row_mask=torch.ones(64, dtype=torch.bool))
     n += 1

@@ -291,3 +291,20 @@ def test_explain_with_a_trace_gives_the_distribution(capsys) -> None:
     code = main(["explain", str(path), "--model-spec", str(BROWN), "--trace",
                  str(ROOT / "policies" / "traces" / "deepseek-v2-lite.synthetic.trace.safetensors")])
     assert code != 0 and "does not hold router logits" in capsys.readouterr().err
+
+
+def test_replay_measures_a_confidence_rule_on_the_held_out_trace(capsys) -> None:
+    """Replay routes the rule per token: on held-out traffic the mean is near (not at) the calibrated 4, and
+    decode batches route the same whatever their size (per token)."""
+    from sgl_budget.cli import main
+
+    test = ROOT / "policies" / "traces" / "brown-moe.test.trace.safetensors"
+    means = []
+    for batch in (4, 16):
+        assert main(["replay", str(ROOT / "policies" / "brown-moe" / "top-p-50.policy"), "--trace", str(test),
+                     "--batch-size", str(batch), "--json"]) == 0
+        got = json.loads(capsys.readouterr().out)
+        row = got["policies"][0]
+        means.append(row["mean"]["activations"])
+        assert got["num_tokens"] > 1000 and abs(row["mean"]["activations"] - 4.0) < 0.3
+    assert means[0] == pytest.approx(means[1], abs=1e-9)
