@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from safetensors import safe_open
@@ -15,7 +16,16 @@ def save_with_meta(tensors: dict[str, Tensor], path: str | Path, key: str, meta:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out), metadata={key: json.dumps(meta)})
+    _as_umask_allows(out)
     return out
+
+
+def _as_umask_allows(path: Path) -> None:
+    """Give the file the permissions any new file gets (safetensors creates it 0600: unreadable to the other
+    users of a shared trace or similarity file)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def read_with_meta(path: str | Path, key: str) -> tuple[dict[str, Tensor], str | None]:
