@@ -116,19 +116,44 @@ def machine() -> dict:
     import sglang
     import torch
 
-    cpu = platform.processor()
+    cpu, ident = platform.processor(), {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "vendor_id", "cpu family", "model", "stepping") and key not in ident:
+                ident[key] = value.strip()
+            if not line.strip():  # the first processor's block is enough
                 break
+        cpu = ident.get("model name", cpu)
     except OSError:
         pass
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return {"cpu": cpu, "cores": n, "amx": "amx_tile" in flags, "torch": torch.__version__,
+    return {"cpu": cpu, "cpu_id": {k: ident[k] for k in ("vendor_id", "cpu family", "model", "stepping") if k in ident},
+            "cores": n, "amx": "amx_tile" in flags, "avx512": "avx512f" in flags, "torch": torch.__version__,
             "sglang": sglang.__version__, "python": platform.python_version(),
             "omp_threads": os.environ.get("OMP_NUM_THREADS", "(sgl_budget CPU default)")}
+
+
+def model_and_policies(name: str, work: Path) -> tuple[Path, dict[str, Path]]:
+    """A model's checkpoint and every policy benchmarked on it (brown-moe: all of policies/brown-moe)."""
+    if name == "wide-moe":
+        model = make_wide_model(work)
+        return model, wide_policies(work, model)
+    return BROWN, {p.stem: p for p in sorted(BROWN_POLICIES.glob("*.policy"))}
+
+
+def report(script: str, argv, args, results: dict, *lines: str) -> None:
+    """Print the machine (CPU model, cores, versions), the command and ``lines``; the raw results to ``--json``."""
+    command = f"python benchmarks/{script} {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip()
+    info = machine()
+    print(f"machine: {info}")
+    print(f"command: {command}")
+    print("\n".join(lines))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": info, "command": command, "args": vars(args),
+                                               "results": results}, indent=1))
 
 
 def table(results: dict, batches: list[int]) -> str:
@@ -180,12 +205,7 @@ def main(argv=None) -> int:
             print(f"{m} / {name} ...", file=sys.stderr, flush=True)
             results[m][name] = measure(model, pol, batches, args.new_tokens, args.repeats, args.prompt_len)
             print(f"  {results[m][name]}", file=sys.stderr, flush=True)
-    info = machine()
-    print(f"machine: {info}")
-    print(f"command: python benchmarks/serve_cpu.py {' '.join(argv if argv is not None else sys.argv[1:])}")
-    print(table(results, batches))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"machine": info, "args": vars(args), "results": results}, indent=1))
+    report("serve_cpu.py", argv, args, results, table(results, batches))
     return 0
 
 

@@ -7,7 +7,11 @@ expert with weight 0 — which the CPU still computes: at batch 1, uniform top-4
 -1 on this path (as on CUDA runners) and only the kept (token, expert) pairs are computed, by
 SGLang's own function on a compacted problem: every kept slot becomes a one-slot row, so the
 expert math (activation, biases, dtype handling) is SGLang's, unchanged. Inputs without -1 go
-to SGLang's function untouched (bit-for-bit stock).
+to SGLang's function untouched (bit-for-bit stock). A fixed-k layer's routing is SGLang's own top-k
+at that k, left at width k on this path (:meth:`.routing.PolicyRouting.select_experts`; the function
+takes any width): it has no -1 and goes to SGLang's function as it is, exactly stock's computation at
+that k, with no compaction. A single token's kept slots (batch-1 decode) are likewise a narrower input
+of the same form.
 
 Expert parallelism (``--ep-size N``): SGLang's ``StandardDispatcher.dispatch`` maps the global ids
 to this rank's local ones (``local_expert_mapping``: experts ``[r*E/N, (r+1)*E/N)`` become
@@ -25,6 +29,7 @@ import torch
 
 TARGET = "sglang.srt.layers.moe.fused_moe_native.moe_forward_native"
 _registered = False  # this process's moe_forward_native skips -1 (set by register())
+_skips: bool | None = None  # native_path_skips_minus_one's answer once registered
 
 
 def moe_forward_skip_padding(original, layer, x, topk_output, moe_runner_config, *args, **kwargs):
@@ -33,6 +38,10 @@ def moe_forward_skip_padding(original, layer, x, topk_output, moe_runner_config,
     tokens, width = topk_ids.shape
     if tokens and bool(keep.all()):  # CPU path: a host read is free
         return original(layer, x, topk_output, moe_runner_config, *args, **kwargs)
+    if tokens == 1 and bool(keep.any()):  # one token (batch-1 decode): its kept slots are a narrower problem
+        sel = keep[0]
+        narrow = type(topk_output)(topk_weights[:, sel], topk_ids[:, sel], router_logits)
+        return original(layer, x, narrow, moe_runner_config, *args, **kwargs)
     slots = torch.nonzero(keep.reshape(-1)).squeeze(1)
     if slots.numel() == 0:  # no local pair on this rank (EP), or no tokens: SGLang's function cannot take an
         return x.new_zeros(tokens, x.shape[-1])  # empty problem ("cannot reshape tensor of 0 elements")
@@ -48,11 +57,14 @@ def moe_forward_skip_padding(original, layer, x, topk_output, moe_runner_config,
 
 def native_path_skips_minus_one() -> bool:
     """Whether this worker's CPU MoE path is ``moe_forward_native`` with the hook (registered, no AMX kernels)."""
+    global _skips
     if not _registered:
         return False
-    from sglang.srt.utils.common import cpu_has_amx_support
+    if _skips is None:  # the CPU's AMX support does not change while a worker runs
+        from sglang.srt.utils.common import cpu_has_amx_support
 
-    return not cpu_has_amx_support()
+        _skips = not cpu_has_amx_support()
+    return _skips
 
 
 def register() -> None:

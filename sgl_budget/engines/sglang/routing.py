@@ -30,12 +30,13 @@ from __future__ import annotations
 import logging
 import os
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from ...lang.ir import PolicyIR
+from ...lang.ir import LayerPlan, PolicyIR
 from ...lang.policy_set import PolicySet
 from ...routing import Conventions, LayerRouter, MixedRouter, routed_per_policy
 from ...routing.scoring import apply_expert_scale
@@ -43,10 +44,12 @@ from ...spec import ModelSpec
 from .calibration import CALIB_ATTR, CalibrationBatch, PolicyCache, lockstep_unview, lockstep_view, plan_batch, \
     record_layer
 from .context import current_forward_batch, route_context
+from .native_moe import native_path_skips_minus_one
 from .requests import ROWS_ATTR, BatchRows, RowPolicies, request_policies, token_ids
 from .stats import PolicyStats
 
 log = logging.getLogger("sgl_budget")
+FIXED_CACHE = 4096  # forward shapes whose per-layer fixed-k decisions are kept (see _uniform_fixed_k)
 CALIBRATION_ROUTERS = 512  # layer routers of request policies kept per worker (calibration mode)
 SGLANG_RENORM_EPSILON = 1e-20  # sglang.srt.layers.moe.topk._RENORMALIZE_SUM_EPSILON
 
@@ -175,9 +178,12 @@ class PolicyRouting:
     stats: PolicyStats | None = None
     routers: dict[tuple[int, bool], MixedRouter] = field(default_factory=dict)  # (layer, bias dropped) -> router
     rows: RowPolicies | None = None
-    stock_fast_path: bool = True  # stock plans run SGLang's own select_experts (tests turn this off)
+    stock_fast_path: bool = True  # fixed-k plans run SGLang's own select_experts (tests turn this off)
     calibration: PolicyCache | None = None  # set: calibration mode (request policies compiled here)
     calibration_routers: OrderedDict = field(default_factory=OrderedDict)  # (layer, drop, key) -> LayerRouter
+    _checked: set = field(default_factory=set)  # layers whose TopK was checked against the spec (fixed-k path)
+    _configs: dict = field(default_factory=dict)  # (id(TopKConfig), k, torch_native) -> (config, config at k)
+    _fixed: dict = field(default_factory=dict)  # (policy, tokens, decode, batch) -> {layer: fixed k or None}
 
     def __post_init__(self) -> None:
         if self.rows is None:
@@ -235,28 +241,28 @@ class PolicyRouting:
         spec = self.ir.spec
         num_tokens = router_logits.shape[0]
         fb = current_forward_batch()
-        ctx = route_context(num_tokens, fb)
         if not spec.is_moe_layer(layer_id):
             self.router(layer_id, topk_config, router_logits.shape[-1])  # raises the explanatory error
         plan = getattr(fb, CALIB_ATTR, None) if fb is not None else None
         if plan is not None:
-            return self._select_calibration(original, hidden_states, router_logits, topk_config, plan, ctx, kwargs)
+            return self._select_calibration(original, hidden_states, router_logits, topk_config, plan,
+                                            route_context(num_tokens, fb), kwargs)
         info: BatchRows | None = getattr(fb, ROWS_ATTR, None) if fb is not None else None
         # every row of one policy (known on the host), else a mixed batch (the row map on the device)
         uniform = info.uniform if info is not None else (0 if len(self.pset) == 1 else None)
-
-        def stock(ir: PolicyIR) -> bool:  # the model's own k and nothing else at this layer and context
-            plan = ir.plan(layer_id, ctx)
-            return self.stock_fast_path and plan.is_stock_shape and plan.k == spec.top_k
-
-        if stock(self.pset.irs[uniform]) if uniform is not None else all(map(stock, self.pset.irs)):
+        if uniform is not None:  # one policy: a fixed k runs SGLang's own select_experts at that k
+            k = self._uniform_fixed_k(uniform, layer_id, num_tokens, fb)
+            if k is not None:
+                out = self._select_fixed(original, k, hidden_states, router_logits, topk_config, kwargs)
+                if out is not None:
+                    if self.stats is not None:
+                        self._count_fixed(k, uniform, num_tokens, info, num_token_non_padded, router_logits.device)
+                    return out
+        ctx = route_context(num_tokens, fb)
+        if uniform is None and all(self.fixed_k(ir.plan(layer_id, ctx), num_tokens) == spec.top_k
+                                   for ir in self.pset.irs):
             if self.stats is not None:  # SGLang's own path routes top-k for every row
-                if uniform is not None:
-                    self.stats.add_stock(uniform, num_tokens, spec.top_k)
-                else:
-                    self._count(torch.full((num_tokens,), spec.top_k, device=router_logits.device), None,
-                                num_tokens, info, _row_mask(num_tokens, num_token_non_padded, router_logits.device),
-                                router_logits.device)
+                self._count_fixed(spec.top_k, None, num_tokens, info, num_token_non_padded, router_logits.device)
             return original(hidden_states, router_logits, topk_config, **kwargs)
         router = self.router(layer_id, topk_config, router_logits.shape[-1])
         router_logits, bias = _select_inputs(router_logits, topk_config, expert_location_dispatch_info,
@@ -267,7 +273,78 @@ class PolicyRouting:
                               row_mask=row_mask, uniform=uniform)
         if self.stats is not None:
             self._count((ids >= 0).sum(dim=-1), uniform, num_tokens, info, row_mask, router_logits.device)
-        return _standard_output(weights, ids, router_logits, topk_config, spec.num_experts, kwargs)
+        irs = self.pset.irs if uniform is None else (self.pset.irs[uniform],)
+        padded = not all(_full_width(ir.plan(layer_id, ctx), spec.top_k) for ir in irs)
+        return _standard_output(weights, ids, router_logits, topk_config, spec.num_experts, kwargs, padded=padded)
+
+    def _uniform_fixed_k(self, policy: int, layer_id: int, num_tokens: int, fb) -> int | None:
+        """:meth:`fixed_k` of ``policy``'s plan for this layer in this forward, from a cache keyed by what the route
+        context is made of (phase, batch size, tokens): the plans are the same for every layer call of a forward."""
+        if not self.stock_fast_path:
+            return None
+        if fb is None:
+            key = (policy, num_tokens, True, num_tokens)
+        else:
+            key = (policy, num_tokens, fb.forward_mode.is_decode(), getattr(fb, "batch_size", None))
+        got = self._fixed.get(key)
+        if got is None:
+            if len(self._fixed) >= FIXED_CACHE:  # prefills of every length: keep it bounded
+                self._fixed.clear()
+            plans = self.pset.irs[policy].plans(route_context(num_tokens, fb))
+            got = self._fixed[key] = {layer: self.fixed_k(p, num_tokens) for layer, p in plans.items()}
+        return got[layer_id]
+
+    def fixed_k(self, plan: LayerPlan, num_tokens: int) -> int | None:
+        """The k every token of this forward routes under ``plan`` when that is plain top-k (SGLang's own function
+        computes it), else None (the reference router runs).
+
+        A fixed-k plan (:attr:`~sgl_budget.lang.ir.LayerPlan.is_stock_shape`) is top-k at its k. So is Alloc-T over
+        a forward of ONE token (batch-1 decode): the layer's pool is that token's ``routed_k(k)`` slots, it keeps
+        ``min_k`` and takes the rest by rank, i.e. its top ``routed_k(k)`` experts, renormalised over them.
+        """
+        if not self.stock_fast_path:
+            return None
+        if plan.is_stock_shape:
+            return plan.k
+        re = plan.reallocation
+        if (num_tokens == 1 and re is not None and plan.reroute is None and plan.piggyback is None
+                and getattr(plan, "adaptive", None) is None):
+            return re.routed_k(plan.k)
+        return None
+
+    def _select_fixed(self, original, k: int, hidden_states: Tensor, router_logits: Tensor, topk_config,
+                      kwargs: dict):
+        """SGLang's own ``select_experts`` with ``top_k`` = ``k`` routed slots (+ the fused shared-expert slots),
+        padded to the model's top-k width (None: a case this path leaves to the reference router)."""
+        top_k = self.ir.spec.top_k
+        if k == top_k:  # the model's own routing, bit for bit
+            return original(hidden_states, router_logits, topk_config, **kwargs)
+        layer_id = kwargs["layer_id"]
+        if layer_id not in self._checked:  # the model checks the reference path makes, once per layer
+            self.router(layer_id, topk_config, router_logits.shape[-1])
+            self._checked.add(layer_id)
+        T = _topk_module()
+        if T.get_global_experts_capturer() is not None:  # its buffer is the model's width (the reference pads first)
+            return None
+        minus_one = _runner_skips_minus_one(topk_config, router_logits)
+        if not minus_one and kwargs["expert_location_dispatch_info"] is not None:
+            return None  # fillers would have to be physical ids (EPLB): the reference path
+        out = original(hidden_states, router_logits, self._config_at(topk_config, k), **kwargs)
+        if minus_one and not router_logits.is_cuda and out.topk_ids.shape[1] == k:
+            # the CPU engine's native MoE path (SGLang's moe_forward_native behind sgl_budget's hook) takes any
+            # width: SGLang's output at k is exactly what it computes, padding would only be skipped again
+            return out
+        ids, weights = _pad_columns(out.topk_ids, out.topk_weights, k, top_k, self.ir.spec.num_experts, minus_one)
+        return T.StandardTopKOutput(weights, ids, out.router_logits)
+
+    def _config_at(self, topk_config, k: int):
+        """``topk_config`` selecting ``k`` routed experts (cached: SGLang fixes a TopK's config before serving;
+        ``TopK.forward_native`` sets ``torch_native``, hence in the key)."""
+        key = (id(topk_config), k, topk_config.torch_native)
+        got = self._configs.get(key)
+        if got is None or got[0] is not topk_config:
+            got = self._configs[key] = (topk_config, replace(topk_config, top_k=k + topk_config.num_shared_topk_slots))
+        return got[1]
 
     def _select_calibration(self, original, hidden_states: Tensor, router_logits: Tensor, topk_config,
                             plan: CalibrationBatch, ctx, kwargs: dict):
@@ -281,11 +358,8 @@ class PolicyRouting:
         keys = list(dict.fromkeys(plan.keys))
         irs = [plan.irs[plan.keys.index(k)] for k in keys]
 
-        def stock(ir: PolicyIR) -> bool:
-            plan_ = ir.plan(layer_id, ctx)
-            return self.stock_fast_path and plan_.is_stock_shape and plan_.k == spec.top_k
-
-        if all(map(stock, irs)):  # SGLang's own routing (per token: lock-step changes nothing)
+        if self.stock_fast_path and all(_full_width(ir.plan(layer_id, ctx), spec.top_k) for ir in irs):
+            # SGLang's own routing (per token: lock-step changes nothing)
             out = original(hidden_states, router_logits, topk_config, **kwargs)
             record_layer(plan, out.topk_ids[:, :spec.top_k], spec.num_experts)
             return out
@@ -333,6 +407,17 @@ class PolicyRouting:
             per.append(r)
         return MixedRouter(per, self.ir.spec.top_k)
 
+    def _count_fixed(self, k: int, uniform: int | None, num_tokens: int, info, num_token_non_padded,
+                     device) -> None:
+        """A layer routed by SGLang's own top-k at ``k`` for every row: counted on the host when every row is one
+        policy's and real, else on the device (CUDA-graph padding rows left out)."""
+        assert self.stats is not None
+        if uniform is not None and num_token_non_padded is None:
+            self.stats.add_stock(uniform, num_tokens, k)
+            return
+        self._count(torch.full((num_tokens,), k, device=device), uniform, num_tokens, info,
+                    _row_mask(num_tokens, num_token_non_padded, device), device)
+
     def _count(self, per_row: Tensor, uniform: int | None, num_tokens: int, info, row_mask: Tensor | None,
                device) -> None:
         """Routed slots (``per_row`` ``[T]``) and tokens of this layer into the per-policy device counters (no sync)."""
@@ -379,16 +464,27 @@ def _select_inputs(router_logits: Tensor, topk_config, dispatch_info, partials) 
     return router_logits, bias
 
 
+def _full_width(plan: LayerPlan, top_k: int) -> bool:
+    """Whether every token routes exactly ``top_k`` experts under ``plan`` (no padded slot, known on the host)."""
+    return plan.is_stock_shape and plan.k == top_k
+
+
 def _standard_output(weights: Tensor, ids: Tensor, router_logits: Tensor, topk_config, num_experts: int,
-                     kwargs: dict):
+                     kwargs: dict, padded: bool = True):
     """A routed ``(weights, ids)`` (-1 = padded slot) as SGLang's ``StandardTopKOutput``: padding filled with valid
     ids through SGLang's own post-processing (EPLB remap, padded-row mask, capture), fused shared-expert columns
-    appended, the padded slots restored for the runner."""
+    appended, the padded slots restored for the runner. ``padded=False`` (no slot can be -1, known on the host)
+    skips the fill and restore."""
     from sglang.srt.layers.moe import topk as T
 
     layer_id = kwargs["layer_id"]
-    valid = ids >= 0
-    ids = fill_padding(ids, valid, num_experts)  # valid ids everywhere through SGLang's remap
+    minus_one = _runner_skips_minus_one(topk_config, ids)
+    # valid ids everywhere through SGLang's remap and recorder; with neither (no EPLB table, recorder off) a runner
+    # that skips -1 takes the -1 slots through SGLang's post-processing as they are (it writes -1 itself)
+    fill = padded and not (minus_one and kwargs["expert_location_dispatch_info"] is None and _recorder_off())
+    valid = ids >= 0 if fill else None
+    if fill:
+        ids = fill_padding(ids, valid, num_experts)
     n_shared = topk_config.num_shared_topk_slots
     if n_shared and not (T._use_aiter or T.has_per_rank_fused_shared_slots(n_shared)):
         weights, ids = _append_shared(weights, ids, topk_config, num_experts)
@@ -396,10 +492,19 @@ def _standard_output(weights: Tensor, ids: Tensor, router_logits: Tensor, topk_c
         topk_ids=ids, topk_weights=weights, topk_config=topk_config, router_logits=router_logits,
         num_token_non_padded=kwargs["num_token_non_padded"], layer_id=layer_id,
         expert_location_dispatch_info=kwargs["expert_location_dispatch_info"])
-    ids, weights = _restore_padding(ids, weights, valid, minus_one=_runner_skips_minus_one(topk_config, ids))
+    if fill:
+        ids, weights = _restore_padding(ids, weights, valid, minus_one=minus_one)
     if recorder_ids is not None:
         T.get_global_expert_distribution_recorder().on_select_experts(topk_ids=recorder_ids)
     return T.StandardTopKOutput(weights, ids, router_logits)
+
+
+def _recorder_off() -> bool:
+    """Whether SGLang's expert-distribution recorder is its no-op (no --expert-distribution-recorder-mode)."""
+    from sglang.srt.eplb.expert_distribution import _ExpertDistributionRecorderNoop, \
+        get_global_expert_distribution_recorder
+
+    return isinstance(get_global_expert_distribution_recorder(), _ExpertDistributionRecorderNoop)
 
 
 def _router(ir: PolicyIR, layer: int, conv: Conventions) -> LayerRouter:
@@ -429,15 +534,44 @@ def _append_shared(weights: Tensor, ids: Tensor, topk_config, num_experts: int) 
 def _runner_skips_minus_one(topk_config, ids: Tensor) -> bool:
     """CUDA runners take id -1 as 'no expert', and so does the CPU engine's native MoE path with sgl_budget's
     hook (:mod:`.native_moe`); CUDA's torch-native path, HIP and CPU AMX kernels need a real id."""
-    from sglang.srt.layers.moe import topk as T
-
-    if T._is_hip:
+    if _topk_module()._is_hip:
         return False
     if ids.is_cuda:
         return not topk_config.torch_native
-    from .native_moe import native_path_skips_minus_one
-
     return native_path_skips_minus_one()
+
+
+_MODULES: dict = {}
+
+
+def _topk_module():
+    """``sglang.srt.layers.moe.topk`` (imported on first use: this module loads without SGLang)."""
+    T = _MODULES.get("topk")
+    if T is None:
+        from sglang.srt.layers.moe import topk as T
+
+        _MODULES["topk"] = T
+    return T
+
+
+def _pad_columns(ids: Tensor, weights: Tensor, k: int, width: int, num_experts: int,
+                 minus_one: bool) -> tuple[Tensor, Tensor]:
+    """SGLang's output at ``k`` routed slots (``[T, k + shared]``) widened to ``width`` routed slots: the padded
+    slots (weight 0, id -1 where the runner skips -1, else a distinct expert the token does not use) go after the
+    routed ones and before any fused shared-expert columns, as :func:`_standard_output` lays them out."""
+    n = width - k
+    if ids.shape[1] == k and minus_one:  # the common case: one constant pad each
+        return F.pad(ids, (0, n), value=-1), F.pad(weights, (0, n))
+    t = ids.shape[0]
+    routed = F.pad(ids[:, :k], (0, n), value=-1)
+    if not minus_one:  # a real id: rows SGLang masked (-1 / 0 in routed columns) keep what it wrote there
+        valid = torch.arange(width, device=ids.device) < k
+        filled = fill_padding(routed.clamp_min(0), valid.expand(t, width), num_experts)
+        routed = torch.where(valid, routed, filled)
+    if ids.shape[1] > k:  # fused shared-expert columns
+        return (torch.cat([routed, ids[:, k:]], dim=1),
+                torch.cat([weights[:, :k], weights.new_zeros(t, n), weights[:, k:]], dim=1))
+    return routed, F.pad(weights, (0, n))
 
 
 def _restore_padding(ids: Tensor, weights: Tensor, valid: Tensor, minus_one: bool) -> tuple[Tensor, Tensor]:
