@@ -67,7 +67,10 @@ def test_reference_equals_the_rule_written_out(spec_name, kind, t, min_k, max_k)
     layer = spec.moe_layers[0]
     logits = torch.randn(29, spec.num_experts, generator=torch.Generator().manual_seed(3)) * 2
     bias = _bias(spec)
-    out = LayerRouter(ir, layer)(logits, RouteContext("decode", 29, 29), correction_bias=bias)
+    router = LayerRouter(ir, layer)
+    out = router(logits, RouteContext("decode", 29, 29), correction_bias=bias)
+    staged = router.details(logits, RouteContext("decode", 29, 29), correction_bias=bias)  # the stages' path
+    assert torch.equal(out.topk_ids, staged.topk_ids) and torch.equal(out.topk_weights, staged.topk_weights)
     want = transcribed(spec, logits, bias, kind, t, min_k, max_k)
     for i, experts in enumerate(want):
         got = out.topk_ids[i].tolist()

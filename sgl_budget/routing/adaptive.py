@@ -37,12 +37,19 @@ class RankedMass:
     eligible: Tensor  # bool: the rank holds an eligible expert (grouped models mask whole groups)
     prefix: Tensor  # float32: gate mass of the ranks before this one, summed in rank order
     total: Tensor  # [N, T, 1] float32: gate mass of the token's eligible experts
+    grouped: bool = False  # a group limit may leave a token fewer eligible experts than ranks
 
     @classmethod
-    def of(cls, gs: GateScores, max_k: int) -> "RankedMass":
+    def of(cls, gs: GateScores, max_k: int, kind: str = "top_p") -> "RankedMass":
+        """The ranked experts and what ``kind`` compares (min-p needs no prefix sums or total: left empty)."""
         vals, ids = gs.topk(max_k)
         eligible = vals > NEG_INF if gs.eligible is None else gs.eligible.gather(-1, ids)
-        raw = gs.scores.gather(-1, ids).float().masked_fill(~eligible, 0.0)
+        raw = gs.scores.gather(-1, ids).float()
+        if gs.eligible is not None:  # ungrouped: every ranked expert is eligible
+            raw = raw.masked_fill(~eligible, 0.0)
+        if kind != "top_p":
+            return cls(ids=ids, raw=raw, eligible=eligible, prefix=raw[..., :0], total=raw[..., :0],
+                       grouped=gs.eligible is not None)
         acc = torch.zeros_like(raw[..., 0])
         prefix = []
         for r in range(max_k):  # in rank order, as the kernel sums
@@ -52,7 +59,8 @@ class RankedMass:
         if gs.eligible is not None:  # grouped models: only the token's kept groups
             scores = scores.masked_fill(~gs.eligible, 0.0)
         total = scores.sum(dim=-1, keepdim=True)
-        return cls(ids=ids, raw=raw, eligible=eligible, prefix=torch.stack(prefix, dim=-1), total=total)
+        return cls(ids=ids, raw=raw, eligible=eligible, prefix=torch.stack(prefix, dim=-1), total=total,
+                   grouped=gs.eligible is not None)
 
     def passing(self, kind: str, threshold: float, min_k: int) -> Tensor:
         """``[N, T, max_k - min_k]`` bool: ranks ``min_k..max_k-1`` the rule keeps (eligible ones only)."""
@@ -60,20 +68,43 @@ class RankedMass:
             ok = self.prefix[..., min_k:] < threshold * self.total
         else:
             ok = self.raw[..., min_k:] >= threshold * self.raw[..., :1]
-        return ok & self.eligible[..., min_k:]
+        return ok & self.eligible[..., min_k:] if self.grouped else ok  # ungrouped: every rank is eligible
 
     def kept(self, kind: str, threshold: float, min_k: int) -> Tensor:
         """``[N, T]`` int64: experts each token keeps (``min_k`` + passing ranks, never past its eligible ones)."""
-        k = min_k + self.passing(kind, threshold, min_k).sum(dim=-1)
-        return torch.minimum(k, self.eligible.sum(dim=-1))
+        k = self.passing(kind, threshold, min_k).sum(dim=-1) + min_k
+        if min_k == 0 or self.grouped:  # else every token has at least min_k eligible experts
+            k = torch.minimum(k, self.eligible.sum(dim=-1))
+        return k
+
+
+_RANKS: dict = {}
+
+
+def _ranks(m: int, device) -> Tensor:
+    """``arange(m)`` on ``device``, made once on the CPU (a decode step routes every layer through here); on an
+    accelerator made per call, so that a CUDA-graph capture never keeps a tensor from its private pool."""
+    if torch.device(device).type != "cpu":
+        return torch.arange(m, device=device)
+    key = (m, str(device))
+    got = _RANKS.get(key)
+    if got is None:
+        got = _RANKS[key] = torch.arange(m, device=device)
+    return got
+
+
+def adaptive_slots(gs: GateScores, rule: Adaptive, row_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(ids, valid)`` ``[N, T, max_k]``: each token's ranked experts and which it keeps (its first ``k_t``, from
+    ``rule``: a prefix). ``row_mask`` ``[N, T]`` marks real tokens (padded rows keep none; no other row changes)."""
+    rm = RankedMass.of(gs, rule.max_k, rule.kind)
+    k = rm.kept(rule.kind, rule.threshold, rule.min_k)
+    valid = _ranks(rule.max_k, k.device) < k.unsqueeze(-1)
+    if row_mask is not None:
+        valid = valid & row_mask.unsqueeze(-1)
+    return rm.ids, valid
 
 
 def adaptive_select(gs: GateScores, rule: Adaptive, row_mask: Tensor | None = None) -> Slots:
-    """Slots ``[N, T, max_k]``: each token's first ``k_t`` ranked experts (``k_t`` from ``rule``); valid slots are a
-    prefix. ``row_mask`` ``[N, T]`` marks real tokens (padded rows get no slots; no other row is affected)."""
-    rm = RankedMass.of(gs, rule.max_k)
-    k = rm.kept(rule.kind, rule.threshold, rule.min_k)
-    valid = torch.arange(rule.max_k, device=k.device) < k.unsqueeze(-1)
-    if row_mask is not None:
-        valid = valid & row_mask.unsqueeze(-1)
-    return Slots.selected(rm.ids, gs.scores.gather(-1, rm.ids), valid)
+    """:func:`adaptive_slots` as the stages' slots (SERE and piggybacking run on them)."""
+    ids, valid = adaptive_slots(gs, rule, row_mask)
+    return Slots.selected(ids, gs.scores.gather(-1, ids), valid)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..lang.ir import LayerPlan, PolicyIR, RouteContext
 from .outputs import RouteDetails, RouteOutput, pad_output
-from .adaptive import adaptive_select
+from .adaptive import adaptive_select, adaptive_slots
 from .piggyback import piggyback
 from .reallocate import reallocate
 from .reroute import RerouteTables, reroute_slots
@@ -115,6 +115,12 @@ class LayerRouter:
             w = finalize_weights(self.spec, gs.weight_source(slots.ids, slots.raw), None, self.conv)  # pads last
             return pad_output(RouteOutput(w, slots.ids.to(torch.int32)), self.width)
 
+        if plan.adaptive is not None and plan.reroute is None and plan.piggyback is None and not details:
+            # a per-token rule alone: its kept slots are already a prefix, so no compaction (what serving runs)
+            ids, valid = adaptive_slots(gs, plan.adaptive, row_mask)
+            raw = gs.scores.gather(-1, ids).masked_fill(~valid, 0.0)
+            w = finalize_weights(self.spec, gs.weight_source(ids, raw), valid, self.conv)
+            return pad_output(RouteOutput(w, ids.masked_fill(~valid, -1).to(torch.int32)), self.width)
         slots, primary, n_moved = self._stages(plan, gs, gs.scores.device, row_mask)
         slots = pad(slots, self.width) if plan.is_stock_shape else compact(slots, self.width)
         if plan.is_stock_shape:

@@ -46,11 +46,12 @@ from ..families import family_of
 from ..spec import ModelSpec
 
 NEG_INF = float("-inf")
+_SORT_MAX = 1 << 14  # ranked_topk sorts up to this many scores (same order as the keys: stable, -0.0 == 0.0)
 
 
 def ranked_topk(x: Tensor, m: int) -> tuple[Tensor, Tensor]:
     """``(values, indices)`` of the ``m`` largest along the last dim; exact ties: lower index first."""
-    if x.dtype == torch.float64:
+    if x.dtype == torch.float64 or x.numel() <= _SORT_MAX:  # decode-sized: one stable sort beats the key ops
         vals, ids = torch.sort(x, dim=-1, descending=True, stable=True)
         return vals[..., :m], ids[..., :m]
     ids = torch.topk(_unique_keys(x), m, dim=-1).indices
