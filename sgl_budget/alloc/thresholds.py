@@ -19,17 +19,12 @@ from torch import Tensor
 from ..spec import ModelSpec
 
 
-
 @dataclass(frozen=True)
 class Calibrated:
     """A layer's calibrated threshold and the mean experts per token it gives on the trace."""
 
     threshold: float
     mean: float
-
-
-def _as_float(bits: int) -> float:
-    return float(np.int32(bits).view(np.float32))
 
 
 def calibrate_threshold(spec: ModelSpec, router_logits: Tensor, correction_bias: Tensor | None, kind: str,
@@ -47,7 +42,8 @@ def calibrate_threshold(spec: ModelSpec, router_logits: Tensor, correction_bias:
     if kind == "top_p":  # rank r passes at p iff prefix < p * total (float32): from p* = the least such p on
         edge = _least_passing(rm.prefix[..., min_k:], rm.total.expand_as(rm.prefix)[..., min_k:])
         edge = edge[elig]
-        cands = np.unique(np.concatenate([[_as_float(1)], edge[(edge > 0) & (edge <= 1)].numpy()]))
+        tiny = np.nextafter(np.float32(0), np.float32(1))  # the smallest positive p
+        cands = np.unique(np.concatenate([[tiny], edge[(edge > 0) & (edge <= 1)].numpy()]))
         counts = np.searchsorted(np.sort(edge.numpy()), cands, side="right")  # passing ranks at each p
     else:  # rank r passes at t iff raw_r >= t * raw_0: up to t* = the largest such t
         edge = _largest_passing(rm.raw[..., min_k:], rm.raw[..., :1].expand_as(rm.raw)[..., min_k:])[elig]

@@ -158,7 +158,6 @@ class Reallocation:
 
 
 AdaptiveKind = Literal["top_p", "min_p"]
-ADAPTIVE_KINDS: tuple[AdaptiveKind, ...] = ("top_p", "min_p")
 
 
 @dataclass(frozen=True)

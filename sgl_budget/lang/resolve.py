@@ -290,7 +290,7 @@ def _tokens(block: Block, spec: ModelSpec, eligible: int, files: "_Loaded") -> R
     else:
         assert isinstance(rule.value, Str)
         trace = rule.value.value
-        errs.run(_calibration_trace, rule.value, spec, files)
+        errs.run(_check_calibration_trace, rule.value, spec, files)
     per_layer: dict[int, tuple] = {}
     first: dict[int, Setting] = {}
     for o in overrides:
@@ -324,6 +324,12 @@ def _threshold(kind: str, num: Num) -> float:
     return float(np.float32(num.value))
 
 
+def _check_calibration_trace(s: Str, spec: ModelSpec, files: "_Loaded") -> None:
+    """:func:`_calibration_trace`'s checks, skipped for a file that, unchanged, was found to fit this model before."""
+    if _file_identity(files.path(s), spec) not in _FITTING_TRACES:
+        _calibration_trace(s, spec, files)
+
+
 def _calibration_trace(s: Str, spec: ModelSpec, files: "_Loaded"):
     """The router-logit trace a calibrated rule names, checked against the model."""
     from ..traces import TraceError, load_trace
@@ -341,6 +347,9 @@ def _calibration_trace(s: Str, spec: ModelSpec, files: "_Loaded"):
                    "record router logits of this model (`--moe-record-trace DIR` on the server)")
     if trace.num_tokens == 0:
         raise _err("calibration trace holds no tokens", s.span, "record some traffic first")
+    ident = _file_identity(files.path(s), spec)
+    if ident is not None:
+        _FITTING_TRACES.add(ident)
     return trace
 
 
@@ -699,16 +708,23 @@ def _adaptive_plan(rule: AdaptiveRule, ks: dict[int, int], planned: bool, spec: 
 
 _CALIBRATED: dict = {}  # calibrations of this process, by trace file identity and rule (re-resolving is free)
 _CALIBRATED_MAX = 4096
+_FITTING_TRACES: set = set()  # identities of trace files read and found to fit a model (not read again)
 
 
-def _calibration_key(path: Path, spec: ModelSpec, layer: int, rule: AdaptiveRule, target: int):
-    """A calibration's identity: the trace file as it is on disk (path, size, mtime), the model's routing, the rule
-    and the target (None when the file cannot be stat'ed: then it is loaded, and its error reported)."""
+def _file_identity(path: Path, spec: ModelSpec):
+    """A trace file as it is on disk (path, size, mtime) for a model (None when it cannot be stat'ed: then it is
+    loaded, and its error reported)."""
     try:
         st = path.stat()
     except OSError:
         return None
-    return (str(path.resolve()), st.st_size, st.st_mtime_ns, spec, layer, rule.kind, rule.min_k, rule.max_k, target)
+    return (str(path.resolve()), st.st_size, st.st_mtime_ns, spec)
+
+
+def _calibration_key(path: Path, spec: ModelSpec, layer: int, rule: AdaptiveRule, target: int):
+    """A calibration's identity: the trace file's (:func:`_file_identity`), the layer, the rule and the target."""
+    ident = _file_identity(path, spec)
+    return None if ident is None else (*ident, layer, rule.kind, rule.min_k, rule.max_k, target)
 
 
 def _remember(key, got) -> None:

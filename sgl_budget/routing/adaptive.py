@@ -45,7 +45,7 @@ class RankedMass:
         vals, ids = gs.topk(max_k)
         eligible = vals > NEG_INF if gs.eligible is None else gs.eligible.gather(-1, ids)
         raw = gs.scores.gather(-1, ids).float()
-        if gs.eligible is not None:  # ungrouped: every ranked expert is eligible
+        if gs.eligible is not None:  # grouped models (ungrouped: every ranked expert is eligible)
             raw = raw.masked_fill(~eligible, 0.0)
         if kind != "top_p":
             return cls(ids=ids, raw=raw, eligible=eligible, prefix=raw[..., :0], total=raw[..., :0],

@@ -307,8 +307,7 @@ class PolicyRouting:
         if plan.is_stock_shape:
             return plan.k
         re = plan.reallocation
-        if (num_tokens == 1 and re is not None and plan.reroute is None and plan.piggyback is None
-                and getattr(plan, "adaptive", None) is None):
+        if num_tokens == 1 and re is not None and plan.reroute is None and plan.piggyback is None:
             return re.routed_k(plan.k)
         return None
 
