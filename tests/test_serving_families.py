@@ -45,6 +45,7 @@ SERVER_ENV = {"TRITON_INTERPRET": None}
 UNIFORM = 'policy "uniform-50" {\n  budget 50%\n  layers { allocate uniform }\n}\n'
 ALLOC_T = ('policy "alloc-t" {\n  budget 50%\n  layers { allocate uniform }\n'
            '  tokens { reallocate by score; min_k 1; max_k 4 }\n}\n')
+MIN_P = 'policy "min-p" {\n  tokens { min_p 0.3; min_k 1; max_k 4 }\n}\n'  # per token: no batch dependence
 SERVED = [f.model_type for f in FAMILY_LIST if f.cpu == "served"]
 # distinct first tokens everywhere (no radix-cache hit turns part of a prompt into cached tokens)
 ALONE = [[101, 7, 300, 45, 99, 1200, 5], [202, 3000, 17, 88, 4, 650]]
@@ -60,14 +61,17 @@ def family(request, tmp_path_factory):
     mt = request.param
     d = tmp_path_factory.mktemp(mt)
     model_dir = build(mt, d / "model")
-    uniform, alloc_t = d / "uniform-50.policy", d / "alloc-t.policy"
+    uniform, alloc_t, min_p = d / "uniform-50.policy", d / "alloc-t.policy", d / "min-p.policy"
     uniform.write_text(UNIFORM)
     alloc_t.write_text(ALLOC_T)
+    min_p.write_text(MIN_P)
     model, _ = load_model(reference_dir(mt, model_dir, d / "reference"))  # Kimi K2: the same weights as deepseek_v3
     server = Server(model_dir, policy=uniform, extra_args=["--moe-named-policy", f"alloc-t={alloc_t}",
+                                                           "--moe-named-policy", f"min-p={min_p}",
                                                            *SERVER_ARGS.get(mt, ())], env=SERVER_ENV)
     server.start()
-    server.family, server.hf, server.policies = mt, model, {"default": uniform, "alloc-t": alloc_t, "stock": None}
+    server.family, server.hf = mt, model
+    server.policies = {"default": uniform, "alloc-t": alloc_t, "min-p": min_p, "stock": None}
     server.model_dir = model_dir
     yield server
     server.stop()
@@ -140,3 +144,19 @@ def test_lockstep_alloc_t_batch(family) -> None:
     got = family.post("/generate", {"input_ids": BATCH, "sampling_params": [_params("alloc-t")] * 4})
     assert family.log().count("Prefill batch, #new-seq: 4,") == n_prefill + 1, "the 4 requests were not batched"
     assert [g["output_ids"] for g in got] == _reference(family, "alloc-t", BATCH), family.family
+
+
+def test_confidence_rule_alone_and_in_a_lockstep_batch(family) -> None:
+    """A per-token min-p rule on every served family: each request == the adapter with it alone, and the rows of a
+    lock-step batch of 4 == the same prompts served alone (what a token keeps depends on the token only)."""
+    prompts = [[707, 51, 52, 53, 54], [808, 61, 62, 63, 64], [909, 71, 72, 73, 74], [1010, 81, 82, 83, 84]]
+    alone = [family.post("/generate", {"input_ids": p, "sampling_params": _params("min-p")})["output_ids"]
+             for p in prompts]
+    assert alone == [_reference(family, "min-p", [p])[0] for p in prompts], family.family
+    n_prefill = family.log().count("Prefill batch, #new-seq: 4,")
+    fresh = [[p[0] + 1] + p[1:] for p in prompts]  # not a cached prefix: prefilled in this batch
+    got = family.post("/generate", {"input_ids": fresh, "sampling_params": [_params("min-p")] * 4})
+    assert family.log().count("Prefill batch, #new-seq: 4,") == n_prefill + 1, "the 4 requests were not batched"
+    served_alone = [family.post("/generate", {"input_ids": p, "sampling_params": _params("min-p")})["output_ids"]
+                    for p in fresh]
+    assert [g["output_ids"] for g in got] == served_alone, family.family
